@@ -1,0 +1,12 @@
+//! The contract between Perch's kernel programs (`agent-ebpf`) and its userspace
+//! daemon (`agent`).
+//!
+//! Everything here is `no_std` and shared byte for byte by both sides: map
+//! names, slot indexes, map sizes and the histogram bucketing. Shared structs
+//! are `#[repr(C)]`, `Copy`, pointer-free and padded explicitly, with a size
+//! assertion each.
+#![no_std]
+
+pub mod hist;
+pub mod sched;
+pub mod softirq;

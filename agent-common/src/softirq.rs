@@ -1,0 +1,15 @@
+//! Softirq family: time spent per softirq vector.
+
+/// Per-CPU array of `u64` nanoseconds spent in each vector, indexed by vector.
+pub const MAP_TIME: &str = "SOFTIRQ_TIME";
+/// Per-CPU array with one slot: when the current softirq started (ns).
+pub const MAP_START: &str = "SOFTIRQ_START";
+
+/// `NR_SOFTIRQS` in `include/linux/interrupt.h`, stable since 4.1 (when
+/// `IRQ_POLL` replaced `BLOCK_IOPOLL`).
+pub const NR_SOFTIRQS: u32 = 10;
+
+/// The vector names as `/proc/softirqs` prints them, lower-cased, by index.
+pub const VECTOR_NAMES: [&str; NR_SOFTIRQS as usize] = [
+    "hi", "timer", "net_tx", "net_rx", "block", "irq_poll", "tasklet", "sched", "hrtimer", "rcu",
+];

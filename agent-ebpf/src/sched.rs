@@ -1,0 +1,120 @@
+//! Scheduler family: context switches (voluntary / involuntary) and run-queue
+//! latency.
+//!
+//! - Hooks: `sched_switch`, `sched_wakeup`, `sched_wakeup_new`, each as
+//!   `tp_btf` (preferred, 5.5+) or `raw_tp` (4.17+). Both variants share one
+//!   body: their context is the tracepoint's `TP_PROTO` arguments.
+//! - `sched_switch` reads its 4th argument, `prev_state`, which was appended
+//!   in 5.18 (commit fa2c3254d7cf, "sched/tracing: Don't re-read p->state when
+//!   emitting sched_switch event"). On older kernels the verifier rejects the
+//!   access and the family falls back to `/proc/stat`.
+//! - Maps: `SCHED_COUNTERS`, `SCHED_RUNQ_HIST` (per-CPU arrays),
+//!   `SCHED_RUNQ_START` (bounded hash).
+//! - Metrics: `perch.cpu.context_switches`, `perch.scheduler.runqueue.latency`.
+//! - Fallback: `/proc/stat` `ctxt` (no voluntary/involuntary split, no latency).
+//! - Oldest kernel: 5.18.
+//!
+//! A switch is involuntary when the previous task was preempted or was still
+//! `TASK_RUNNING`: the same rule `__schedule()` uses to pick `nivcsw` over
+//! `nvcsw`, so the split matches `/proc/<pid>/status`.
+//!
+//! Run-queue latency is the time from a task becoming runnable (woken, or
+//! preempted while runnable) to it running. The agent's own threads are
+//! counted like any other task.
+
+use agent_common::{hist, sched as c};
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::{btf_tracepoint, map, raw_tracepoint},
+    maps::{HashMap, PerCpuArray},
+    programs::{BtfTracePointContext, RawTracePointContext},
+};
+
+#[map(name = "SCHED_COUNTERS")]
+static SCHED_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(c::COUNTER_SLOTS, 0);
+
+#[map(name = "SCHED_RUNQ_HIST")]
+static SCHED_RUNQ_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(hist::BUCKETS, 0);
+
+#[map(name = "SCHED_RUNQ_START")]
+static SCHED_RUNQ_START: HashMap<u64, u64> =
+    HashMap::with_max_entries(c::RUNQ_START_ENTRIES, 0);
+
+/// `TASK_RUNNING` in `include/linux/sched.h`.
+const TASK_RUNNING: u64 = 0;
+
+#[inline(always)]
+fn bump(map: &PerCpuArray<u64>, slot: u32) {
+    if let Some(p) = map.get_ptr_mut(slot) {
+        // Per-CPU slot: only this CPU writes it, with preemption disabled.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn mark_runnable(task: u64) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if SCHED_RUNQ_START.insert(task, now, 0).is_err() {
+        bump(&SCHED_COUNTERS, c::SLOT_RUNQ_START_FULL);
+    }
+}
+
+/// `sched_switch(bool preempt, struct task_struct *prev,
+///               struct task_struct *next, unsigned int prev_state)`
+#[inline(always)]
+fn on_switch(preempt: u64, prev: u64, next: u64, prev_state: u64) -> u32 {
+    let involuntary = (preempt & 0xff) != 0 || (prev_state & 0xffff_ffff) == TASK_RUNNING;
+    if involuntary {
+        bump(&SCHED_COUNTERS, c::SLOT_INVOLUNTARY);
+        // Still runnable: it waits on the run queue from now.
+        mark_runnable(prev);
+    } else {
+        bump(&SCHED_COUNTERS, c::SLOT_VOLUNTARY);
+        // It sleeps. Drop any start left by a wake-up that raced with it
+        // going to sleep, so it cannot inflate a later sample.
+        let _ = SCHED_RUNQ_START.remove(prev);
+    }
+    if let Some(start) = unsafe { SCHED_RUNQ_START.get(next) } {
+        let start = *start;
+        let _ = SCHED_RUNQ_START.remove(next);
+        let now = unsafe { bpf_ktime_get_ns() };
+        if now >= start {
+            bump(&SCHED_RUNQ_HIST, hist::bucket_index(now - start));
+        }
+    }
+    0
+}
+
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch_btf(ctx: BtfTracePointContext) -> u32 {
+    on_switch(ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3))
+}
+
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch_raw(ctx: RawTracePointContext) -> u32 {
+    on_switch(ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3))
+}
+
+#[btf_tracepoint(function = "sched_wakeup")]
+pub fn sched_wakeup_btf(ctx: BtfTracePointContext) -> u32 {
+    mark_runnable(ctx.arg(0));
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sched_wakeup")]
+pub fn sched_wakeup_raw(ctx: RawTracePointContext) -> u32 {
+    mark_runnable(ctx.arg(0));
+    0
+}
+
+#[btf_tracepoint(function = "sched_wakeup_new")]
+pub fn sched_wakeup_new_btf(ctx: BtfTracePointContext) -> u32 {
+    mark_runnable(ctx.arg(0));
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sched_wakeup_new")]
+pub fn sched_wakeup_new_raw(ctx: RawTracePointContext) -> u32 {
+    mark_runnable(ctx.arg(0));
+    0
+}

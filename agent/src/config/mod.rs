@@ -1,0 +1,2 @@
+//! Configuration (in progress).
+pub mod export;

@@ -1,0 +1,3 @@
+//! Exporters: Prometheus text for `/metrics`, and OTLP push.
+
+pub mod prometheus;

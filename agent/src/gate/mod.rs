@@ -1,0 +1,5 @@
+//! The kernel gate: what this kernel supports, and the plan per family.
+
+mod family;
+
+pub use family::{Family, Mode};

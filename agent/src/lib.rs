@@ -1,0 +1,28 @@
+//! Perch, an eBPF host agent.
+//!
+//! The data path, stage by stage:
+//!
+//! ```text
+//! gate ──plan──▶ probes (kernel programs, per family)
+//!                  │ maps
+//!                  ▼
+//!          collectors (read maps, procfs, sysfs) ──▶ model::Snapshot
+//!                  │
+//!                  ▼
+//!          pipeline (deny list, series cap, adaptive detail)
+//!                  │
+//!                  ▼
+//!          exporters (Prometheus `/metrics`, OTLP push) + selfmetrics
+//! ```
+
+pub mod collectors;
+pub mod config;
+pub mod exporters;
+pub mod gate;
+pub mod model;
+pub mod pipeline;
+pub mod probes;
+pub mod procfs;
+pub mod runtime;
+pub mod selfmetrics;
+pub mod server;

@@ -1,0 +1,1 @@
+//! Test support: run `perch`, drive workloads, read kernel counters.
