@@ -1,1 +1,33 @@
-//! Test support: run `perch`, drive workloads, read kernel counters.
+//! Test support shared by the integration tests: locate and run `perch`,
+//! drive workloads, read the kernel's own counters.
+
+use std::path::PathBuf;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The `perch` binary built by `cargo build` (the test command builds it
+/// before running the tests). Panics with the fix when it is missing.
+pub fn perch_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("PERCH_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    for profile in ["debug", "release"] {
+        let p = target.join(profile).join("perch");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!(
+        "no perch binary under {}: run `cargo build -p perch-agent` first (cargo xtask test does)",
+        target.display()
+    );
+}

@@ -1,3 +1,4 @@
 //! Exporters: Prometheus text for `/metrics`, and OTLP push.
 
+pub mod otlp;
 pub mod prometheus;

@@ -1,0 +1,1 @@
+//! OTLP push exporter (in progress).
