@@ -15,8 +15,11 @@ pub const SLOT_INVOLUNTARY: u32 = 1;
 /// Enqueue timestamps that could not be stored because `SCHED_RUNQ_START` was
 /// full: those wake-ups are missing from the run-queue histogram.
 pub const SLOT_RUNQ_START_FULL: u32 = 2;
+/// Sum of every run-queue latency recorded in `SCHED_RUNQ_HIST`, in ns: the
+/// histogram's exact sum.
+pub const SLOT_RUNQ_SUM_NS: u32 = 3;
 /// Number of slots in `SCHED_COUNTERS`.
-pub const COUNTER_SLOTS: u32 = 3;
+pub const COUNTER_SLOTS: u32 = 4;
 
 /// Bound of `SCHED_RUNQ_START`. The key is a task pointer, which is not a small
 /// integer, hence a hash map. It holds only tasks that are runnable and not yet

@@ -24,7 +24,7 @@
 
 use agent_common::{hist, sched as c};
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{HashMap, PerCpuArray},
     programs::{BtfTracePointContext, RawTracePointContext},
@@ -66,8 +66,13 @@ fn on_switch(preempt: u64, prev: u64, next: u64, prev_state: u64) -> u32 {
     let involuntary = (preempt & 0xff) != 0 || (prev_state & 0xffff_ffff) == TASK_RUNNING;
     if involuntary {
         bump(&SCHED_COUNTERS, c::SLOT_INVOLUNTARY);
-        // Still runnable: it waits on the run queue from now.
-        mark_runnable(prev);
+        // Still runnable: it waits on the run queue from now. The idle task
+        // (pid 0; `current` is still `prev` here) is always "runnable" but
+        // never queued: timing it would count busy time as latency.
+        let pid = bpf_get_current_pid_tgid() as u32;
+        if pid != 0 {
+            mark_runnable(prev);
+        }
     } else {
         bump(&SCHED_COUNTERS, c::SLOT_VOLUNTARY);
         // It sleeps. Drop any start left by a wake-up that raced with it
@@ -79,7 +84,11 @@ fn on_switch(preempt: u64, prev: u64, next: u64, prev_state: u64) -> u32 {
         let _ = SCHED_RUNQ_START.remove(next);
         let now = unsafe { bpf_ktime_get_ns() };
         if now >= start {
-            bump(&SCHED_RUNQ_HIST, hist::bucket_index(now - start));
+            let latency = now - start;
+            bump(&SCHED_RUNQ_HIST, hist::bucket_index(latency));
+            if let Some(sum) = SCHED_COUNTERS.get_ptr_mut(c::SLOT_RUNQ_SUM_NS) {
+                unsafe { *sum += latency };
+            }
         }
     }
     0

@@ -178,8 +178,13 @@ impl StartTimes {
             None => {
                 // A series that appears after the first collection started
                 // counting at some point since the previous collection.
-                let start = if self.last_collection.is_some() { fresh } else { first };
-                self.series.insert((metric, attributes.clone()), (start, value));
+                let start = if self.last_collection.is_some() {
+                    fresh
+                } else {
+                    first
+                };
+                self.series
+                    .insert((metric, attributes.clone()), (start, value));
                 start
             }
         }

@@ -1,1 +1,271 @@
-//! (in progress)
+//! The agent's run loop: collect every interval on a thread of its own,
+//! pass the snapshot through the pipeline, publish it for `/metrics` and hand
+//! it to the OTLP exporter without waiting.
+
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use tracing::{error, info, warn};
+
+use crate::collectors::{self, Collector};
+use crate::config::Config;
+use crate::gate::{Family, KernelFacts, Plan};
+use crate::model::{Metric, Snapshot};
+use crate::pipeline::Pipeline;
+use crate::probes::Probes;
+use crate::selfmetrics::SelfMetrics;
+
+/// State shared between the collection thread and the HTTP server.
+#[derive(Debug)]
+pub struct Shared {
+    pub selfm: Arc<SelfMetrics>,
+    pub plan: Plan,
+    pub facts: KernelFacts,
+    pub interval: Duration,
+    /// The last snapshot, after the pipeline.
+    pub last: Mutex<Option<(Instant, Arc<Snapshot>)>>,
+}
+
+impl Shared {
+    /// The last snapshot and its age.
+    pub fn last(&self) -> Option<(Duration, Arc<Snapshot>)> {
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.as_ref().map(|(t, s)| (t.elapsed(), s.clone()))
+    }
+}
+
+/// Probes, collectors and pipeline: everything one collection needs.
+pub struct Agent {
+    probes: Probes,
+    collectors: Vec<Box<dyn Collector>>,
+    pipeline: Pipeline,
+    pub shared: Arc<Shared>,
+}
+
+impl Agent {
+    /// Probes the kernel, plans, attaches and builds the collectors. Fails
+    /// only when a configured mode cannot be honoured or `/proc` is unreadable.
+    pub fn start(cfg: &Config) -> anyhow::Result<Agent> {
+        let mut probes = Probes::start(|f| cfg.probes.mode(f))?;
+        let collectors = collectors::build(cfg, &mut probes)
+            .with_context(|| format!("reading {}", cfg.agent.proc_root.display()))?;
+        let selfm = Arc::new(SelfMetrics::new());
+        for fp in &probes.plan.families {
+            selfm.set(
+                "perch.probe.state",
+                "1 for the source each metric family uses (ebpf, procfs or off), with the eBPF hook.",
+                "",
+                vec![
+                    ("perch.family", fp.family.name().into()),
+                    ("perch.probe.source", fp.source.name().into()),
+                    ("perch.probe.hook", fp.hook.map(|h| h.name()).unwrap_or("none").into()),
+                ],
+                1.0,
+            );
+        }
+        let pipeline = Pipeline::new(&cfg.pipeline, selfm.clone());
+        let shared = Arc::new(Shared {
+            selfm,
+            plan: probes.plan.clone(),
+            facts: probes.facts.clone(),
+            interval: cfg.interval(),
+            last: Mutex::new(None),
+        });
+        Ok(Agent {
+            probes,
+            collectors,
+            pipeline,
+            shared,
+        })
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.probes.plan
+    }
+
+    /// Runs every collector once, then the pipeline; publishes the result.
+    pub fn collect(&mut self) -> Arc<Snapshot> {
+        let started = Instant::now();
+        let now = SystemTime::now();
+        let selfm = &self.shared.selfm;
+        let mut metrics: Vec<Metric> = Vec::new();
+        for c in &mut self.collectors {
+            if let Err(e) = c.collect(now, &mut metrics) {
+                warn!(component = c.name(), error.type = e.kind(), error = %e, "collector failed; others go on");
+                selfm.add(
+                    "perch.collector.errors",
+                    "Collections a collector could not complete, by component and error type.",
+                    "{error}",
+                    vec![
+                        ("perch.component", c.name().into()),
+                        ("error.type", e.kind().into()),
+                    ],
+                    1,
+                );
+            }
+        }
+        self.record_probe_stats();
+        selfm.set(
+            "perch.collection.duration",
+            "Wall time of the last collection (all collectors).",
+            "s",
+            Vec::new(),
+            started.elapsed().as_secs_f64(),
+        );
+        record_process(selfm);
+        metrics.extend(selfm.metrics(now));
+        let snapshot = Arc::new(self.pipeline.process(Snapshot { time: now, metrics }));
+        *self.shared.last.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), snapshot.clone()));
+        snapshot
+    }
+
+    fn record_probe_stats(&self) {
+        let selfm = &self.shared.selfm;
+        for s in self.probes.program_stats() {
+            let attrs = vec![
+                ("perch.family", s.family.name().into()),
+                ("perch.bpf.program", s.program.into()),
+            ];
+            selfm.set_total(
+                "perch.bpf.program.run.count",
+                "Runs of each attached BPF program (needs sysctl kernel.bpf_stats_enabled=1).",
+                "{run}",
+                attrs.clone(),
+                s.run_count,
+            );
+            selfm.set(
+                "perch.bpf.program.run.time",
+                "Total run time of each attached BPF program (needs kernel.bpf_stats_enabled=1).",
+                "s",
+                attrs,
+                s.run_time.as_secs_f64(),
+            );
+        }
+    }
+}
+
+/// The agent's own CPU time and RSS, from `/proc/self/stat`.
+fn record_process(selfm: &SelfMetrics) {
+    let Ok(text) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    // Fields after the parenthesised command name; utime/stime are 14/15,
+    // rss (pages) is 24 (1-based, man 5 proc).
+    let Some(rest) = text.rsplit_once(')').map(|(_, r)| r) else {
+        return;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let ticks = crate::procfs::stat::USER_HZ as f64;
+    selfm.set(
+        "perch.process.cpu.time",
+        "CPU time used by the agent since it started (user + system).",
+        "s",
+        Vec::new(),
+        (num(14) + num(15)) as f64 / ticks,
+    );
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    selfm.set(
+        "perch.process.memory.rss",
+        "Resident set size of the agent.",
+        "By",
+        Vec::new(),
+        (num(24) * page) as f64,
+    );
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let mut agent = Agent::start(&cfg)?;
+    let shared = agent.shared.clone();
+    let exporter = crate::exporters::otlp::OtlpExporter::start(&cfg.export, shared.selfm.clone())?;
+    let exporter = exporter.map(Arc::new);
+
+    let listener = tokio::net::TcpListener::bind(cfg.agent.listen)
+        .await
+        .with_context(|| format!("listening on {} (agent.listen)", cfg.agent.listen))?;
+    info!(listen = %cfg.agent.listen, interval_secs = cfg.interval().as_secs_f64(), "serving /metrics and /healthz");
+    let server = tokio::spawn(crate::server::serve(listener, shared.clone()));
+
+    // Collection runs on its own thread: it never waits on export or HTTP.
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let interval = cfg.interval();
+    let exp = exporter.clone();
+    let collector = std::thread::Builder::new()
+        .name("perch-collect".into())
+        .spawn(move || {
+            let mut next = Instant::now();
+            loop {
+                let snapshot = agent.collect();
+                if let Some(e) = &exp {
+                    e.submit(snapshot);
+                }
+                next += interval;
+                let now = Instant::now();
+                if next < now {
+                    // A collection overran the interval: skip, don't burst.
+                    next = now + interval;
+                }
+                match stop_rx.recv_timeout(next - now) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    _ => break agent,
+                }
+            }
+        })
+        .context("spawning the collection thread")?;
+
+    shutdown_signal().await;
+    info!("stopping: flushing the last interval and detaching probes");
+    let _ = stop_tx.send(());
+    let agent = tokio::task::spawn_blocking(move || collector.join())
+        .await
+        .ok()
+        .and_then(|r| r.ok());
+    if let Some(mut agent) = agent {
+        let last = agent.collect();
+        if let Some(e) = &exporter {
+            e.submit(last);
+        }
+        drop(agent); // detaches and unloads every program
+    } else {
+        error!("the collection thread panicked");
+    }
+    if let Some(e) = exporter.and_then(|e| Arc::try_unwrap(e).ok()) {
+        e.shutdown(Duration::from_secs(5)).await;
+    }
+    server.abort();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
+
+/// `perch collect`: attach, wait `window`, collect once.
+pub fn collect_window(cfg: &Config, window: Duration) -> anyhow::Result<(Arc<Snapshot>, Plan)> {
+    let mut agent = Agent::start(cfg)?;
+    std::thread::sleep(window);
+    let snap = agent.collect();
+    Ok((snap, agent.plan().clone()))
+}
+
+/// The family list, for help texts.
+pub fn family_names() -> String {
+    Family::ALL
+        .iter()
+        .map(|f| f.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

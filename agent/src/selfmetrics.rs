@@ -79,6 +79,21 @@ impl SelfMetrics {
         });
     }
 
+    /// Sets a counter to a total read elsewhere (e.g. from a BPF map). The
+    /// value must not decrease.
+    pub fn set_total(
+        &self,
+        name: &'static str,
+        description: &'static str,
+        unit: &'static str,
+        attributes: Attributes,
+        total: u64,
+    ) {
+        self.with_series(name, description, unit, Kind::Counter, attributes, |v| {
+            *v = v.max(total as f64)
+        });
+    }
+
     /// Sets a gauge.
     pub fn set(
         &self,

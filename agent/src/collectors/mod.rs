@@ -1,1 +1,104 @@
-//! (in progress)
+//! Collectors: turn maps and procfs files into model metrics, once per
+//! interval. One module per probe family, registered in [`build`].
+//!
+//! A failing collector never stops a collection: its error is logged with
+//! fields and counted in `perch.collector.errors{perch.component,error.type}`,
+//! and the other collectors go on.
+
+pub mod cpu;
+pub mod sched;
+pub mod softirq;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::config::Config;
+use crate::gate::Family;
+use crate::model::Metric;
+use crate::probes::Probes;
+use crate::procfs::{ProcError, ProcRoot};
+
+/// A source of metrics, read once per interval.
+pub trait Collector: Send {
+    /// The component name used in logs and self-metrics.
+    fn name(&self) -> &'static str;
+    /// Appends this interval's metrics to `out`.
+    fn collect(&mut self, now: SystemTime, out: &mut Vec<Metric>) -> Result<(), CollectError>;
+}
+
+/// Why a collector produced nothing this interval.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    /// A procfs or sysfs file could not be read or parsed.
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    /// A BPF map could not be read.
+    #[error("reading BPF map {map}: {message}")]
+    Map { map: &'static str, message: String },
+}
+
+impl CollectError {
+    /// A short, low-cardinality error type for the `error.type` attribute.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CollectError::Proc(ProcError::Io { .. }) => "io",
+            CollectError::Proc(ProcError::Malformed { .. }) => "malformed",
+            CollectError::Proc(ProcError::Missing { .. }) => "missing",
+            CollectError::Map { .. } => "bpf_map",
+        }
+    }
+
+    pub(crate) fn map(map: &'static str, e: impl std::fmt::Display) -> Self {
+        CollectError::Map {
+            map,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// The boot time, from `/proc/stat` `btime`: the start of every counter the
+/// kernel keeps since boot.
+pub fn boot_time(proc: &ProcRoot) -> Result<SystemTime, ProcError> {
+    let stat = crate::procfs::stat::parse_stat(&proc.read("stat")?)?;
+    Ok(UNIX_EPOCH + Duration::from_secs(stat.btime))
+}
+
+/// Builds the collectors for the plan: the one place families are registered.
+pub fn build(cfg: &Config, probes: &mut Probes) -> Result<Vec<Box<dyn Collector>>, ProcError> {
+    let proc = ProcRoot::new(&cfg.agent.proc_root);
+    let boot = boot_time(&proc)?;
+    let mut out: Vec<Box<dyn Collector>> = Vec::new();
+    for fp in probes.plan.families.clone() {
+        match fp.family {
+            Family::Cpu => {
+                if let Some(c) = cpu::CpuCollector::new(proc.clone(), boot, fp.source) {
+                    out.push(Box::new(c));
+                }
+            }
+            Family::Sched => {
+                if let Some(c) = sched::SchedCollector::new(
+                    proc.clone(),
+                    boot,
+                    fp.source,
+                    cfg.probes.sched.runqueue_per_cpu,
+                    probes,
+                ) {
+                    out.push(Box::new(c));
+                }
+            }
+            Family::Softirq => {
+                if let Some(c) =
+                    softirq::SoftirqCollector::new(proc.clone(), boot, fp.source, probes)
+                {
+                    out.push(Box::new(c));
+                }
+            }
+            Family::Interfaces | Family::Connections | Family::Tcp | Family::Drops => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Online CPUs, for per-CPU map reads: the maps have a slot per possible CPU.
+pub(crate) fn online_cpus() -> Vec<u32> {
+    aya::util::online_cpus().unwrap_or_default()
+}

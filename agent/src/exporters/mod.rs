@@ -1,4 +1,5 @@
 //! Exporters: Prometheus text for `/metrics`, and OTLP push.
 
+pub mod json;
 pub mod otlp;
 pub mod prometheus;

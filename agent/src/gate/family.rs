@@ -3,9 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// A metric family: the unit that is switched between eBPF, procfs and off.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Family {
     /// `system.cpu.time`, `system.cpu.load_average.*` (procfs in every mode).

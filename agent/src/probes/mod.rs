@@ -1,1 +1,343 @@
-//! (in progress)
+//! Loading and attaching the kernel programs, family by family.
+//!
+//! Start-up follows the gate: every program of every eBPF variant a family
+//! may use is loaded (the verifier's verdict is the support test), the pure
+//! [`gate::plan`] picks a variant, and the variant's programs are attached
+//! one by one. A load, verifier or attach failure disables that variant only:
+//! it is recorded with the kernel's message and the family is planned again,
+//! down to its procfs fallback. The agent never stops for one probe.
+//!
+//! Programs of variants that are not used are unloaded. Dropping [`Probes`]
+//! detaches and unloads everything: nothing is pinned.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use aya::programs::{Program, ProgramError};
+use aya::{Btf, Ebpf, EbpfLoader};
+use tracing::{info, warn};
+
+use crate::gate::{self, Family, Hook, HookStatus, KernelFacts, Mode, Plan, Source, RULES};
+
+/// The eBPF object built from `agent-ebpf` by `build.rs`.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/perch.bpf.o"));
+
+/// Errors that stop start-up: only a configured mode that cannot be honoured.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The plan could not honour a forced mode; names the family and the
+    /// kernel's reason.
+    #[error(transparent)]
+    Plan(#[from] gate::PlanError),
+}
+
+/// Kernel-side run statistics of one attached program (`kernel.bpf_stats_enabled`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub family: Family,
+    pub program: &'static str,
+    pub run_time: Duration,
+    pub run_count: u64,
+}
+
+/// The loaded object, the facts, the plan, and what is attached.
+pub struct Probes {
+    ebpf: Option<Ebpf>,
+    pub facts: KernelFacts,
+    pub plan: Plan,
+    /// Families attached in the kernel, with the time they were attached
+    /// (the start time of their cumulative counters).
+    attached: BTreeMap<Family, (Hook, SystemTime)>,
+}
+
+impl std::fmt::Debug for Probes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Probes")
+            .field("plan", &self.plan)
+            .field("attached", &self.attached)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Probes {
+    /// Probes the kernel, plans, and attaches. Fails only when a family's
+    /// configured mode cannot be honoured (e.g. `mode = "ebpf"` and nothing loads).
+    pub fn start(mode: impl Fn(Family) -> Mode) -> Result<Probes, ProbeError> {
+        let mut facts = gate::kernel::detect();
+        let needs_ebpf = RULES
+            .iter()
+            .any(|r| !r.variants.is_empty() && matches!(mode(r.family), Mode::Auto | Mode::Ebpf));
+        let btf = if facts.btf {
+            match Btf::from_sys_fs() {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    warn!(error = %e, path = gate::kernel::BTF_PATH, "kernel BTF unreadable; tp_btf variants disabled");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut ebpf = None;
+        if needs_ebpf {
+            raise_memlock();
+            match EbpfLoader::new().btf(btf.as_ref()).load(OBJECT) {
+                Ok(e) => ebpf = Some(e),
+                Err(e) => facts.object_error = Some(error_chain(&e)),
+            }
+        }
+
+        for rule in RULES {
+            let requested = mode(rule.family);
+            for v in rule.variants {
+                let status = if matches!(requested, Mode::Off | Mode::Procfs) {
+                    HookStatus::NotTried(format!("mode = {}", mode_name(requested)))
+                } else if let Some(err) = &facts.object_error {
+                    HookStatus::NotTried(format!("eBPF object not loaded: {err}"))
+                } else if v.needs_btf && btf.is_none() {
+                    HookStatus::NotTried(format!(
+                        "kernel BTF not available at {}",
+                        gate::kernel::BTF_PATH
+                    ))
+                } else if v.hook == Hook::Tracepoint && !facts.tracefs {
+                    HookStatus::NotTried("tracefs is not mounted".into())
+                } else if let Some(ebpf) = ebpf.as_mut() {
+                    load_variant(ebpf, v, btf.as_ref())
+                } else {
+                    HookStatus::NotTried("eBPF object not loaded".into())
+                };
+                facts.hooks.insert((rule.family, v.hook), status);
+            }
+        }
+
+        let mut attached = BTreeMap::new();
+        let plan = loop {
+            let plan = gate::plan(&facts, &mode)?;
+            let mut replan = false;
+            for fp in &plan.families {
+                let (Source::Ebpf, Some(hook)) = (fp.source, fp.hook) else {
+                    continue;
+                };
+                if attached.contains_key(&fp.family) {
+                    continue;
+                }
+                let variant = variant(fp.family, hook);
+                let ebpf = ebpf
+                    .as_mut()
+                    .expect("a variant loaded, so the object exists");
+                match attach_variant(ebpf, variant) {
+                    Ok(()) => {
+                        attached.insert(fp.family, (hook, SystemTime::now()));
+                    }
+                    Err(e) => {
+                        warn!(family = %fp.family, %hook, error = %e, "attach failed; planning the family again");
+                        facts.hooks.insert((fp.family, hook), HookStatus::Failed(e));
+                        replan = true;
+                    }
+                }
+            }
+            if !replan {
+                break plan;
+            }
+        };
+
+        // Unload what the plan does not use.
+        if let Some(ebpf) = ebpf.as_mut() {
+            for rule in RULES {
+                for v in rule.variants {
+                    if attached.get(&rule.family).map(|(h, _)| *h) == Some(v.hook) {
+                        continue;
+                    }
+                    for p in v.programs {
+                        if let Some(prog) = ebpf.program_mut(p.program) {
+                            let _ = unload(prog);
+                        }
+                    }
+                }
+            }
+        }
+        info!(plan = %plan.summary(), kernel = %facts.release, btf = facts.btf, "probes ready");
+        Ok(Probes {
+            ebpf,
+            facts,
+            plan,
+            attached,
+        })
+    }
+
+    /// The source planned for `family`.
+    pub fn source(&self, family: Family) -> Source {
+        self.plan
+            .get(family)
+            .map(|p| p.source)
+            .unwrap_or(Source::Off)
+    }
+
+    /// When `family`'s programs were attached, if they are.
+    pub fn attached_at(&self, family: Family) -> Option<SystemTime> {
+        self.attached.get(&family).map(|(_, t)| *t)
+    }
+
+    /// Takes a map out of the object for a collector to own.
+    pub fn take_map(&mut self, name: &str) -> Option<aya::maps::Map> {
+        self.ebpf.as_mut()?.take_map(name)
+    }
+
+    /// Run time and count of every attached program. Zero unless
+    /// `kernel.bpf_stats_enabled` is set.
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        let Some(ebpf) = self.ebpf.as_ref() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (family, (hook, _)) in &self.attached {
+            for p in variant(*family, *hook).programs {
+                let Some(info) = ebpf.program(p.program).and_then(|prog| prog.info().ok()) else {
+                    continue;
+                };
+                out.push(ProgramStats {
+                    family: *family,
+                    program: p.program,
+                    run_time: info.run_time(),
+                    run_count: info.run_count(),
+                });
+            }
+        }
+        out
+    }
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Auto => "auto",
+        Mode::Ebpf => "ebpf",
+        Mode::Procfs => "procfs",
+        Mode::Off => "off",
+    }
+}
+
+fn variant(family: Family, hook: Hook) -> &'static gate::rules::Variant {
+    gate::rules::rule(family)
+        .and_then(|r| r.variants.iter().find(|v| v.hook == hook))
+        .expect("the plan only picks variants from the rules")
+}
+
+/// Loads every program of a variant; the verifier's verdict is the test.
+fn load_variant(ebpf: &mut Ebpf, v: &gate::rules::Variant, btf: Option<&Btf>) -> HookStatus {
+    for p in v.programs {
+        let Some(prog) = ebpf.program_mut(p.program) else {
+            return HookStatus::Failed(format!("program {} missing from the object", p.program));
+        };
+        let r = match (v.hook, prog) {
+            (Hook::TpBtf, Program::BtfTracePoint(prog)) => match btf {
+                Some(btf) => prog.load(p.target, btf),
+                None => return HookStatus::NotTried("no kernel BTF".into()),
+            },
+            (Hook::RawTp, Program::RawTracePoint(prog)) => prog.load(),
+            (Hook::Tracepoint, Program::TracePoint(prog)) => prog.load(),
+            (hook, _) => {
+                return HookStatus::Failed(format!("program {} is not a {hook} program", p.program))
+            }
+        };
+        if let Err(e) = r {
+            return HookStatus::Failed(format!("load {}: {}", p.program, program_error(&e)));
+        }
+    }
+    HookStatus::Ok
+}
+
+/// Attaches every program of a variant, or none: on failure the ones already
+/// attached are detached again.
+fn attach_variant(ebpf: &mut Ebpf, v: &gate::rules::Variant) -> Result<(), String> {
+    let mut done = Vec::new();
+    for p in v.programs {
+        let r = match ebpf.program_mut(p.program) {
+            Some(Program::BtfTracePoint(prog)) => prog.attach().map(|_| ()),
+            Some(Program::RawTracePoint(prog)) => prog.attach(p.target).map(|_| ()),
+            Some(Program::TracePoint(prog)) => {
+                let (cat, name) = p.target.split_once('/').unwrap_or(("", p.target));
+                prog.attach(cat, name).map(|_| ())
+            }
+            _ => Err(ProgramError::NotLoaded),
+        };
+        match r {
+            Ok(()) => done.push(p.program),
+            Err(e) => {
+                for name in done {
+                    if let Some(prog) = ebpf.program_mut(name) {
+                        let _ = unload(prog);
+                    }
+                }
+                return Err(format!(
+                    "attach {} to {}: {}",
+                    p.program,
+                    p.target,
+                    program_error(&e)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Unloading also detaches every link of the program.
+fn unload(prog: &mut Program) -> Result<(), ProgramError> {
+    match prog {
+        Program::BtfTracePoint(p) => p.unload(),
+        Program::RawTracePoint(p) => p.unload(),
+        Program::TracePoint(p) => p.unload(),
+        _ => Ok(()),
+    }
+}
+
+/// The kernel's message, compact: the errno and the verifier's last lines.
+fn program_error(e: &ProgramError) -> String {
+    match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            let tail: Vec<&str> = log
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("processed "))
+                .collect();
+            let tail = tail[tail.len().saturating_sub(2)..].join(" | ");
+            if tail.is_empty() {
+                format!("{io_error}")
+            } else {
+                format!("{io_error}; verifier: {tail}")
+            }
+        }
+        other => error_chain(other),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// Below 5.11 BPF memory is charged to `RLIMIT_MEMLOCK`; from 5.11 on it is
+/// charged to the memory cgroup and the limit does not matter. Without
+/// `CAP_SYS_RESOURCE` raising it fails: a warning, not an error.
+fn raise_memlock() {
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "could not raise RLIMIT_MEMLOCK (needed only before Linux 5.11)"
+        );
+    }
+}

@@ -1,0 +1,247 @@
+//! Scheduler family: context switches, run-queue latency, scheduler wait.
+//!
+//! - Hooks (kernel side `agent-ebpf/src/sched.rs`): `sched_switch`,
+//!   `sched_wakeup`, `sched_wakeup_new` as `tp_btf` or `raw_tp`.
+//! - Metrics: `perch.cpu.context_switches{cpu.logical_number,
+//!   perch.context_switch.type}`, `perch.scheduler.runqueue.latency`
+//!   (host-wide, or per CPU with `probes.sched.runqueue_per_cpu`),
+//!   `perch.scheduler.wait.time{cpu.logical_number}` (`/proc/schedstat`,
+//!   every mode).
+//! - Fallback: `/proc/stat` `ctxt`, host-wide with no type attribute; no
+//!   run-queue histogram.
+//! - Oldest kernel: 5.18 for eBPF (see the kernel module), any for procfs.
+//!
+//! Counting happens in per-CPU maps; this reads them once per interval.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use agent_common::{hist, sched as c};
+use aya::maps::{MapData, PerCpuArray};
+
+use crate::gate::Source;
+use crate::model::{Attributes, Data, HistogramPoint, Metric, Number, NumberPoint, StartTimes};
+use crate::probes::Probes;
+use crate::procfs::{schedstat, stat, ProcRoot};
+
+use super::{online_cpus, CollectError, Collector};
+
+const CTX: &str = "perch.cpu.context_switches";
+const CTX_DESC: &str = "Context switches, by CPU and by whether the previous task blocked \
+                        (voluntary) or was preempted while runnable (involuntary).";
+const RUNQ: &str = "perch.scheduler.runqueue.latency";
+const WAIT: &str = "perch.scheduler.wait.time";
+
+struct Maps {
+    counters: PerCpuArray<MapData, u64>,
+    hist: PerCpuArray<MapData, u64>,
+    attached_at: SystemTime,
+}
+
+pub struct SchedCollector {
+    proc: ProcRoot,
+    maps: Option<Maps>,
+    per_cpu_runq: bool,
+    /// Start times of the context-switch and run-queue series: attach time
+    /// in eBPF mode, boot time in procfs mode.
+    starts: StartTimes,
+    /// Start times of the schedstat series: boot time.
+    wait_starts: StartTimes,
+    bounds: Arc<[f64]>,
+    runq_start_full: u64,
+}
+
+impl SchedCollector {
+    pub fn new(
+        proc: ProcRoot,
+        boot: SystemTime,
+        source: Source,
+        per_cpu_runq: bool,
+        probes: &mut Probes,
+    ) -> Option<Self> {
+        let maps = match source {
+            Source::Off => return None,
+            Source::Procfs => None,
+            Source::Ebpf => {
+                let counters = probes.take_map(c::MAP_COUNTERS)?;
+                let hist = probes.take_map(c::MAP_RUNQ_HIST)?;
+                Some(Maps {
+                    counters: PerCpuArray::try_from(counters).ok()?,
+                    hist: PerCpuArray::try_from(hist).ok()?,
+                    attached_at: probes.attached_at(crate::gate::Family::Sched)?,
+                })
+            }
+        };
+        Some(Self {
+            proc,
+            wait_starts: StartTimes::new(boot),
+            starts: StartTimes::new(maps.as_ref().map(|m| m.attached_at).unwrap_or(boot)),
+            maps,
+            per_cpu_runq,
+            bounds: runq_bounds(),
+            runq_start_full: 0,
+        })
+    }
+
+    /// Insert failures into `SCHED_RUNQ_START` since attach.
+    pub fn runq_start_full(&self) -> u64 {
+        self.runq_start_full
+    }
+}
+
+/// Histogram bounds in seconds, exactly the kernel's buckets: bucket `i`
+/// holds `bucket_lower(i)..=bucket_upper(i)` ns, so its inclusive upper bound
+/// is `bucket_upper(i)`; the last bucket is the overflow.
+pub fn runq_bounds() -> Arc<[f64]> {
+    (0..hist::BUCKETS - 1)
+        .map(|i| hist::bucket_upper(i) as f64 / 1e9)
+        .collect()
+}
+
+fn sum_point(attributes: Attributes, start: SystemTime, now: SystemTime, v: Number) -> NumberPoint {
+    NumberPoint {
+        attributes,
+        start_time: Some(start),
+        time: now,
+        value: v,
+    }
+}
+
+impl Collector for SchedCollector {
+    fn name(&self) -> &'static str {
+        "sched"
+    }
+
+    fn collect(&mut self, now: SystemTime, out: &mut Vec<Metric>) -> Result<(), CollectError> {
+        match &self.maps {
+            Some(maps) => {
+                let cpus = online_cpus();
+                let read = |slot: u32| {
+                    maps.counters
+                        .get(&slot, 0)
+                        .map_err(|e| CollectError::map(c::MAP_COUNTERS, e))
+                };
+                let vol = read(c::SLOT_VOLUNTARY)?;
+                let invol = read(c::SLOT_INVOLUNTARY)?;
+                let mut points = Vec::with_capacity(cpus.len() * 2);
+                for cpu in &cpus {
+                    let i = *cpu as usize;
+                    for (kind, values) in [("voluntary", &vol), ("involuntary", &invol)] {
+                        let v = values.get(i).copied().unwrap_or(0);
+                        let attributes: Attributes = vec![
+                            ("cpu.logical_number", (*cpu).into()),
+                            ("perch.context_switch.type", kind.into()),
+                        ];
+                        let start = self.starts.observe(CTX, &attributes, v as f64, now);
+                        points.push(sum_point(attributes, start, now, Number::Int(v as i64)));
+                    }
+                }
+                out.push(Metric {
+                    name: CTX,
+                    description: CTX_DESC,
+                    unit: "{switch}",
+                    data: Data::Sum {
+                        monotonic: true,
+                        points,
+                    },
+                });
+
+                self.runq_start_full = read(c::SLOT_RUNQ_START_FULL)?.iter().sum();
+                let sum_ns = read(c::SLOT_RUNQ_SUM_NS)?;
+                // Read each bucket once: per CPU values, summed or kept.
+                let width = if self.per_cpu_runq { cpus.len() } else { 1 };
+                let mut buckets = vec![vec![0u64; hist::BUCKETS as usize]; width];
+                for b in 0..hist::BUCKETS {
+                    let values = maps
+                        .hist
+                        .get(&b, 0)
+                        .map_err(|e| CollectError::map(c::MAP_RUNQ_HIST, e))?;
+                    for (k, cpu) in cpus.iter().enumerate() {
+                        let v = values.get(*cpu as usize).copied().unwrap_or(0);
+                        buckets[if self.per_cpu_runq { k } else { 0 }][b as usize] += v;
+                    }
+                }
+                let points = buckets
+                    .into_iter()
+                    .enumerate()
+                    .map(|(k, counts)| {
+                        let (attributes, sum): (Attributes, u64) = if self.per_cpu_runq {
+                            let cpu = cpus[k];
+                            (
+                                vec![("cpu.logical_number", cpu.into())],
+                                sum_ns.get(cpu as usize).copied().unwrap_or(0),
+                            )
+                        } else {
+                            (
+                                Vec::new(),
+                                cpus.iter()
+                                    .map(|c| sum_ns.get(*c as usize).copied().unwrap_or(0))
+                                    .sum(),
+                            )
+                        };
+                        let count: u64 = counts.iter().sum();
+                        let start = self.starts.observe(RUNQ, &attributes, count as f64, now);
+                        HistogramPoint {
+                            attributes,
+                            start_time: start,
+                            time: now,
+                            count,
+                            sum: sum as f64 / 1e9,
+                            bounds: self.bounds.clone(),
+                            bucket_counts: counts,
+                        }
+                    })
+                    .collect();
+                out.push(Metric {
+                    name: RUNQ,
+                    description: "Time tasks spent runnable on a run queue before running: \
+                                  from wake-up, or from preemption, to being switched in.",
+                    unit: "s",
+                    data: Data::Histogram { points },
+                });
+            }
+            None => {
+                let st = stat::parse_stat(&self.proc.read("stat")?)?;
+                let attributes = Vec::new();
+                let start = self.starts.observe(CTX, &attributes, st.ctxt as f64, now);
+                out.push(Metric {
+                    name: CTX,
+                    description: CTX_DESC,
+                    unit: "{switch}",
+                    data: Data::Sum {
+                        monotonic: true,
+                        points: vec![sum_point(
+                            attributes,
+                            start,
+                            now,
+                            Number::Int(st.ctxt as i64),
+                        )],
+                    },
+                });
+            }
+        }
+
+        let ss = schedstat::parse_schedstat(&self.proc.read("schedstat")?)?;
+        let points = ss
+            .iter()
+            .map(|c| {
+                let attributes: Attributes = vec![("cpu.logical_number", c.cpu.into())];
+                let v = c.wait_time_ns as f64 / 1e9;
+                let start = self.wait_starts.observe(WAIT, &attributes, v, now);
+                sum_point(attributes, start, now, Number::Double(v))
+            })
+            .collect();
+        self.starts.end_collection(now);
+        self.wait_starts.end_collection(now);
+        out.push(Metric {
+            name: WAIT,
+            description: "Time tasks spent waiting on each CPU's run queue (/proc/schedstat).",
+            unit: "s",
+            data: Data::Sum {
+                monotonic: true,
+                points,
+            },
+        });
+        Ok(())
+    }
+}

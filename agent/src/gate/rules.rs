@@ -1,0 +1,150 @@
+//! Every compatibility rule in one place: per family, the eBPF variants in
+//! order of preference, the programs each needs, and the fallback.
+//!
+//! Preference is `tp_btf` > `raw_tp` > tracepoint. `tp_btf` (5.5, commit
+//! ac4414b5ca47) gives typed arguments checked by the verifier against BTF;
+//! `raw_tp` (4.17, commit c4f6699dfcb8) has the same arguments without BTF;
+//! classic tracepoints need tracefs mounted, which is not the default on every
+//! host. `min_kernel` documents where a variant first works; the gate never
+//! decides from it: it loads the programs and believes the kernel.
+
+use serde::Serialize;
+
+use super::Family;
+
+/// How an eBPF program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hook {
+    /// BTF-typed raw tracepoint (`BPF_PROG_TYPE_TRACING`, `BPF_TRACE_RAW_TP`).
+    TpBtf,
+    /// Raw tracepoint (`BPF_PROG_TYPE_RAW_TRACEPOINT`).
+    RawTp,
+    /// Classic tracepoint through tracefs (`BPF_PROG_TYPE_TRACEPOINT`).
+    Tracepoint,
+    /// cgroup socket buffer program (`BPF_PROG_TYPE_CGROUP_SKB`).
+    CgroupSkb,
+}
+
+impl Hook {
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::TpBtf => "tp_btf",
+            Hook::RawTp => "raw_tp",
+            Hook::Tracepoint => "tracepoint",
+            Hook::CgroupSkb => "cgroup_skb",
+        }
+    }
+}
+
+impl std::fmt::Display for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One program of a variant: its name in the object and what it attaches to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ProgramSpec {
+    /// Function name in `agent-ebpf`.
+    pub program: &'static str,
+    /// Tracepoint name (`tp_btf`, `raw_tp`) or `category/name` (tracepoint).
+    pub target: &'static str,
+}
+
+/// One way to serve a family from the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Variant {
+    pub hook: Hook,
+    pub programs: &'static [ProgramSpec],
+    /// Oldest kernel this variant works on (documentation only).
+    pub min_kernel: (u32, u32),
+    /// Whether it needs kernel BTF (`/sys/kernel/btf/vmlinux`).
+    pub needs_btf: bool,
+}
+
+/// The rule for one family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Rule {
+    pub family: Family,
+    /// eBPF variants, most preferred first. Empty: procfs is the only source.
+    pub variants: &'static [Variant],
+    /// What the fallback reads, or `None` when there is none.
+    pub fallback: Option<&'static str>,
+    /// What the fallback cannot provide, shown in the plan.
+    pub fallback_loses: &'static str,
+}
+
+const fn p(program: &'static str, target: &'static str) -> ProgramSpec {
+    ProgramSpec { program, target }
+}
+
+/// The rules, one per family.
+pub const RULES: &[Rule] = &[
+    Rule {
+        family: Family::Cpu,
+        variants: &[],
+        fallback: Some("/proc/stat, /proc/loadavg"),
+        fallback_loses: "nothing: /proc/stat is the kernel's own CPU accounting, which eBPF could only re-derive",
+    },
+    Rule {
+        family: Family::Sched,
+        variants: &[
+            // Both variants read sched_switch's prev_state argument, appended
+            // in 5.18 (commit fa2c3254d7cf).
+            Variant {
+                hook: Hook::TpBtf,
+                programs: &[
+                    p("sched_switch_btf", "sched_switch"),
+                    p("sched_wakeup_btf", "sched_wakeup"),
+                    p("sched_wakeup_new_btf", "sched_wakeup_new"),
+                ],
+                min_kernel: (5, 18),
+                needs_btf: true,
+            },
+            Variant {
+                hook: Hook::RawTp,
+                programs: &[
+                    p("sched_switch_raw", "sched_switch"),
+                    p("sched_wakeup_raw", "sched_wakeup"),
+                    p("sched_wakeup_new_raw", "sched_wakeup_new"),
+                ],
+                min_kernel: (5, 18),
+                needs_btf: false,
+            },
+        ],
+        fallback: Some("/proc/stat ctxt, /proc/schedstat"),
+        fallback_loses: "the voluntary/involuntary and per-CPU split of context switches, \
+                         and the run-queue latency histogram",
+    },
+    Rule {
+        family: Family::Softirq,
+        variants: &[
+            Variant {
+                hook: Hook::TpBtf,
+                programs: &[
+                    p("softirq_entry_btf", "softirq_entry"),
+                    p("softirq_exit_btf", "softirq_exit"),
+                ],
+                min_kernel: (5, 5),
+                needs_btf: true,
+            },
+            Variant {
+                hook: Hook::RawTp,
+                programs: &[
+                    p("softirq_entry_raw", "softirq_entry"),
+                    p("softirq_exit_raw", "softirq_exit"),
+                ],
+                min_kernel: (4, 17),
+                needs_btf: false,
+            },
+        ],
+        fallback: Some("/proc/softirqs"),
+        fallback_loses: "the time spent per vector (counts remain)",
+    },
+];
+
+/// The rule for `family`, if it has one.
+pub fn rule(family: Family) -> Option<&'static Rule> {
+    RULES.iter().find(|r| r.family == family)
+}

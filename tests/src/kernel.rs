@@ -1,0 +1,68 @@
+//! The kernel's own counters, read directly (not through Perch's parsers),
+//! as the reference the agent's figures are compared with.
+
+/// `/proc/stat` `ctxt`: context switches since boot.
+pub fn ctxt() -> u64 {
+    let s = std::fs::read_to_string("/proc/stat").expect("reading /proc/stat");
+    s.lines()
+        .find_map(|l| l.strip_prefix("ctxt "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("ctxt in /proc/stat")
+}
+
+/// `/proc/stat` columns of `cpuN` (or `cpu` for `None`), in ticks.
+pub fn cpu_ticks(cpu: Option<usize>) -> Vec<u64> {
+    let want = match cpu {
+        Some(n) => format!("cpu{n} "),
+        None => "cpu ".to_owned(),
+    };
+    let s = std::fs::read_to_string("/proc/stat").expect("reading /proc/stat");
+    let line = s.lines().find(|l| l.starts_with(&want)).expect("cpu line");
+    line.split_whitespace().skip(1).map(|v| v.parse().expect("tick")).collect()
+}
+
+/// `/proc/softirqs`: vector (lower-case) -> count per CPU.
+pub fn softirqs() -> Vec<(String, Vec<u64>)> {
+    let s = std::fs::read_to_string("/proc/softirqs").expect("reading /proc/softirqs");
+    s.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let name = it.next()?.trim_end_matches(':').to_lowercase();
+            Some((name, it.map(|v| v.parse().expect("count")).collect()))
+        })
+        .collect()
+}
+
+/// Number of online CPUs.
+pub fn online_cpus() -> usize {
+    let s = std::fs::read_to_string("/proc/stat").expect("reading /proc/stat");
+    s.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count()
+}
+
+/// Runs a shell command and panics with its output when it fails.
+pub fn sh(cmd: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Fails the test (never skips) when not root: privileged tests must run.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "privileged test: needs root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN) to load programs; run `cargo xtask test` as root"
+    );
+}

@@ -1,0 +1,208 @@
+//! Running the real `perch` binary: one-shot `perch collect` and a long-lived
+//! `perch run` scraped over HTTP.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::perch_bin;
+
+/// Runs `perch collect --format json` over `window`, running `during` once
+/// the programs are attached. Returns the JSON snapshot and `during`'s result.
+pub fn collect<T>(args: &[&str], window: Duration, during: impl FnOnce() -> T) -> (Value, T) {
+    let mut child = Command::new(perch_bin())
+        .args(["collect", "--format", "json", "--duration"])
+        .arg(format!("{}ms", window.as_millis()))
+        .args(args)
+        .env("PERCH_LOG_LEVEL", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning perch collect");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let mut log = String::new();
+    // Wait for attach: the start-up summary line.
+    for line in lines.by_ref() {
+        let line = line.expect("reading perch's stderr");
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("probes ready") {
+            break;
+        }
+    }
+    let result = during();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    log.push_str(&rest.join("\n"));
+    let mut out = String::new();
+    child.stdout.take().expect("stdout").read_to_string(&mut out).expect("reading stdout");
+    let status = child.wait().expect("waiting for perch");
+    assert!(status.success(), "perch collect {args:?} failed: {status}\n{log}");
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("perch's JSON: {e}\n{out}"));
+    (v, result)
+}
+
+/// The points of metric `name` in a JSON snapshot.
+pub fn points<'a>(snapshot: &'a Value, name: &str) -> Vec<&'a Value> {
+    snapshot["metrics"]
+        .as_array()
+        .expect("metrics array")
+        .iter()
+        .filter(|m| m["name"] == name)
+        .flat_map(|m| m["points"].as_array().expect("points").iter())
+        .collect()
+}
+
+/// Sum of the values of metric `name` whose attributes match every `(k, v)`.
+pub fn sum(snapshot: &Value, name: &str, filter: &[(&str, &str)]) -> f64 {
+    points(snapshot, name)
+        .into_iter()
+        .filter(|p| {
+            filter.iter().all(|(k, v)| {
+                let a = &p["attributes"][*k];
+                a.as_str().map(|s| s == *v).unwrap_or_else(|| a.to_string() == *v)
+            })
+        })
+        .map(|p| p["value"].as_f64().expect("numeric value"))
+        .sum()
+}
+
+/// The source the plan chose for `family`.
+pub fn source(snapshot: &Value, family: &str) -> String {
+    snapshot["plan"]["families"]
+        .as_array()
+        .expect("plan")
+        .iter()
+        .find(|f| f["family"] == family)
+        .map(|f| f["source"].as_str().expect("source").to_owned())
+        .unwrap_or_else(|| panic!("family {family} not in plan"))
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A running `perch run`; stopped with SIGTERM when dropped.
+pub struct Agent {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Agent {
+    pub fn start(args: &[&str]) -> Agent {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let child = Command::new(perch_bin())
+            .arg("run")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning perch run");
+        let agent = Agent { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok((200, _)) = agent.get("/healthz") {
+                return agent;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("perch run {args:?} was not healthy within 20 s");
+    }
+
+    /// GET `path`: (status, body).
+    pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        http_get(self.addr, path)
+    }
+
+    /// Scrapes `/metrics` into `series -> value` (series = name{labels}).
+    pub fn scrape(&self) -> BTreeMap<String, f64> {
+        let (code, body) = self.get("/metrics").expect("scraping /metrics");
+        assert_eq!(code, 200, "{body}");
+        parse_prometheus(&body)
+    }
+
+    /// Sends SIGTERM and waits; returns whether it exited cleanly.
+    pub fn stop(mut self) -> bool {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> bool {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        false
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET (no client dependency).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok((code, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Prometheus text -> `series -> value`; comments skipped.
+pub fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let v = match value {
+                "+Inf" => f64::INFINITY,
+                "-Inf" => f64::NEG_INFINITY,
+                v => v.parse().ok()?,
+            };
+            Some((series.to_owned(), v))
+        })
+        .collect()
+}

@@ -1,0 +1,149 @@
+//! Known workloads: each reports what it did, so tests can compare the
+//! agent's figures with the workload's own count.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe writes two fds into the array.
+    let r = unsafe { libc::pipe(fds.as_mut_ptr()) };
+    assert_eq!(r, 0, "pipe: {}", std::io::Error::last_os_error());
+    // SAFETY: both fds are fresh and owned by us.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+fn write_byte(fd: &OwnedFd) {
+    let b = [1u8];
+    // SAFETY: writes one byte from a valid buffer.
+    let n = unsafe { libc::write(fd.as_raw_fd(), b.as_ptr().cast(), 1) };
+    assert_eq!(n, 1, "write: {}", std::io::Error::last_os_error());
+}
+
+fn read_byte(fd: &OwnedFd) {
+    let mut b = [0u8];
+    // SAFETY: reads one byte into a valid buffer.
+    let n = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
+    assert_eq!(n, 1, "read: {}", std::io::Error::last_os_error());
+}
+
+/// Per-thread scheduler counters from `/proc/self/task/<tid>/status`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ThreadSwitches {
+    pub voluntary: u64,
+    pub involuntary: u64,
+}
+
+pub fn thread_switches(tid: i32) -> ThreadSwitches {
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))
+        .expect("reading the thread's status");
+    let field = |name: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().parse::<u64>().expect("number"))
+            .unwrap_or_else(|| panic!("{name} missing from status"))
+    };
+    ThreadSwitches {
+        voluntary: field("voluntary_ctxt_switches:"),
+        involuntary: field("nonvoluntary_ctxt_switches:"),
+    }
+}
+
+fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+/// What a ping-pong run did.
+#[derive(Debug, Clone, Copy)]
+pub struct PingPong {
+    pub round_trips: u64,
+    /// Wake-ups the workload caused: each message wakes the blocked reader.
+    pub wakeups: u64,
+    /// Context switches of the two threads, from their own status files.
+    pub switches: ThreadSwitches,
+    pub elapsed: Duration,
+}
+
+/// Two threads bounce one byte over a pair of pipes `round_trips` times.
+/// Every message wakes a thread blocked in `read`.
+pub fn ping_pong(round_trips: u64) -> PingPong {
+    let (a_r, a_w) = pipe();
+    let (b_r, b_w) = pipe();
+    let start = Instant::now();
+    let pong = std::thread::spawn(move || {
+        let tid = gettid();
+        let before = thread_switches(tid);
+        for _ in 0..round_trips {
+            read_byte(&a_r);
+            write_byte(&b_w);
+        }
+        let after = thread_switches(tid);
+        ThreadSwitches {
+            voluntary: after.voluntary - before.voluntary,
+            involuntary: after.involuntary - before.involuntary,
+        }
+    });
+    let ping = std::thread::spawn(move || {
+        let tid = gettid();
+        let before = thread_switches(tid);
+        for _ in 0..round_trips {
+            write_byte(&a_w);
+            read_byte(&b_r);
+        }
+        let after = thread_switches(tid);
+        ThreadSwitches {
+            voluntary: after.voluntary - before.voluntary,
+            involuntary: after.involuntary - before.involuntary,
+        }
+    });
+    let p = ping.join().expect("ping thread");
+    let q = pong.join().expect("pong thread");
+    PingPong {
+        round_trips,
+        wakeups: 2 * round_trips,
+        switches: ThreadSwitches {
+            voluntary: p.voluntary + q.voluntary,
+            involuntary: p.involuntary + q.involuntary,
+        },
+        elapsed: start.elapsed(),
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays in bounds for cpu < 1024.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let r = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(r, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// CPU time consumed by the calling thread.
+pub fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes into a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Spins in user space on `cpu` for `wall`; returns the thread's CPU time.
+pub fn spin_pinned(cpu: usize, wall: Duration) -> Duration {
+    std::thread::spawn(move || {
+        pin_to(cpu);
+        let start_cpu = thread_cpu_time();
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < wall {
+            for i in 0..10_000u64 {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(i);
+            }
+            std::hint::black_box(x);
+        }
+        thread_cpu_time() - start_cpu
+    })
+    .join()
+    .expect("spinner")
+}

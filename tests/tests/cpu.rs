@@ -1,0 +1,240 @@
+//! CPU and scheduler families against the kernel's own counters, with the
+//! real programs loaded, in eBPF mode and in forced-procfs mode.
+//!
+//! Privileged: run as root (`cargo xtask test`). These tests fail, never
+//! skip, when they cannot load programs.
+
+use std::time::Duration;
+
+use perch_tests::kernel::{self, require_root};
+use perch_tests::perch::{self, collect, points, source, sum};
+use perch_tests::workload;
+
+const ROUND_TRIPS: u64 = 100_000;
+
+/// eBPF mode: the context switches Perch counted in the kernel over its
+/// window match `/proc/stat ctxt` over the same span within 2 %, the
+/// voluntary split covers the workload's own voluntary switches, and the
+/// run-queue histogram saw at least every wake-up of the workload.
+#[test]
+fn sched_ebpf_matches_proc_stat() {
+    require_root();
+    let before = kernel::ctxt();
+    let (snap, pp) = collect(&["--probe", "sched=ebpf"], Duration::from_secs(4), || {
+        workload::ping_pong(ROUND_TRIPS)
+    });
+    let after = kernel::ctxt();
+    assert_eq!(source(&snap, "sched"), "ebpf");
+    assert!(pp.elapsed < Duration::from_secs(4), "workload overran the window: {pp:?}");
+
+    let counted = sum(&snap, "perch.cpu.context_switches", &[]);
+    let kernel_delta = (after - before) as f64;
+    // Perch counts from attach to its collection; /proc/stat's delta spans
+    // a little more (perch's start-up before attach and its exit), so the
+    // kernel's figure is an upper bound, and close.
+    assert!(counted <= kernel_delta, "counted {counted} > /proc/stat delta {kernel_delta}");
+    let err = (kernel_delta - counted) / kernel_delta;
+    assert!(
+        err < 0.02,
+        "context switches: perch {counted}, /proc/stat delta {kernel_delta} ({:.2} % apart)",
+        err * 100.0
+    );
+    assert!(counted >= (2 * ROUND_TRIPS) as f64, "fewer switches than the workload made: {counted}");
+
+    let voluntary = sum(&snap, "perch.cpu.context_switches", &[("perch.context_switch.type", "voluntary")]);
+    assert!(
+        voluntary >= pp.switches.voluntary as f64,
+        "voluntary {voluntary} < the workload threads' own voluntary switches {}",
+        pp.switches.voluntary
+    );
+    // Per-CPU series exist for every online CPU.
+    let cpus: std::collections::BTreeSet<String> = points(&snap, "perch.cpu.context_switches")
+        .iter()
+        .map(|p| p["attributes"]["cpu.logical_number"].to_string())
+        .collect();
+    assert_eq!(cpus.len(), kernel::online_cpus(), "{cpus:?}");
+
+    let h = points(&snap, "perch.scheduler.runqueue.latency");
+    assert_eq!(h.len(), 1, "host-wide histogram by default");
+    let count = h[0]["count"].as_u64().expect("count");
+    let buckets: u64 = h[0]["bucket_counts"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).sum();
+    assert_eq!(count, buckets, "count is the sum of the buckets");
+    assert!(count >= pp.wakeups, "run-queue latency count {count} < workload wake-ups {}", pp.wakeups);
+    let mean = h[0]["sum"].as_f64().unwrap() / count as f64;
+    assert!(mean > 0.0 && mean < 0.1, "mean run-queue latency {mean} s is implausible");
+}
+
+/// procfs mode: the counter is `/proc/stat ctxt` itself (no per-CPU or type
+/// split), read between the test's own two reads, and there is no histogram.
+#[test]
+fn sched_procfs_is_proc_stat_ctxt() {
+    require_root();
+    let before = kernel::ctxt();
+    let (snap, pp) = collect(&["--probe", "sched=procfs"], Duration::from_secs(2), || {
+        workload::ping_pong(ROUND_TRIPS / 4)
+    });
+    let after = kernel::ctxt();
+    assert_eq!(source(&snap, "sched"), "procfs");
+    let p = points(&snap, "perch.cpu.context_switches");
+    assert_eq!(p.len(), 1, "one host-wide series: {p:?}");
+    assert_eq!(p[0]["attributes"], serde_json::json!({}));
+    let v = p[0]["value"].as_u64().expect("integer");
+    assert!(before + 2 * pp.round_trips <= v && v <= after, "{before} <= {v} <= {after}");
+    assert!(points(&snap, "perch.scheduler.runqueue.latency").is_empty());
+}
+
+/// Scheduler wait time from /proc/schedstat, in both modes: per CPU, in
+/// seconds, and bracketed by the test's own reads.
+#[test]
+fn scheduler_wait_time_matches_schedstat() {
+    require_root();
+    let read = || -> Vec<f64> {
+        std::fs::read_to_string("/proc/schedstat")
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("cpu"))
+            .map(|l| l.split_whitespace().nth(8).unwrap().parse::<f64>().unwrap() * 1e-9)
+            .collect()
+    };
+    for mode in ["sched=ebpf", "sched=procfs"] {
+        let before = read();
+        let (snap, ()) = collect(&["--probe", mode], Duration::from_millis(500), || {
+            workload::ping_pong(10_000);
+        });
+        let after = read();
+        for (cpu, (b, a)) in before.iter().zip(&after).enumerate() {
+            let v = sum(&snap, "perch.scheduler.wait.time", &[("cpu.logical_number", &cpu.to_string())]);
+            assert!(*b <= v && v <= *a, "{mode} cpu{cpu}: {b} <= {v} <= {a}");
+        }
+    }
+}
+
+/// A thread pinned to the last CPU spins in user space for 3 s: Perch's
+/// `system.cpu.time{mode=user}` for that CPU grows by the thread's own CPU
+/// time (within tick granularity), and the other modes of that CPU barely move.
+/// The CPU family reads /proc/stat in both modes; run it in both.
+#[test]
+fn cpu_time_tracks_a_pinned_spinner() {
+    require_root();
+    let cpu = kernel::online_cpus() - 1;
+    for mode in ["cpu=auto", "cpu=procfs"] {
+        let agent = perch::Agent::start(&["--interval", "1s", "--probe", mode]);
+        let series = |m: &str| format!("system_cpu_time_seconds_total{{cpu_logical_number=\"{cpu}\",cpu_mode=\"{m}\"}}");
+        // Let one collection land after start-up, then take the baseline.
+        std::thread::sleep(Duration::from_millis(1500));
+        let s0 = agent.scrape();
+        let spun = workload::spin_pinned(cpu, Duration::from_secs(3));
+        // Wait for a collection after the spin ended.
+        std::thread::sleep(Duration::from_millis(2200));
+        let s1 = agent.scrape();
+        let user = s1[&series("user")] - s0[&series("user")];
+        let spun = spun.as_secs_f64();
+        assert!(
+            (user - spun).abs() < 0.15 * spun + 0.3,
+            "{mode}: cpu{cpu} user time grew {user:.2} s, the spinner used {spun:.2} s"
+        );
+        let idle = s1[&series("idle")] - s0[&series("idle")];
+        assert!(idle < 2.0, "{mode}: cpu{cpu} idle grew {idle:.2} s while it spun");
+        // Load average is exported as gauges.
+        assert!(s1.contains_key("system_cpu_load_average_1m"), "no load average");
+        assert!(agent.stop(), "{mode}: perch did not exit cleanly on SIGTERM");
+    }
+}
+
+/// Softirq counts equal /proc/softirqs (bracketed), in both modes; in eBPF
+/// mode the per-vector time is present and NET_RX time grows under a
+/// loopback TCP load.
+#[test]
+fn softirq_counts_and_time() {
+    require_root();
+    for mode in ["softirq=ebpf", "softirq=procfs"] {
+        let before = kernel::softirqs();
+        let (snap, bytes) = collect(&["--probe", mode], Duration::from_secs(3), || loopback_blast(Duration::from_secs(2)));
+        let after = kernel::softirqs();
+        assert!(bytes > 10_000_000, "loopback load moved only {bytes} bytes");
+        for ((name, b), (_, a)) in before.iter().zip(&after) {
+            for (cpu, (bv, av)) in b.iter().zip(a).enumerate() {
+                let v = sum(
+                    &snap,
+                    "perch.cpu.softirq.count",
+                    &[("perch.softirq.vector", name), ("cpu.logical_number", &cpu.to_string())],
+                );
+                assert!(*bv as f64 <= v && v <= *av as f64, "{mode} {name} cpu{cpu}: {bv} <= {v} <= {av}");
+            }
+        }
+        let time = points(&snap, "perch.cpu.softirq.time");
+        if mode == "softirq=ebpf" {
+            assert_eq!(source(&snap, "softirq"), "ebpf");
+            let net_rx = sum(&snap, "perch.cpu.softirq.time", &[("perch.softirq.vector", "net_rx")]);
+            assert!(net_rx > 0.001, "NET_RX time {net_rx} s under a loopback TCP load");
+            let total = sum(&snap, "perch.cpu.softirq.time", &[]);
+            let cap = 3.5 * kernel::online_cpus() as f64;
+            assert!(total < cap, "softirq time {total} s exceeds the window x CPUs");
+        } else {
+            assert_eq!(source(&snap, "softirq"), "procfs");
+            assert!(time.is_empty(), "procfs mode has no per-vector time");
+        }
+    }
+}
+
+/// Sends bytes over loopback TCP for `wall`; returns the bytes received.
+fn loopback_blast(wall: Duration) -> u64 {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let rx = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut n = 0u64;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break n,
+                Ok(k) => n += k as u64,
+            }
+        }
+    });
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    let buf = vec![7u8; 1 << 16];
+    let start = std::time::Instant::now();
+    while start.elapsed() < wall {
+        c.write_all(&buf).unwrap();
+    }
+    drop(c);
+    rx.join().unwrap()
+}
+
+/// `--probe cpu=ebpf` is refused with a message naming the family.
+#[test]
+fn forcing_ebpf_on_a_procfs_family_is_a_clear_error() {
+    require_root();
+    let out = std::process::Command::new(perch_tests::perch_bin())
+        .args(["collect", "--duration", "100ms", "--probe", "cpu=ebpf"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("probes.cpu.mode") && err.contains("no eBPF source"), "{err}");
+}
+
+/// `perch features --json` reports the kernel facts and a plan in which the
+/// eBPF families use tp_btf on this kernel (BTF present, tp_btf allowed).
+#[test]
+fn features_reports_the_plan() {
+    require_root();
+    let out = std::process::Command::new(perch_tests::perch_bin())
+        .args(["features", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["kernel"]["release"].as_str().is_some_and(|r| !r.is_empty()));
+    let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
+    assert_eq!(v["kernel"]["btf"], btf);
+    for fam in v["plan"]["families"].as_array().unwrap() {
+        assert!(fam["reason"].as_str().is_some_and(|r| !r.is_empty()), "{fam}");
+        if fam["family"] == "sched" && btf {
+            assert_eq!(fam["source"], "ebpf", "{fam}");
+            assert_eq!(fam["hook"], "tp_btf", "{fam}");
+        }
+    }
+}
