@@ -31,3 +31,5 @@ pub fn perch_bin() -> PathBuf {
         target.display()
     );
 }
+
+pub mod otlp_receiver;

@@ -1,13 +1,978 @@
-//! `[export]` and `[pipeline]` configuration. (Owned by the OTLP export work.)
+//! `[export]` and `[pipeline]` configuration.
+//!
+//! Precedence, highest first: CLI flags ([`ExportArgs`]), signal-specific
+//! env (`OTEL_EXPORTER_OTLP_METRICS_*`), generic env (`OTEL_EXPORTER_OTLP_*`),
+//! the config file, the defaults below. [`ExportConfig::apply_env`] applies
+//! the two env layers over a parsed file; [`ExportArgs::apply`] applies the
+//! flags last.
+//!
+//! Defaults follow the issue: retry backoff 1 s doubling to 30 s, circuit
+//! breaker opening after 5 failures and half-opening after 30 s, series cap
+//! 2000 per metric, adaptive detail switching at a 2 % error ratio.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
-/// `[export]`: where and how to push OTLP.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ExportConfig {}
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`: base URL; `/v1/metrics` is appended for HTTP.
+pub const ENV_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+/// `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`: full URL, used as is.
+pub const ENV_METRICS_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT";
+/// `OTEL_EXPORTER_OTLP_PROTOCOL`: `grpc` or `http/protobuf`.
+pub const ENV_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_PROTOCOL";
+/// `OTEL_EXPORTER_OTLP_METRICS_PROTOCOL`.
+pub const ENV_METRICS_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL";
+/// `OTEL_EXPORTER_OTLP_HEADERS`: `k=v,k2=v2`, values percent-encoded.
+pub const ENV_HEADERS: &str = "OTEL_EXPORTER_OTLP_HEADERS";
+/// `OTEL_EXPORTER_OTLP_METRICS_HEADERS`.
+pub const ENV_METRICS_HEADERS: &str = "OTEL_EXPORTER_OTLP_METRICS_HEADERS";
+/// `OTEL_EXPORTER_OTLP_TIMEOUT`: milliseconds.
+pub const ENV_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TIMEOUT";
+/// `OTEL_EXPORTER_OTLP_METRICS_TIMEOUT`.
+pub const ENV_METRICS_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT";
+/// `OTEL_EXPORTER_OTLP_COMPRESSION`: `gzip` or `none`.
+pub const ENV_COMPRESSION: &str = "OTEL_EXPORTER_OTLP_COMPRESSION";
+/// `OTEL_EXPORTER_OTLP_METRICS_COMPRESSION`.
+pub const ENV_METRICS_COMPRESSION: &str = "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION";
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE`: PEM file of the CA(s) to trust.
+pub const ENV_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_CERTIFICATE";
+/// `OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE`.
+pub const ENV_METRICS_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE";
+/// `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE`: PEM client certificate chain.
+pub const ENV_CLIENT_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE";
+/// `OTEL_EXPORTER_OTLP_METRICS_CLIENT_CERTIFICATE`.
+pub const ENV_METRICS_CLIENT_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_METRICS_CLIENT_CERTIFICATE";
+/// `OTEL_EXPORTER_OTLP_CLIENT_KEY`: PEM private key of the client certificate.
+pub const ENV_CLIENT_KEY: &str = "OTEL_EXPORTER_OTLP_CLIENT_KEY";
+/// `OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY`.
+pub const ENV_METRICS_CLIENT_KEY: &str = "OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY";
+/// `OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`: `cumulative` or `delta`.
+pub const ENV_METRICS_TEMPORALITY: &str = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE";
+/// `OTEL_RESOURCE_ATTRIBUTES`: `k=v,k2=v2`, values percent-encoded.
+pub const ENV_RESOURCE_ATTRIBUTES: &str = "OTEL_RESOURCE_ATTRIBUTES";
+/// `OTEL_SERVICE_NAME`: overrides `service.name`.
+pub const ENV_SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
 
-/// `[pipeline]`: label hygiene and cardinality.
+/// The collector's default gRPC receive limit (4 MiB). Batches stay under it.
+pub const COLLECTOR_MAX_MESSAGE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// A configuration value that cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ExportConfigError {
+    /// An environment variable holds a value that cannot be parsed.
+    #[error("environment variable {var}={value:?}: {reason}")]
+    Env {
+        /// The variable name.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// A configuration key holds a value outside its allowed range.
+    #[error("[{key}] = {value}: {reason}")]
+    Range {
+        /// Dotted key, e.g. `export.batch.max_bytes`.
+        key: &'static str,
+        /// The value as written.
+        value: String,
+        /// The allowed range.
+        reason: String,
+    },
+}
+
+/// OTLP transport.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// OTLP/gRPC (default port 4317).
+    #[default]
+    #[serde(rename = "grpc")]
+    #[value(name = "grpc")]
+    Grpc,
+    /// OTLP/HTTP with binary protobuf bodies (default port 4318).
+    #[serde(rename = "http/protobuf")]
+    #[value(name = "http/protobuf")]
+    HttpProtobuf,
+}
+
+impl Protocol {
+    fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "grpc" => Some(Self::Grpc),
+            "http/protobuf" => Some(Self::HttpProtobuf),
+            _ => None,
+        }
+    }
+}
+
+/// Body compression.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// No compression.
+    None,
+    /// gzip (default: metric batches compress about 10x, CPU cost is small).
+    #[default]
+    Gzip,
+}
+
+impl Compression {
+    fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "none" => Some(Self::None),
+            "gzip" => Some(Self::Gzip),
+            _ => None,
+        }
+    }
+}
+
+/// Aggregation temporality of monotonic sums and histograms on the wire.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Temporality {
+    /// Values since the series' start time (default; robust to lost batches).
+    #[default]
+    Cumulative,
+    /// Values since the previous export of the series.
+    Delta,
+}
+
+impl Temporality {
+    fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cumulative" => Some(Self::Cumulative),
+            "delta" => Some(Self::Delta),
+            _ => None,
+        }
+    }
+}
+
+/// `[export]`: where and how to push OTLP.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// Collector URL, e.g. `http://127.0.0.1:4317` (gRPC) or
+    /// `http://127.0.0.1:4318/v1/metrics` (HTTP; `/v1/metrics` is appended
+    /// when the URL has no path). No endpoint: OTLP export is off.
+    pub endpoint: Option<String>,
+    /// `grpc` or `http/protobuf`.
+    pub protocol: Protocol,
+    /// Extra request headers (gRPC metadata), e.g. an API key.
+    pub headers: BTreeMap<String, String>,
+    /// Per-request timeout, milliseconds.
+    pub timeout_ms: u64,
+    /// `gzip` or `none`.
+    pub compression: Compression,
+    /// `cumulative` or `delta` for monotonic sums and histograms.
+    pub temporality: Temporality,
+    /// `service.name` resource attribute (default `perch`).
+    pub service_name: Option<String>,
+    /// Extra resource attributes; they override the detected ones.
+    pub resource_attributes: BTreeMap<String, String>,
+    /// TLS settings (used for `https://` endpoints).
+    pub tls: TlsConfig,
+    /// Batch bounds.
+    pub batch: BatchConfig,
+    /// In-memory and on-disk queue.
+    pub queue: QueueConfig,
+    /// Retry backoff.
+    pub retry: RetryConfig,
+    /// Circuit breaker.
+    pub circuit: CircuitConfig,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            protocol: Protocol::Grpc,
+            headers: BTreeMap::new(),
+            timeout_ms: 10_000,
+            compression: Compression::Gzip,
+            temporality: Temporality::Cumulative,
+            service_name: None,
+            resource_attributes: BTreeMap::new(),
+            tls: TlsConfig::default(),
+            batch: BatchConfig::default(),
+            queue: QueueConfig::default(),
+            retry: RetryConfig::default(),
+            circuit: CircuitConfig::default(),
+        }
+    }
+}
+
+/// `[export.tls]`.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct PipelineConfig {}
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM file with the CA certificate(s) to trust instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain, for mutual TLS (needs `client_key_file`).
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of `client_cert_file`.
+    pub client_key_file: Option<PathBuf>,
+}
+
+/// `[export.batch]`: one request carries at most this much.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Data points per request.
+    pub max_points: usize,
+    /// Encoded (uncompressed) protobuf bytes per request; at most 4 MiB, the
+    /// collector's default gRPC receive limit.
+    pub max_bytes: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_points: 10_000,
+            max_bytes: 3 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[export.queue]`: data waiting for the collector.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Encoded bytes kept in memory; past it the oldest batches are dropped
+    /// (or moved to `dir` when set).
+    pub max_bytes: u64,
+    /// Snapshots accepted by `submit` but not yet encoded; past it the oldest
+    /// is dropped. Small: encoding takes milliseconds.
+    pub max_pending_snapshots: usize,
+    /// Directory of the optional on-disk queue. Batches that could not be
+    /// delivered are written here and sent later, oldest first, also after
+    /// a restart.
+    pub dir: Option<PathBuf>,
+    /// Bytes kept in `dir`; past it the oldest files are dropped.
+    pub disk_max_bytes: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 32 * 1024 * 1024,
+            max_pending_snapshots: 2,
+            dir: None,
+            disk_max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[export.retry]`: exponential backoff with full jitter.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// First backoff, milliseconds.
+    pub initial_backoff_ms: u64,
+    /// Longest backoff, milliseconds (a server's `Retry-After` may ask for
+    /// longer, up to `max_server_delay_ms`).
+    pub max_backoff_ms: u64,
+    /// Longest delay honoured from `Retry-After` or gRPC `RetryInfo`, ms.
+    pub max_server_delay_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            initial_backoff_ms: 1_000,
+            max_backoff_ms: 30_000,
+            max_server_delay_ms: 300_000,
+        }
+    }
+}
+
+/// `[export.circuit]`: stop sending to a collector that keeps failing.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitConfig {
+    /// Consecutive failed requests that open the circuit.
+    pub failure_threshold: u32,
+    /// Time the circuit stays open before one trial request, milliseconds.
+    pub half_open_after_ms: u64,
+}
+
+impl Default for CircuitConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            half_open_after_ms: 30_000,
+        }
+    }
+}
+
+/// `[pipeline]`: label hygiene, cardinality, adaptive detail, memory limits.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Attribute keys removed from every series; the series they split are
+    /// merged (values added), so totals stay exact.
+    pub deny_attributes: Vec<String>,
+    /// Port attributes whose ephemeral values (>= `ephemeral_port_min`) are
+    /// replaced by `"ephemeral"`, so ephemeral ports never leave the agent.
+    pub ephemeral_port_attributes: Vec<String>,
+    /// First ephemeral port (Linux `ip_local_port_range` default: 32768).
+    pub ephemeral_port_min: u16,
+    /// Series per metric, overflow series included. Points past the cap fold
+    /// into one series with `otel.metric.overflow=true`.
+    pub max_series_per_metric: usize,
+    /// Per-peer series kept in reduced detail (the busiest peers of each
+    /// metric); default 10 % of the cap.
+    pub detail_top_k: usize,
+    /// Error ratio above which full per-peer detail is exported.
+    pub detail_enter_ratio: f64,
+    /// Error ratio below which detail goes back to reduced, after
+    /// `detail_exit_intervals` intervals in a row (hysteresis).
+    pub detail_exit_ratio: f64,
+    /// Healthy intervals in a row needed to leave full detail.
+    pub detail_exit_intervals: u32,
+    /// Intervals a series may be absent before its state is forgotten.
+    pub series_ttl_intervals: u32,
+    /// Resident memory above which detail series are shed (folded).
+    pub memory_soft_limit_bytes: u64,
+    /// Resident memory above which new data is refused (not exported).
+    pub memory_hard_limit_bytes: u64,
+}
+
+/// The default deny list: keys that identify a request, a user or a process.
+pub const DEFAULT_DENY_ATTRIBUTES: &[&str] = &[
+    "user_id",
+    "user.id",
+    "request_id",
+    "request.id",
+    "trace_id",
+    "span_id",
+    "session_id",
+    "session.id",
+    "pid",
+    "process.pid",
+    "thread.id",
+    "client.port",
+    "source.port",
+    "network.local.port",
+];
+
+/// Port attributes checked for ephemeral values by default.
+pub const DEFAULT_EPHEMERAL_PORT_ATTRIBUTES: &[&str] =
+    &["network.peer.port", "server.port", "destination.port"];
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            deny_attributes: DEFAULT_DENY_ATTRIBUTES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            ephemeral_port_attributes: DEFAULT_EPHEMERAL_PORT_ATTRIBUTES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            ephemeral_port_min: 32768,
+            max_series_per_metric: 2000,
+            detail_top_k: 200,
+            detail_enter_ratio: 0.02,
+            detail_exit_ratio: 0.01,
+            detail_exit_intervals: 3,
+            series_ttl_intervals: 10,
+            memory_soft_limit_bytes: 192 * 1024 * 1024,
+            memory_hard_limit_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+impl PipelineConfig {
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<(), ExportConfigError> {
+        let range = |key, value: String, reason: &str| {
+            Err(ExportConfigError::Range {
+                key,
+                value,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.max_series_per_metric < 2 {
+            return range(
+                "pipeline.max_series_per_metric",
+                self.max_series_per_metric.to_string(),
+                "must be at least 2 (one series plus the overflow series)",
+            );
+        }
+        if self.detail_top_k >= self.max_series_per_metric {
+            return range(
+                "pipeline.detail_top_k",
+                self.detail_top_k.to_string(),
+                "must be below max_series_per_metric",
+            );
+        }
+        for (key, v) in [
+            ("pipeline.detail_enter_ratio", self.detail_enter_ratio),
+            ("pipeline.detail_exit_ratio", self.detail_exit_ratio),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return range(key, v.to_string(), "must be within 0..=1");
+            }
+        }
+        if self.detail_exit_ratio > self.detail_enter_ratio {
+            return range(
+                "pipeline.detail_exit_ratio",
+                self.detail_exit_ratio.to_string(),
+                "must not exceed detail_enter_ratio (hysteresis)",
+            );
+        }
+        if self.memory_soft_limit_bytes > self.memory_hard_limit_bytes {
+            return range(
+                "pipeline.memory_soft_limit_bytes",
+                self.memory_soft_limit_bytes.to_string(),
+                "must not exceed memory_hard_limit_bytes",
+            );
+        }
+        if self.series_ttl_intervals == 0 {
+            return range(
+                "pipeline.series_ttl_intervals",
+                "0".into(),
+                "must be at least 1",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Splits `k=v,k2=v2` (W3C baggage-like, values percent-encoded).
+fn parse_pairs(var: &'static str, s: &str) -> Result<BTreeMap<String, String>, ExportConfigError> {
+    let mut out = BTreeMap::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let Some((k, v)) = item.split_once('=') else {
+            return Err(ExportConfigError::Env {
+                var,
+                value: s.to_owned(),
+                reason: format!("{item:?} is not key=value"),
+            });
+        };
+        let k = k.trim();
+        if k.is_empty() {
+            return Err(ExportConfigError::Env {
+                var,
+                value: s.to_owned(),
+                reason: format!("{item:?} has an empty key"),
+            });
+        }
+        out.insert(percent_decode(k.trim()), percent_decode(v.trim()));
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Appends the OTLP/HTTP metrics path to a generic base endpoint.
+fn join_metrics_path(base: &str) -> String {
+    format!("{}/v1/metrics", base.trim_end_matches('/'))
+}
+
+impl ExportConfig {
+    /// Applies `OTEL_EXPORTER_OTLP_*` (generic, then `_METRICS_` specific),
+    /// `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_SERVICE_NAME` over the file values.
+    /// `env` is the lookup (`|k| std::env::var(k).ok()` in the agent).
+    pub fn apply_env(
+        &mut self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ExportConfigError> {
+        let get = |var: &str| env(var).filter(|v| !v.trim().is_empty());
+        let env_err = |var: &'static str, value: &str, reason: &str| ExportConfigError::Env {
+            var,
+            value: value.to_owned(),
+            reason: reason.to_owned(),
+        };
+
+        // Protocol first: the generic endpoint's meaning depends on it.
+        for var in [ENV_PROTOCOL, ENV_METRICS_PROTOCOL] {
+            if let Some(v) = get(var) {
+                self.protocol = Protocol::parse(&v)
+                    .ok_or_else(|| env_err(var, &v, "expected grpc or http/protobuf"))?;
+            }
+        }
+        if let Some(v) = get(ENV_ENDPOINT) {
+            // The spec: for OTLP/HTTP the generic endpoint is a base URL and
+            // the signal path is appended; for gRPC it is used as is.
+            self.endpoint = Some(match self.protocol {
+                Protocol::HttpProtobuf => join_metrics_path(v.trim()),
+                Protocol::Grpc => v.trim().to_owned(),
+            });
+        }
+        if let Some(v) = get(ENV_METRICS_ENDPOINT) {
+            self.endpoint = Some(v.trim().to_owned());
+        }
+        for var in [ENV_HEADERS, ENV_METRICS_HEADERS] {
+            if let Some(v) = get(var) {
+                self.headers.extend(parse_pairs(var, &v)?);
+            }
+        }
+        for var in [ENV_TIMEOUT, ENV_METRICS_TIMEOUT] {
+            if let Some(v) = get(var) {
+                self.timeout_ms = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| env_err(var, &v, "expected milliseconds"))?;
+            }
+        }
+        for var in [ENV_COMPRESSION, ENV_METRICS_COMPRESSION] {
+            if let Some(v) = get(var) {
+                self.compression = Compression::parse(&v)
+                    .ok_or_else(|| env_err(var, &v, "expected gzip or none"))?;
+            }
+        }
+        for var in [ENV_CERTIFICATE, ENV_METRICS_CERTIFICATE] {
+            if let Some(v) = get(var) {
+                self.tls.ca_file = Some(PathBuf::from(v.trim()));
+            }
+        }
+        for var in [ENV_CLIENT_CERTIFICATE, ENV_METRICS_CLIENT_CERTIFICATE] {
+            if let Some(v) = get(var) {
+                self.tls.client_cert_file = Some(PathBuf::from(v.trim()));
+            }
+        }
+        for var in [ENV_CLIENT_KEY, ENV_METRICS_CLIENT_KEY] {
+            if let Some(v) = get(var) {
+                self.tls.client_key_file = Some(PathBuf::from(v.trim()));
+            }
+        }
+        if let Some(v) = get(ENV_METRICS_TEMPORALITY) {
+            // The spec's third value, `lowmemory`, is cumulative for sums
+            // that are not monotonic; Perch treats it as delta.
+            self.temporality = match v.trim().to_ascii_lowercase().as_str() {
+                "lowmemory" => Temporality::Delta,
+                other => Temporality::parse(other).ok_or_else(|| {
+                    env_err(ENV_METRICS_TEMPORALITY, &v, "expected cumulative or delta")
+                })?,
+            };
+        }
+        if let Some(v) = get(ENV_RESOURCE_ATTRIBUTES) {
+            self.resource_attributes
+                .extend(parse_pairs(ENV_RESOURCE_ATTRIBUTES, &v)?);
+        }
+        if let Some(v) = get(ENV_SERVICE_NAME) {
+            self.service_name = Some(v.trim().to_owned());
+        }
+        Ok(())
+    }
+
+    /// Checks the values without connecting anywhere (`perch validate`).
+    pub fn validate(&self) -> Result<(), ExportConfigError> {
+        let range = |key, value: String, reason: &str| {
+            Err(ExportConfigError::Range {
+                key,
+                value,
+                reason: reason.to_owned(),
+            })
+        };
+        if let Some(ep) = &self.endpoint {
+            if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+                return range(
+                    "export.endpoint",
+                    ep.clone(),
+                    "must start with http:// or https://",
+                );
+            }
+            if ep.parse::<tonic::codegen::http::Uri>().is_err() {
+                return range("export.endpoint", ep.clone(), "is not a valid URL");
+            }
+        }
+        for (k, v) in &self.headers {
+            if tonic::codegen::http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes())
+                .is_err()
+                || tonic::codegen::http::HeaderValue::from_str(v).is_err()
+            {
+                return range(
+                    "export.headers",
+                    format!("{k}={v}"),
+                    "not a valid HTTP header",
+                );
+            }
+        }
+        if self.timeout_ms == 0 {
+            return range("export.timeout_ms", "0".into(), "must be at least 1");
+        }
+        if self.batch.max_points == 0 {
+            return range("export.batch.max_points", "0".into(), "must be at least 1");
+        }
+        if !(1024..=COLLECTOR_MAX_MESSAGE_BYTES).contains(&self.batch.max_bytes) {
+            return range(
+                "export.batch.max_bytes",
+                self.batch.max_bytes.to_string(),
+                "must be within 1024..=4194304 (the collector's default gRPC limit)",
+            );
+        }
+        if self.queue.max_bytes < self.batch.max_bytes {
+            return range(
+                "export.queue.max_bytes",
+                self.queue.max_bytes.to_string(),
+                "must be at least export.batch.max_bytes",
+            );
+        }
+        if self.queue.max_pending_snapshots == 0 {
+            return range(
+                "export.queue.max_pending_snapshots",
+                "0".into(),
+                "must be at least 1",
+            );
+        }
+        if self.queue.dir.is_some() && self.queue.disk_max_bytes < self.batch.max_bytes {
+            return range(
+                "export.queue.disk_max_bytes",
+                self.queue.disk_max_bytes.to_string(),
+                "must be at least export.batch.max_bytes",
+            );
+        }
+        if self.retry.initial_backoff_ms == 0 {
+            return range(
+                "export.retry.initial_backoff_ms",
+                "0".into(),
+                "must be at least 1",
+            );
+        }
+        if self.retry.max_backoff_ms < self.retry.initial_backoff_ms {
+            return range(
+                "export.retry.max_backoff_ms",
+                self.retry.max_backoff_ms.to_string(),
+                "must be at least initial_backoff_ms",
+            );
+        }
+        if self.circuit.failure_threshold == 0 {
+            return range(
+                "export.circuit.failure_threshold",
+                "0".into(),
+                "must be at least 1",
+            );
+        }
+        if self.tls.client_cert_file.is_some() != self.tls.client_key_file.is_some() {
+            return range(
+                "export.tls.client_cert_file",
+                format!("{:?}", self.tls.client_cert_file),
+                "client_cert_file and client_key_file go together",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// CLI flags that override the environment and the file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ExportArgs {
+    /// OTLP collector URL (turns OTLP export on).
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP transport.
+    #[arg(long, value_enum)]
+    pub otlp_protocol: Option<Protocol>,
+    /// Extra header `key=value` (repeatable).
+    #[arg(long = "otlp-header", value_name = "KEY=VALUE")]
+    pub otlp_headers: Vec<String>,
+    /// Request timeout, milliseconds.
+    #[arg(long, value_name = "MS")]
+    pub otlp_timeout_ms: Option<u64>,
+    /// Body compression.
+    #[arg(long, value_enum)]
+    pub otlp_compression: Option<Compression>,
+    /// Temporality of sums and histograms.
+    #[arg(long, value_enum)]
+    pub otlp_temporality: Option<Temporality>,
+    /// PEM CA file to trust for `https://` endpoints.
+    #[arg(long, value_name = "PATH")]
+    pub otlp_ca_file: Option<PathBuf>,
+    /// Directory of the on-disk export queue.
+    #[arg(long, value_name = "DIR")]
+    pub otlp_queue_dir: Option<PathBuf>,
+}
+
+impl ExportArgs {
+    /// Applies the flags that were given.
+    pub fn apply(&self, cfg: &mut ExportConfig) {
+        if let Some(v) = &self.otlp_endpoint {
+            cfg.endpoint = Some(v.clone());
+        }
+        if let Some(v) = self.otlp_protocol {
+            cfg.protocol = v;
+        }
+        for h in &self.otlp_headers {
+            // A flag without `=` is a header with an empty value; validate()
+            // then reports it if the name is invalid.
+            let (k, v) = h.split_once('=').unwrap_or((h.as_str(), ""));
+            cfg.headers.insert(k.trim().to_owned(), v.trim().to_owned());
+        }
+        if let Some(v) = self.otlp_timeout_ms {
+            cfg.timeout_ms = v;
+        }
+        if let Some(v) = self.otlp_compression {
+            cfg.compression = v;
+        }
+        if let Some(v) = self.otlp_temporality {
+            cfg.temporality = v;
+        }
+        if let Some(v) = &self.otlp_ca_file {
+            cfg.tls.ca_file = Some(v.clone());
+        }
+        if let Some(v) = &self.otlp_queue_dir {
+            cfg.queue.dir = Some(v.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn env_precedence() {
+        struct Case {
+            name: &'static str,
+            file_endpoint: Option<&'static str>,
+            env: Vec<(&'static str, &'static str)>,
+            want_endpoint: Option<&'static str>,
+            want_protocol: Protocol,
+        }
+        let cases = [
+            Case {
+                name: "file only",
+                file_endpoint: Some("http://file:4317"),
+                env: vec![],
+                want_endpoint: Some("http://file:4317"),
+                want_protocol: Protocol::Grpc,
+            },
+            Case {
+                name: "generic env beats file",
+                file_endpoint: Some("http://file:4317"),
+                env: vec![(ENV_ENDPOINT, "http://gen:4317")],
+                want_endpoint: Some("http://gen:4317"),
+                want_protocol: Protocol::Grpc,
+            },
+            Case {
+                name: "specific env beats generic",
+                file_endpoint: None,
+                env: vec![
+                    (ENV_ENDPOINT, "http://gen:4317"),
+                    (ENV_METRICS_ENDPOINT, "http://spec:4317"),
+                ],
+                want_endpoint: Some("http://spec:4317"),
+                want_protocol: Protocol::Grpc,
+            },
+            Case {
+                name: "generic http endpoint gets the signal path",
+                file_endpoint: None,
+                env: vec![
+                    (ENV_PROTOCOL, "http/protobuf"),
+                    (ENV_ENDPOINT, "http://gen:4318/"),
+                ],
+                want_endpoint: Some("http://gen:4318/v1/metrics"),
+                want_protocol: Protocol::HttpProtobuf,
+            },
+            Case {
+                name: "specific protocol beats generic",
+                file_endpoint: None,
+                env: vec![
+                    (ENV_PROTOCOL, "http/protobuf"),
+                    (ENV_METRICS_PROTOCOL, "grpc"),
+                ],
+                want_endpoint: None,
+                want_protocol: Protocol::Grpc,
+            },
+            Case {
+                name: "empty variables are ignored",
+                file_endpoint: Some("http://file:4317"),
+                env: vec![(ENV_ENDPOINT, " ")],
+                want_endpoint: Some("http://file:4317"),
+                want_protocol: Protocol::Grpc,
+            },
+        ];
+        for c in cases {
+            let mut cfg = ExportConfig {
+                endpoint: c.file_endpoint.map(str::to_owned),
+                ..ExportConfig::default()
+            };
+            cfg.apply_env(env_of(&c.env)).expect(c.name);
+            assert_eq!(cfg.endpoint.as_deref(), c.want_endpoint, "{}", c.name);
+            assert_eq!(cfg.protocol, c.want_protocol, "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn env_values_parse() {
+        let mut cfg = ExportConfig::default();
+        cfg.apply_env(env_of(&[
+            (ENV_HEADERS, "a=1, b=x%20y"),
+            (ENV_METRICS_HEADERS, "a=2"),
+            (ENV_TIMEOUT, "2500"),
+            (ENV_COMPRESSION, "none"),
+            (ENV_METRICS_TEMPORALITY, "Delta"),
+            (
+                ENV_RESOURCE_ATTRIBUTES,
+                "deployment.environment=prod,team=a%2Cb",
+            ),
+            (ENV_SERVICE_NAME, "edge"),
+            (ENV_CERTIFICATE, "/etc/ca.pem"),
+        ]))
+        .unwrap();
+        assert_eq!(cfg.headers.get("a").map(String::as_str), Some("2"));
+        assert_eq!(cfg.headers.get("b").map(String::as_str), Some("x y"));
+        assert_eq!(cfg.timeout_ms, 2500);
+        assert_eq!(cfg.compression, Compression::None);
+        assert_eq!(cfg.temporality, Temporality::Delta);
+        assert_eq!(
+            cfg.resource_attributes.get("team").map(String::as_str),
+            Some("a,b")
+        );
+        assert_eq!(cfg.service_name.as_deref(), Some("edge"));
+        assert_eq!(cfg.tls.ca_file, Some(PathBuf::from("/etc/ca.pem")));
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        let cases: [(&str, &str); 4] = [
+            (ENV_PROTOCOL, "http/json"),
+            (ENV_TIMEOUT, "10s"),
+            (ENV_COMPRESSION, "zstd"),
+            (ENV_HEADERS, "novalue"),
+        ];
+        for (var, value) in cases {
+            let err = ExportConfig::default()
+                .apply_env(env_of(&[(var, value)]))
+                .unwrap_err();
+            match err {
+                ExportConfigError::Env { var: v, .. } => assert_eq!(v, var),
+                other => panic!("{var}: unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn validate_ranges() {
+        let ok = ExportConfig {
+            endpoint: Some("https://collector:4317".into()),
+            ..ExportConfig::default()
+        };
+        ok.validate().unwrap();
+        type Mutate = Box<dyn Fn(&mut ExportConfig)>;
+        let cases: Vec<(&str, Mutate)> = vec![
+            (
+                "export.endpoint",
+                Box::new(|c| c.endpoint = Some("collector:4317".into())),
+            ),
+            (
+                "export.batch.max_bytes",
+                Box::new(|c| c.batch.max_bytes = 5 * 1024 * 1024),
+            ),
+            (
+                "export.queue.max_bytes",
+                Box::new(|c| c.queue.max_bytes = 1024),
+            ),
+            (
+                "export.retry.max_backoff_ms",
+                Box::new(|c| c.retry.max_backoff_ms = 10),
+            ),
+            (
+                "export.tls.client_cert_file",
+                Box::new(|c| c.tls.client_cert_file = Some("/c.pem".into())),
+            ),
+            ("export.timeout_ms", Box::new(|c| c.timeout_ms = 0)),
+        ];
+        for (key, mutate) in cases {
+            let mut c = ok.clone();
+            mutate(&mut c);
+            match c.validate() {
+                Err(ExportConfigError::Range { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("{key}: got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn pipeline_validate_ranges() {
+        PipelineConfig::default().validate().unwrap();
+        let cases: Vec<(&str, PipelineConfig)> = vec![
+            (
+                "pipeline.detail_top_k",
+                PipelineConfig {
+                    detail_top_k: 2000,
+                    ..PipelineConfig::default()
+                },
+            ),
+            (
+                "pipeline.detail_exit_ratio",
+                PipelineConfig {
+                    detail_exit_ratio: 0.5,
+                    ..PipelineConfig::default()
+                },
+            ),
+            (
+                "pipeline.memory_soft_limit_bytes",
+                PipelineConfig {
+                    memory_soft_limit_bytes: u64::MAX,
+                    ..PipelineConfig::default()
+                },
+            ),
+        ];
+        for (key, c) in cases {
+            match c.validate() {
+                Err(ExportConfigError::Range { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("{key}: got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn toml_defaults_and_unknown_fields() {
+        let c: ExportConfig =
+            toml::from_str("endpoint = \"http://x:4317\"\n[retry]\ninitial_backoff_ms = 5\n")
+                .unwrap();
+        assert_eq!(c.retry.initial_backoff_ms, 5);
+        assert_eq!(c.retry.max_backoff_ms, 30_000);
+        assert!(toml::from_str::<ExportConfig>("endpoit = \"x\"").is_err());
+        let p: PipelineConfig = toml::from_str("max_series_per_metric = 10").unwrap();
+        assert_eq!(p.detail_top_k, 200);
+        assert!(toml::from_str::<PipelineConfig>("max_series = 1").is_err());
+    }
+
+    #[test]
+    fn cli_overrides_env() {
+        let mut cfg = ExportConfig::default();
+        cfg.apply_env(env_of(&[(ENV_ENDPOINT, "http://env:4317")]))
+            .unwrap();
+        ExportArgs {
+            otlp_endpoint: Some("http://cli:4318/v1/metrics".into()),
+            otlp_protocol: Some(Protocol::HttpProtobuf),
+            otlp_headers: vec!["x-key=1".into()],
+            ..ExportArgs::default()
+        }
+        .apply(&mut cfg);
+        assert_eq!(cfg.endpoint.as_deref(), Some("http://cli:4318/v1/metrics"));
+        assert_eq!(cfg.protocol, Protocol::HttpProtobuf);
+        assert_eq!(cfg.headers.get("x-key").map(String::as_str), Some("1"));
+    }
+}

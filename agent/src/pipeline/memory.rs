@@ -1,0 +1,93 @@
+//! Memory limiter: a soft and a hard limit on the agent's resident memory.
+//!
+//! Past the soft limit the pipeline sheds per-peer detail (folds it into the
+//! `other` series); past the hard limit the OTLP exporter refuses new data.
+//! The state is process-wide (memory is), so the exporter reads what the
+//! pipeline measured at the last interval without a handle between them.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Where resident memory stands against the limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum MemoryState {
+    /// Under the soft limit.
+    Normal = 0,
+    /// Over the soft limit: detail series are shed.
+    Soft = 1,
+    /// Over the hard limit: new data is refused.
+    Hard = 2,
+}
+
+static STATE: AtomicU8 = AtomicU8::new(MemoryState::Normal as u8);
+
+/// The state measured at the last pipeline interval.
+pub fn state() -> MemoryState {
+    match STATE.load(Ordering::Relaxed) {
+        2 => MemoryState::Hard,
+        1 => MemoryState::Soft,
+        _ => MemoryState::Normal,
+    }
+}
+
+pub(crate) fn publish(s: MemoryState) {
+    STATE.store(s as u8, Ordering::Relaxed);
+}
+
+/// Classifies `rss` bytes against the limits.
+pub fn classify(rss: u64, soft: u64, hard: u64) -> MemoryState {
+    if rss > hard {
+        MemoryState::Hard
+    } else if rss > soft {
+        MemoryState::Soft
+    } else {
+        MemoryState::Normal
+    }
+}
+
+/// Resident set size of this process, from `/proc/self/statm`.
+pub fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    parse_statm_rss(&statm, page_size())
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(p).ok().filter(|&p| p > 0).unwrap_or(4096)
+}
+
+/// `statm` fields: size resident shared text lib data dt (pages).
+pub fn parse_statm_rss(statm: &str, page: u64) -> Option<u64> {
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * page)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_limits() {
+        let cases = [
+            (10, MemoryState::Normal),
+            (100, MemoryState::Normal),
+            (101, MemoryState::Soft),
+            (200, MemoryState::Soft),
+            (201, MemoryState::Hard),
+        ];
+        for (rss, want) in cases {
+            assert_eq!(classify(rss, 100, 200), want, "rss {rss}");
+        }
+    }
+
+    #[test]
+    fn statm() {
+        assert_eq!(
+            parse_statm_rss("1000 250 30 1 0 400 0\n", 4096),
+            Some(250 * 4096)
+        );
+        assert_eq!(parse_statm_rss("1000", 4096), None);
+        assert_eq!(parse_statm_rss("", 4096), None);
+        assert!(rss_bytes().is_some_and(|r| r > 0));
+    }
+}
