@@ -47,7 +47,7 @@ impl Agent {
     /// Probes the kernel, plans, attaches and builds the collectors. Fails
     /// only when a configured mode cannot be honoured or `/proc` is unreadable.
     pub fn start(cfg: &Config) -> anyhow::Result<Agent> {
-        let mut probes = Probes::start(|f| cfg.probes.mode(f))?;
+        let mut probes = Probes::start(&cfg.probes)?;
         let collectors = collectors::build(cfg, &mut probes)
             .with_context(|| format!("reading {}", cfg.agent.proc_root.display()))?;
         let selfm = Arc::new(SelfMetrics::new());

@@ -17,6 +17,7 @@ use aya::programs::{Program, ProgramError};
 use aya::{Btf, Ebpf, EbpfLoader};
 use tracing::{info, warn};
 
+use crate::config::ProbesConfig;
 use crate::gate::{self, Family, Hook, HookStatus, KernelFacts, Mode, Plan, Source, RULES};
 
 /// The eBPF object built from `agent-ebpf` by `build.rs`.
@@ -62,7 +63,8 @@ impl std::fmt::Debug for Probes {
 impl Probes {
     /// Probes the kernel, plans, and attaches. Fails only when a family's
     /// configured mode cannot be honoured (e.g. `mode = "ebpf"` and nothing loads).
-    pub fn start(mode: impl Fn(Family) -> Mode) -> Result<Probes, ProbeError> {
+    pub fn start(cfg: &ProbesConfig) -> Result<Probes, ProbeError> {
+        let mode = |f: Family| cfg.mode(f);
         let mut facts = gate::kernel::detect();
         let needs_ebpf = RULES
             .iter()
