@@ -32,4 +32,8 @@ pub fn perch_bin() -> PathBuf {
     );
 }
 
+pub mod kernel;
+pub mod netns;
+pub mod perch;
+pub mod workload;
 pub mod otlp_receiver;
