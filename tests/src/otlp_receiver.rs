@@ -692,3 +692,198 @@ pub fn self_signed_cert(dir: &Path) -> (Vec<u8>, Vec<u8>) {
         std::fs::read(key).expect("key"),
     )
 }
+
+// ---- Agent-side helpers shared by the otlp_* tests ----
+
+use perch::config::export::{ExportConfig, Protocol};
+use perch::model::{Data as MData, HistogramPoint, Metric, Number, NumberPoint, Snapshot};
+use perch::selfmetrics::SelfMetrics;
+
+/// An export config for tests: short timeouts and backoffs (the defaults
+/// stay as the issue says), a 1 MiB queue.
+pub fn test_config(endpoint: String, protocol: Protocol) -> ExportConfig {
+    let mut c = ExportConfig {
+        endpoint: Some(endpoint),
+        protocol,
+        timeout_ms: 500,
+        ..ExportConfig::default()
+    };
+    c.retry.initial_backoff_ms = 50;
+    c.retry.max_backoff_ms = 200;
+    c.circuit.half_open_after_ms = 300;
+    c.queue.max_bytes = 1 << 20;
+    c.batch.max_bytes = 256 << 10;
+    c
+}
+
+/// Fixed resource attributes for assertions.
+pub fn test_resource() -> Vec<(String, String)> {
+    vec![
+        ("service.name".into(), "perch".into()),
+        ("service.version".into(), "test".into()),
+        ("host.name".into(), "test-host".into()),
+        ("host.id".into(), "0123456789abcdef0123456789abcdef".into()),
+        ("host.arch".into(), "amd64".into()),
+        ("os.type".into(), "linux".into()),
+        ("k8s.node.name".into(), "node-a".into()),
+    ]
+}
+
+/// Unix time of a synthetic round (1 s apart), from a fixed base.
+pub fn round_time(round: u64) -> std::time::SystemTime {
+    static BASE: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| std::time::SystemTime::now() - Duration::from_secs(3600))
+        + Duration::from_secs(round)
+}
+
+/// A synthetic snapshot for round `round` (1, 2, ...): a CPU-time counter
+/// per CPU and mode, a per-peer byte counter for `peers` peers, a gauge and
+/// a histogram. Cumulative values grow linearly with `round`.
+pub fn synthetic_snapshot(round: u64, peers: usize) -> Snapshot {
+    let now = round_time(round);
+    let start = round_time(0);
+    let r = round as i64;
+    let mut cpu = vec![];
+    for c in 0..2i64 {
+        for mode in ["user", "system"] {
+            cpu.push(NumberPoint {
+                attributes: vec![("cpu", c.into()), ("cpu.mode", mode.into())],
+                start_time: Some(start),
+                time: now,
+                value: Number::Double(0.5 * r as f64 * (c + 1) as f64),
+            });
+        }
+    }
+    let peer_points = (0..peers)
+        .map(|i| NumberPoint {
+            attributes: vec![
+                (
+                    "network.peer.address",
+                    format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255).into(),
+                ),
+                ("network.io.direction", "transmit".into()),
+            ],
+            start_time: Some(start),
+            time: now,
+            value: Number::Int(100 * r * (i as i64 % 7 + 1)),
+        })
+        .collect();
+    Snapshot {
+        time: now,
+        metrics: vec![
+            Metric {
+                name: "system.cpu.time",
+                description: "CPU time by mode",
+                unit: "s",
+                data: MData::Sum {
+                    monotonic: true,
+                    points: cpu,
+                },
+            },
+            Metric {
+                name: "perch.tcp.bytes",
+                description: "TCP payload bytes per peer",
+                unit: "By",
+                data: MData::Sum {
+                    monotonic: true,
+                    points: peer_points,
+                },
+            },
+            Metric {
+                name: "system.cpu.load_average.1m",
+                description: "Load average",
+                unit: "{thread}",
+                data: MData::Gauge {
+                    points: vec![NumberPoint {
+                        attributes: vec![],
+                        start_time: None,
+                        time: now,
+                        value: Number::Double(0.25 * r as f64),
+                    }],
+                },
+            },
+            Metric {
+                name: "perch.sched.runqueue.latency",
+                description: "Run-queue latency",
+                unit: "s",
+                data: MData::Histogram {
+                    points: vec![HistogramPoint {
+                        attributes: vec![],
+                        start_time: start,
+                        time: now,
+                        count: 6 * round,
+                        sum: 0.003 * round as f64,
+                        bounds: Arc::from(vec![0.000_001, 0.000_002, 0.000_004]),
+                        bucket_counts: vec![round, 2 * round, 3 * round, 0],
+                    }],
+                },
+            },
+        ],
+    }
+}
+
+/// Points in a snapshot.
+pub fn points_in(s: &Snapshot) -> u64 {
+    perch::exporters::otlp::snapshot_points(s)
+}
+
+/// A self-metric value (0 when absent).
+pub fn selfm_value(selfm: &SelfMetrics, name: &str, attrs: &[(&'static str, &str)]) -> f64 {
+    let attrs: perch::model::Attributes = attrs.iter().map(|(k, v)| (*k, (*v).into())).collect();
+    selfm.value(name, &attrs).unwrap_or(0.0)
+}
+
+/// Samples `perch.export.queue.bytes` every 5 ms and keeps the maximum:
+/// the memory bound the fault tests assert.
+pub struct QueueWatch {
+    max: Arc<Mutex<f64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl QueueWatch {
+    pub fn start(selfm: Arc<SelfMetrics>) -> Self {
+        let max = Arc::new(Mutex::new(0.0f64));
+        let m = max.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let v = selfm_value(&selfm, "perch.export.queue.bytes", &[]);
+                {
+                    let mut g = m.lock().unwrap();
+                    *g = g.max(v);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        Self { max, task }
+    }
+
+    /// The largest queue size seen.
+    pub fn max(&self) -> f64 {
+        *self.max.lock().unwrap()
+    }
+}
+
+impl Drop for QueueWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The value of the point of `metric` with attribute `key=value` in each
+/// accepted request, in order of arrival.
+pub fn series_values(
+    received: &[Received],
+    metric: &str,
+    attrs: &[(&str, &str)],
+) -> Vec<(f64, u64)> {
+    accepted_points(received)
+        .into_iter()
+        .filter(|p| p.metric == metric)
+        .filter(|p| {
+            attrs
+                .iter()
+                .all(|(k, v)| p.attributes.iter().any(|(pk, pv)| pk == k && pv == v))
+        })
+        .map(|p| (p.value, p.start_unix_nano))
+        .collect()
+}
