@@ -39,10 +39,19 @@ pub fn collect<T>(args: &[&str], window: Duration, during: impl FnOnce() -> T) -
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     log.push_str(&rest.join("\n"));
     let mut out = String::new();
-    child.stdout.take().expect("stdout").read_to_string(&mut out).expect("reading stdout");
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("reading stdout");
     let status = child.wait().expect("waiting for perch");
-    assert!(status.success(), "perch collect {args:?} failed: {status}\n{log}");
-    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("perch's JSON: {e}\n{out}"));
+    assert!(
+        status.success(),
+        "perch collect {args:?} failed: {status}\n{log}"
+    );
+    let v: Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("perch's JSON: {e}\n{out}"));
     (v, result)
 }
 
@@ -64,7 +73,9 @@ pub fn sum(snapshot: &Value, name: &str, filter: &[(&str, &str)]) -> f64 {
         .filter(|p| {
             filter.iter().all(|(k, v)| {
                 let a = &p["attributes"][*k];
-                a.as_str().map(|s| s == *v).unwrap_or_else(|| a.to_string() == *v)
+                a.as_str()
+                    .map(|s| s == *v)
+                    .unwrap_or_else(|| a.to_string() == *v)
             })
         })
         .map(|p| p["value"].as_f64().expect("numeric value"))
@@ -84,7 +95,11 @@ pub fn source(snapshot: &Value, family: &str) -> String {
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// A running `perch run`; stopped with SIGTERM when dropped.
@@ -114,6 +129,11 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(100));
         }
         panic!("perch run {args:?} was not healthy within 20 s");
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// GET `path`: (status, body).
@@ -160,7 +180,10 @@ impl Drop for Agent {
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut resp = Vec::new();
     s.read_to_end(&mut resp)?;
     let text = String::from_utf8_lossy(&resp).into_owned();
@@ -170,7 +193,10 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_owned()

@@ -32,6 +32,9 @@ fn read_byte(fd: &OwnedFd) {
 pub struct ThreadSwitches {
     pub voluntary: u64,
     pub involuntary: u64,
+    /// Time runnable but waiting for a CPU, in ns (`run_delay` of
+    /// `/proc/<pid>/task/<tid>/schedstat`, kept with `CONFIG_SCHED_INFO`).
+    pub run_delay_ns: u64,
 }
 
 pub fn thread_switches(tid: i32) -> ThreadSwitches {
@@ -43,9 +46,22 @@ pub fn thread_switches(tid: i32) -> ThreadSwitches {
             .map(|v| v.trim().parse::<u64>().expect("number"))
             .unwrap_or_else(|| panic!("{name} missing from status"))
     };
+    let run_delay_ns = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0);
     ThreadSwitches {
         voluntary: field("voluntary_ctxt_switches:"),
         involuntary: field("nonvoluntary_ctxt_switches:"),
+        run_delay_ns,
+    }
+}
+
+fn diff(after: ThreadSwitches, before: ThreadSwitches) -> ThreadSwitches {
+    ThreadSwitches {
+        voluntary: after.voluntary - before.voluntary,
+        involuntary: after.involuntary - before.involuntary,
+        run_delay_ns: after.run_delay_ns - before.run_delay_ns,
     }
 }
 
@@ -78,11 +94,7 @@ pub fn ping_pong(round_trips: u64) -> PingPong {
             read_byte(&a_r);
             write_byte(&b_w);
         }
-        let after = thread_switches(tid);
-        ThreadSwitches {
-            voluntary: after.voluntary - before.voluntary,
-            involuntary: after.involuntary - before.involuntary,
-        }
+        diff(thread_switches(tid), before)
     });
     let ping = std::thread::spawn(move || {
         let tid = gettid();
@@ -91,11 +103,7 @@ pub fn ping_pong(round_trips: u64) -> PingPong {
             write_byte(&a_w);
             read_byte(&b_r);
         }
-        let after = thread_switches(tid);
-        ThreadSwitches {
-            voluntary: after.voluntary - before.voluntary,
-            involuntary: after.involuntary - before.involuntary,
-        }
+        diff(thread_switches(tid), before)
     });
     let p = ping.join().expect("ping thread");
     let q = pong.join().expect("pong thread");
@@ -105,6 +113,7 @@ pub fn ping_pong(round_trips: u64) -> PingPong {
         switches: ThreadSwitches {
             voluntary: p.voluntary + q.voluntary,
             involuntary: p.involuntary + q.involuntary,
+            run_delay_ns: p.run_delay_ns + q.run_delay_ns,
         },
         elapsed: start.elapsed(),
     }
@@ -117,13 +126,21 @@ pub fn pin_to(cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         let r = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(r, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            r,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
 /// CPU time consumed by the calling thread.
 pub fn thread_cpu_time() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: writes into a valid timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)

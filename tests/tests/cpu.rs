@@ -25,23 +25,40 @@ fn sched_ebpf_matches_proc_stat() {
     });
     let after = kernel::ctxt();
     assert_eq!(source(&snap, "sched"), "ebpf");
-    assert!(pp.elapsed < Duration::from_secs(4), "workload overran the window: {pp:?}");
+    assert!(
+        pp.elapsed < Duration::from_secs(4),
+        "workload overran the window: {pp:?}"
+    );
 
     let counted = sum(&snap, "perch.cpu.context_switches", &[]);
     let kernel_delta = (after - before) as f64;
     // Perch counts from attach to its collection; /proc/stat's delta spans
     // a little more (perch's start-up before attach and its exit), so the
     // kernel's figure is an upper bound, and close.
-    assert!(counted <= kernel_delta, "counted {counted} > /proc/stat delta {kernel_delta}");
+    assert!(
+        counted <= kernel_delta,
+        "counted {counted} > /proc/stat delta {kernel_delta}"
+    );
     let err = (kernel_delta - counted) / kernel_delta;
+    eprintln!(
+        "context switches: perch {counted}, /proc/stat delta {kernel_delta}, {:.3} % apart; workload {pp:?}",
+        err * 100.0
+    );
     assert!(
         err < 0.02,
         "context switches: perch {counted}, /proc/stat delta {kernel_delta} ({:.2} % apart)",
         err * 100.0
     );
-    assert!(counted >= (2 * ROUND_TRIPS) as f64, "fewer switches than the workload made: {counted}");
+    assert!(
+        counted >= (2 * ROUND_TRIPS) as f64,
+        "fewer switches than the workload made: {counted}"
+    );
 
-    let voluntary = sum(&snap, "perch.cpu.context_switches", &[("perch.context_switch.type", "voluntary")]);
+    let voluntary = sum(
+        &snap,
+        "perch.cpu.context_switches",
+        &[("perch.context_switch.type", "voluntary")],
+    );
     assert!(
         voluntary >= pp.switches.voluntary as f64,
         "voluntary {voluntary} < the workload threads' own voluntary switches {}",
@@ -57,11 +74,27 @@ fn sched_ebpf_matches_proc_stat() {
     let h = points(&snap, "perch.scheduler.runqueue.latency");
     assert_eq!(h.len(), 1, "host-wide histogram by default");
     let count = h[0]["count"].as_u64().expect("count");
-    let buckets: u64 = h[0]["bucket_counts"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).sum();
+    let buckets: u64 = h[0]["bucket_counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .sum();
     assert_eq!(count, buckets, "count is the sum of the buckets");
-    assert!(count >= pp.wakeups, "run-queue latency count {count} < workload wake-ups {}", pp.wakeups);
+    eprintln!(
+        "run-queue latency: {count} samples for {} workload wake-ups",
+        pp.wakeups
+    );
+    assert!(
+        count >= pp.wakeups,
+        "run-queue latency count {count} < workload wake-ups {}",
+        pp.wakeups
+    );
     let mean = h[0]["sum"].as_f64().unwrap() / count as f64;
-    assert!(mean > 0.0 && mean < 0.1, "mean run-queue latency {mean} s is implausible");
+    assert!(
+        mean > 0.0 && mean < 0.1,
+        "mean run-queue latency {mean} s is implausible"
+    );
 }
 
 /// procfs mode: the counter is `/proc/stat ctxt` itself (no per-CPU or type
@@ -79,34 +112,83 @@ fn sched_procfs_is_proc_stat_ctxt() {
     assert_eq!(p.len(), 1, "one host-wide series: {p:?}");
     assert_eq!(p[0]["attributes"], serde_json::json!({}));
     let v = p[0]["value"].as_u64().expect("integer");
-    assert!(before + 2 * pp.round_trips <= v && v <= after, "{before} <= {v} <= {after}");
+    assert!(
+        before + 2 * pp.round_trips <= v && v <= after,
+        "{before} <= {v} <= {after}"
+    );
     assert!(points(&snap, "perch.scheduler.runqueue.latency").is_empty());
 }
 
-/// Scheduler wait time from /proc/schedstat, in both modes: per CPU, in
-/// seconds, and bracketed by the test's own reads.
+/// Scheduler wait time, per CPU in seconds. With `/proc/schedstat`
+/// (`CONFIG_SCHEDSTATS`) it is that file, bracketed by the test's own reads,
+/// in both modes. Without it, eBPF mode derives it from the kernel-side
+/// run-queue latencies: it then covers at least the workload threads' own
+/// `run_delay` (the kernel's per-task count) and equals the histogram's sum;
+/// procfs mode has no source and leaves the metric out.
 #[test]
-fn scheduler_wait_time_matches_schedstat() {
+fn scheduler_wait_time() {
     require_root();
-    let read = || -> Vec<f64> {
-        std::fs::read_to_string("/proc/schedstat")
-            .unwrap()
-            .lines()
-            .filter(|l| l.starts_with("cpu"))
-            .map(|l| l.split_whitespace().nth(8).unwrap().parse::<f64>().unwrap() * 1e-9)
-            .collect()
-    };
-    for mode in ["sched=ebpf", "sched=procfs"] {
-        let before = read();
-        let (snap, ()) = collect(&["--probe", mode], Duration::from_millis(500), || {
-            workload::ping_pong(10_000);
-        });
-        let after = read();
-        for (cpu, (b, a)) in before.iter().zip(&after).enumerate() {
-            let v = sum(&snap, "perch.scheduler.wait.time", &[("cpu.logical_number", &cpu.to_string())]);
-            assert!(*b <= v && v <= *a, "{mode} cpu{cpu}: {b} <= {v} <= {a}");
+    if std::path::Path::new("/proc/schedstat").exists() {
+        let read = || -> Vec<f64> {
+            std::fs::read_to_string("/proc/schedstat")
+                .unwrap()
+                .lines()
+                .filter(|l| l.starts_with("cpu"))
+                .map(|l| l.split_whitespace().nth(8).unwrap().parse::<f64>().unwrap() / 1e9)
+                .collect()
+        };
+        for mode in ["sched=ebpf", "sched=procfs"] {
+            let before = read();
+            let (snap, _) = collect(&["--probe", mode], Duration::from_millis(500), || {
+                workload::ping_pong(10_000)
+            });
+            let after = read();
+            for (cpu, (b, a)) in before.iter().zip(&after).enumerate() {
+                let v = sum(
+                    &snap,
+                    "perch.scheduler.wait.time",
+                    &[("cpu.logical_number", &cpu.to_string())],
+                );
+                assert!(*b <= v && v <= *a, "{mode} cpu{cpu}: {b} <= {v} <= {a}");
+            }
         }
+        return;
     }
+    // No /proc/schedstat: this kernel lacks CONFIG_SCHEDSTATS.
+    let (snap, pp) = collect(&["--probe", "sched=ebpf"], Duration::from_secs(3), || {
+        workload::ping_pong(50_000)
+    });
+    let wait = sum(&snap, "perch.scheduler.wait.time", &[]);
+    let hist_sum = points(&snap, "perch.scheduler.runqueue.latency")[0]["sum"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (wait - hist_sum).abs() < 1e-6,
+        "wait {wait} != run-queue latency sum {hist_sum}"
+    );
+    let own = pp.switches.run_delay_ns as f64 / 1e9;
+    assert!(
+        own > 0.0,
+        "the workload threads report no run_delay: is CONFIG_SCHED_INFO off?"
+    );
+    assert!(
+        wait >= own,
+        "host-wide wait {wait} s < the workload threads' own run_delay {own} s"
+    );
+    assert_eq!(
+        points(&snap, "perch.scheduler.wait.time").len(),
+        kernel::online_cpus()
+    );
+
+    let (snap, _) = collect(
+        &["--probe", "sched=procfs"],
+        Duration::from_millis(300),
+        || (),
+    );
+    assert!(
+        points(&snap, "perch.scheduler.wait.time").is_empty(),
+        "procfs mode has no wait-time source here"
+    );
 }
 
 /// A thread pinned to the last CPU spins in user space for 3 s: Perch's
@@ -119,7 +201,11 @@ fn cpu_time_tracks_a_pinned_spinner() {
     let cpu = kernel::online_cpus() - 1;
     for mode in ["cpu=auto", "cpu=procfs"] {
         let agent = perch::Agent::start(&["--interval", "1s", "--probe", mode]);
-        let series = |m: &str| format!("system_cpu_time_seconds_total{{cpu_logical_number=\"{cpu}\",cpu_mode=\"{m}\"}}");
+        let series = |m: &str| {
+            format!(
+                "system_cpu_time_seconds_total{{cpu_logical_number=\"{cpu}\",cpu_mode=\"{m}\"}}"
+            )
+        };
         // Let one collection land after start-up, then take the baseline.
         std::thread::sleep(Duration::from_millis(1500));
         let s0 = agent.scrape();
@@ -129,15 +215,27 @@ fn cpu_time_tracks_a_pinned_spinner() {
         let s1 = agent.scrape();
         let user = s1[&series("user")] - s0[&series("user")];
         let spun = spun.as_secs_f64();
+        eprintln!(
+            "{mode}: cpu{cpu} user time grew {user:.2} s; the spinner used {spun:.2} s of CPU"
+        );
         assert!(
             (user - spun).abs() < 0.15 * spun + 0.3,
             "{mode}: cpu{cpu} user time grew {user:.2} s, the spinner used {spun:.2} s"
         );
         let idle = s1[&series("idle")] - s0[&series("idle")];
-        assert!(idle < 2.0, "{mode}: cpu{cpu} idle grew {idle:.2} s while it spun");
+        assert!(
+            idle < 2.0,
+            "{mode}: cpu{cpu} idle grew {idle:.2} s while it spun"
+        );
         // Load average is exported as gauges.
-        assert!(s1.contains_key("system_cpu_load_average_1m"), "no load average");
-        assert!(agent.stop(), "{mode}: perch did not exit cleanly on SIGTERM");
+        assert!(
+            s1.contains_key("system_cpu_load_average_1m"),
+            "no load average"
+        );
+        assert!(
+            agent.stop(),
+            "{mode}: perch did not exit cleanly on SIGTERM"
+        );
     }
 }
 
@@ -149,7 +247,9 @@ fn softirq_counts_and_time() {
     require_root();
     for mode in ["softirq=ebpf", "softirq=procfs"] {
         let before = kernel::softirqs();
-        let (snap, bytes) = collect(&["--probe", mode], Duration::from_secs(3), || loopback_blast(Duration::from_secs(2)));
+        let (snap, bytes) = collect(&["--probe", mode], Duration::from_secs(3), || {
+            loopback_blast(Duration::from_secs(2))
+        });
         let after = kernel::softirqs();
         assert!(bytes > 10_000_000, "loopback load moved only {bytes} bytes");
         for ((name, b), (_, a)) in before.iter().zip(&after) {
@@ -157,19 +257,35 @@ fn softirq_counts_and_time() {
                 let v = sum(
                     &snap,
                     "perch.cpu.softirq.count",
-                    &[("perch.softirq.vector", name), ("cpu.logical_number", &cpu.to_string())],
+                    &[
+                        ("perch.softirq.vector", name),
+                        ("cpu.logical_number", &cpu.to_string()),
+                    ],
                 );
-                assert!(*bv as f64 <= v && v <= *av as f64, "{mode} {name} cpu{cpu}: {bv} <= {v} <= {av}");
+                assert!(
+                    *bv as f64 <= v && v <= *av as f64,
+                    "{mode} {name} cpu{cpu}: {bv} <= {v} <= {av}"
+                );
             }
         }
         let time = points(&snap, "perch.cpu.softirq.time");
         if mode == "softirq=ebpf" {
             assert_eq!(source(&snap, "softirq"), "ebpf");
-            let net_rx = sum(&snap, "perch.cpu.softirq.time", &[("perch.softirq.vector", "net_rx")]);
-            assert!(net_rx > 0.001, "NET_RX time {net_rx} s under a loopback TCP load");
+            let net_rx = sum(
+                &snap,
+                "perch.cpu.softirq.time",
+                &[("perch.softirq.vector", "net_rx")],
+            );
+            assert!(
+                net_rx > 0.001,
+                "NET_RX time {net_rx} s under a loopback TCP load"
+            );
             let total = sum(&snap, "perch.cpu.softirq.time", &[]);
             let cap = 3.5 * kernel::online_cpus() as f64;
-            assert!(total < cap, "softirq time {total} s exceeds the window x CPUs");
+            assert!(
+                total < cap,
+                "softirq time {total} s exceeds the window x CPUs"
+            );
         } else {
             assert_eq!(source(&snap, "softirq"), "procfs");
             assert!(time.is_empty(), "procfs mode has no per-vector time");
@@ -213,7 +329,10 @@ fn forcing_ebpf_on_a_procfs_family_is_a_clear_error() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("probes.cpu.mode") && err.contains("no eBPF source"), "{err}");
+    assert!(
+        err.contains("probes.cpu.mode") && err.contains("no eBPF source"),
+        "{err}"
+    );
 }
 
 /// `perch features --json` reports the kernel facts and a plan in which the
@@ -225,13 +344,22 @@ fn features_reports_the_plan() {
         .args(["features", "--json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(v["kernel"]["release"].as_str().is_some_and(|r| !r.is_empty()));
+    assert!(v["kernel"]["release"]
+        .as_str()
+        .is_some_and(|r| !r.is_empty()));
     let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
     assert_eq!(v["kernel"]["btf"], btf);
     for fam in v["plan"]["families"].as_array().unwrap() {
-        assert!(fam["reason"].as_str().is_some_and(|r| !r.is_empty()), "{fam}");
+        assert!(
+            fam["reason"].as_str().is_some_and(|r| !r.is_empty()),
+            "{fam}"
+        );
         if fam["family"] == "sched" && btf {
             assert_eq!(fam["source"], "ebpf", "{fam}");
             assert_eq!(fam["hook"], "tp_btf", "{fam}");

@@ -5,8 +5,11 @@
 //! - Metrics: `perch.cpu.context_switches{cpu.logical_number,
 //!   perch.context_switch.type}`, `perch.scheduler.runqueue.latency`
 //!   (host-wide, or per CPU with `probes.sched.runqueue_per_cpu`),
-//!   `perch.scheduler.wait.time{cpu.logical_number}` (`/proc/schedstat`,
-//!   every mode).
+//!   `perch.scheduler.wait.time{cpu.logical_number}` (`/proc/schedstat` in
+//!   every mode; on kernels built without `CONFIG_SCHEDSTATS`, which have no
+//!   `/proc/schedstat`, the per-CPU sum of the eBPF run-queue latencies,
+//!   which measures the same time: runnable, not running. In procfs mode on
+//!   such a kernel it is not collected, and the start-up log says so).
 //! - Fallback: `/proc/stat` `ctxt`, host-wide with no type attribute; no
 //!   run-queue histogram.
 //! - Oldest kernel: 5.18 for eBPF (see the kernel module), any for procfs.
@@ -49,6 +52,8 @@ pub struct SchedCollector {
     wait_starts: StartTimes,
     bounds: Arc<[f64]>,
     runq_start_full: u64,
+    /// `/proc/schedstat` exists (`CONFIG_SCHEDSTATS=y`).
+    schedstat: bool,
 }
 
 impl SchedCollector {
@@ -72,7 +77,20 @@ impl SchedCollector {
                 })
             }
         };
+        let schedstat = proc.path("schedstat").exists();
+        if !schedstat {
+            let source = if maps.is_some() {
+                "the eBPF run-queue latency sum per CPU"
+            } else {
+                "nowhere in procfs mode: it is not collected"
+            };
+            tracing::info!(
+                path = %proc.path("schedstat").display(),
+                "no /proc/schedstat (kernel built without CONFIG_SCHEDSTATS); scheduler wait time comes from {source}"
+            );
+        }
         Some(Self {
+            schedstat,
             proc,
             wait_starts: StartTimes::new(boot),
             starts: StartTimes::new(maps.as_ref().map(|m| m.attached_at).unwrap_or(boot)),
@@ -113,6 +131,8 @@ impl Collector for SchedCollector {
     }
 
     fn collect(&mut self, now: SystemTime, out: &mut Vec<Metric>) -> Result<(), CollectError> {
+        // Per-CPU run-queue latency sums (ns), in eBPF mode.
+        let mut runq_sums: Option<Vec<(u32, u64)>> = None;
         match &self.maps {
             Some(maps) => {
                 let cpus = online_cpus();
@@ -148,6 +168,11 @@ impl Collector for SchedCollector {
 
                 self.runq_start_full = read(c::SLOT_RUNQ_START_FULL)?.iter().sum();
                 let sum_ns = read(c::SLOT_RUNQ_SUM_NS)?;
+                runq_sums = Some(
+                    cpus.iter()
+                        .map(|c| (*c, sum_ns.get(*c as usize).copied().unwrap_or(0)))
+                        .collect(),
+                );
                 // Read each bucket once: per CPU values, summed or kept.
                 let width = if self.per_cpu_runq { cpus.len() } else { 1 };
                 let mut buckets = vec![vec![0u64; hist::BUCKETS as usize]; width];
@@ -221,13 +246,29 @@ impl Collector for SchedCollector {
             }
         }
 
-        let ss = schedstat::parse_schedstat(&self.proc.read("schedstat")?)?;
-        let points = ss
+        let waits: Vec<(u32, u64)> = if self.schedstat {
+            schedstat::parse_schedstat(&self.proc.read("schedstat")?)?
+                .iter()
+                .map(|c| (c.cpu, c.wait_time_ns))
+                .collect()
+        } else if let Some(sums) = &runq_sums {
+            sums.clone()
+        } else {
+            self.starts.end_collection(now);
+            return Ok(());
+        };
+        // schedstat counts since boot; the eBPF sums since attach.
+        let wait_starts = if self.schedstat {
+            &mut self.wait_starts
+        } else {
+            &mut self.starts
+        };
+        let points = waits
             .iter()
-            .map(|c| {
-                let attributes: Attributes = vec![("cpu.logical_number", c.cpu.into())];
-                let v = c.wait_time_ns as f64 / 1e9;
-                let start = self.wait_starts.observe(WAIT, &attributes, v, now);
+            .map(|(cpu, ns)| {
+                let attributes: Attributes = vec![("cpu.logical_number", (*cpu).into())];
+                let v = *ns as f64 / 1e9;
+                let start = wait_starts.observe(WAIT, &attributes, v, now);
                 sum_point(attributes, start, now, Number::Double(v))
             })
             .collect();
@@ -235,7 +276,7 @@ impl Collector for SchedCollector {
         self.wait_starts.end_collection(now);
         out.push(Metric {
             name: WAIT,
-            description: "Time tasks spent waiting on each CPU's run queue (/proc/schedstat).",
+            description: "Time tasks spent runnable but waiting on each CPU's run queue.",
             unit: "s",
             data: Data::Sum {
                 monotonic: true,

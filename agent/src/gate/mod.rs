@@ -266,6 +266,13 @@ mod tests {
         use Family::*;
         use Hook::*;
         type Expect = Result<(Source, Option<Hook>), &'static str>;
+        type Case<'a> = (
+            &'a str,
+            &'a [(Family, Hook, HookStatus)],
+            Family,
+            Mode,
+            Expect,
+        );
         let all_ok = [
             (Sched, TpBtf, HookStatus::Ok),
             (Sched, RawTp, HookStatus::Ok),
@@ -282,7 +289,7 @@ mod tests {
             (Softirq, TpBtf, failed("EPERM")),
             (Softirq, RawTp, failed("EPERM")),
         ];
-        let cases: &[(&str, &[(Family, Hook, HookStatus)], Family, Mode, Expect)] = &[
+        let cases: &[Case] = &[
             (
                 "auto prefers tp_btf",
                 &all_ok,

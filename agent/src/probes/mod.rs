@@ -114,7 +114,7 @@ impl Probes {
 
         let mut attached = BTreeMap::new();
         let plan = loop {
-            let plan = gate::plan(&facts, &mode)?;
+            let plan = gate::plan(&facts, mode)?;
             let mut replan = false;
             for fp in &plan.families {
                 let (Source::Ebpf, Some(hook)) = (fp.source, fp.hook) else {

@@ -1,0 +1,145 @@
+//! `cargo xtask bench cpu`: the cost of the CPU/scheduler families under a
+//! context-switch-heavy load.
+//!
+//! - ns per event per program: the kernel's own BPF stats
+//!   (`kernel.bpf_stats_enabled=1`), read from the agent's
+//!   `perch.bpf.program.run.{time,count}` self-metrics.
+//! - the agent's CPU time per collection and its RSS, from /proc/<pid>.
+//! - the load's slowdown: `stress-ng --switch` bogo-ops/s with and without
+//!   the agent, in alternating runs, as a ratio.
+//!
+//! Usage: bench-cpu [--pairs N] [--secs S] [--interval-secs I]
+
+use std::process::Command;
+use std::time::Duration;
+
+use perch_tests::perch::Agent;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} takes a number"))
+        })
+        .unwrap_or(default)
+}
+
+/// Runs `stress-ng --switch` for `secs` and returns its bogo-ops per second.
+fn stress(secs: u64) -> f64 {
+    let out = Command::new("stress-ng")
+        .args(["--switch", "2", "--timeout"])
+        .arg(format!("{secs}s"))
+        .args(["--metrics-brief"])
+        .output()
+        .expect("stress-ng (apt stress-ng; cargo xtask setup --test installs it)");
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    // "stress-ng: metrc: [..] switch  12345678  10.00  1.2  3.4  1234567.89  ..."
+    text.lines()
+        .find(|l| l.contains(" switch ") && l.contains("metrc"))
+        .and_then(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let i = f.iter().position(|w| *w == "switch")?;
+            f.get(i + 5)?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no switch metrics line in stress-ng output:\n{text}"))
+}
+
+fn proc_stat(pid: u32) -> (f64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("agent stat");
+    let rest = s.rsplit_once(')').expect("stat").1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let cpu = (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) as f64 / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    (cpu, rss_kb)
+}
+
+fn main() {
+    perch_tests::kernel::require_root();
+    let pairs = arg("--pairs", 5);
+    let secs = arg("--secs", 10);
+    let interval = arg("--interval-secs", 1);
+    let prev = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").expect("enabling BPF stats");
+
+    let mut without = Vec::new();
+    let mut with = Vec::new();
+    let mut per_collection = Vec::new();
+    let mut rss = 0u64;
+    let mut ns_per_event: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+    for i in 0..pairs {
+        // Alternate the order so drift (thermal, other load) hits both sides.
+        for with_agent in if i % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        } {
+            if !with_agent {
+                without.push(stress(secs));
+                continue;
+            }
+            let agent = Agent::start(&["--interval", &format!("{interval}s")]);
+            let pid = agent.pid();
+            std::thread::sleep(Duration::from_millis(1200));
+            let m0 = agent.scrape();
+            let (cpu0, _) = proc_stat(pid);
+            with.push(stress(secs));
+            std::thread::sleep(Duration::from_millis(1200 * interval));
+            let m1 = agent.scrape();
+            let (cpu1, rss_kb) = proc_stat(pid);
+            rss = rss.max(rss_kb);
+            per_collection.push((cpu1 - cpu0) / ((secs + 1) as f64 / interval as f64));
+            for (k, v) in &m1 {
+                if let Some(labels) = k.strip_prefix("perch_bpf_program_run_time_seconds") {
+                    let count_key = format!("perch_bpf_program_run_count_total{labels}");
+                    let dt = v - m0.get(k).copied().unwrap_or(0.0);
+                    let dc = m1.get(&count_key).copied().unwrap_or(0.0)
+                        - m0.get(&count_key).copied().unwrap_or(0.0);
+                    let e = ns_per_event.entry(labels.to_owned()).or_default();
+                    e.0 += dt * 1e9;
+                    e.1 += dc;
+                }
+            }
+            assert!(agent.stop(), "agent did not stop cleanly");
+        }
+    }
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", prev.trim());
+
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let ratio = mean(&with) / mean(&without);
+    println!("## bench cpu: stress-ng --switch 2, {pairs} alternating pairs of {secs} s, interval {interval} s\n");
+    println!("| program | events | ns/event |");
+    println!("|---|---:|---:|");
+    for (labels, (ns, n)) in &ns_per_event {
+        if *n > 0.0 {
+            println!("| {labels} | {n:.0} | {:.1} |", ns / n);
+        }
+    }
+    println!();
+    println!("| figure | value |");
+    println!("|---|---:|");
+    println!(
+        "| load without agent (bogo-ops/s, mean) | {:.0} |",
+        mean(&without)
+    );
+    println!(
+        "| load with agent (bogo-ops/s, mean) | {:.0} |",
+        mean(&with)
+    );
+    println!("| throughput ratio with/without | {ratio:.4} |");
+    println!("| slowdown | {:.2} % |", (1.0 - ratio) * 100.0);
+    println!(
+        "| agent CPU per collection | {:.2} ms |",
+        mean(&per_collection) * 1000.0
+    );
+    println!("| agent max RSS | {:.1} MB |", rss as f64 / 1024.0);
+    println!("\nruns without: {without:.0?}\nruns with:    {with:.0?}");
+}
