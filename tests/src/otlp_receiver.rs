@@ -660,36 +660,63 @@ fn spawn_rotel(
         .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()))
 }
 
-/// A self-signed certificate for `localhost`/127.0.0.1 made with the
-/// `openssl` CLI: (cert PEM, key PEM).
-pub fn self_signed_cert(dir: &Path) -> (Vec<u8>, Vec<u8>) {
-    let cert = dir.join("cert.pem");
-    let key = dir.join("key.pem");
-    let out = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("the TLS tests need the openssl CLI (apt-get install openssl)");
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// A test PKI made with the `openssl` CLI: a CA (`dir/ca.pem`) and a
+/// server certificate it signed for `localhost` and 127.0.0.1. Returns the
+/// server's (cert PEM, key PEM). (webpki refuses a self-signed CA
+/// certificate used directly as the server's, hence two levels.)
+pub fn test_pki(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the TLS tests need the openssl CLI (apt-get install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "1", "-subj", "/CN=perch test CA"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca-key.pem", "-out", "ca.pem"]);
+    run(&ca);
+    let mut csr = vec!["req", "-new", "-subj", "/CN=localhost"];
+    csr.extend(ec);
+    csr.extend(["-keyout", "key.pem", "-out", "server.csr"]);
+    run(&csr);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca-key.pem",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "cert.pem",
+    ]);
     (
-        std::fs::read(cert).expect("cert"),
-        std::fs::read(key).expect("key"),
+        std::fs::read(dir.join("cert.pem")).expect("cert"),
+        std::fs::read(dir.join("key.pem")).expect("key"),
     )
 }
 

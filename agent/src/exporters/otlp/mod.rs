@@ -386,16 +386,22 @@ impl OtlpExporter {
         shared.closing.store(true, Ordering::SeqCst);
         shared.wake_encoder.notify_one();
         shared.wake_sender.notify_one();
+        let deadline = Instant::now() + timeout;
         let mut encoder = self.encoder;
         let mut sender = self.sender;
-        let both = async {
-            let _ = (&mut encoder).await;
-            let _ = (&mut sender).await;
-        };
-        if tokio::time::timeout(timeout, both).await.is_err() {
+        // A handle that timed out has not completed: abort, then reap it.
+        if tokio::time::timeout_at(deadline, &mut encoder)
+            .await
+            .is_err()
+        {
             encoder.abort();
-            sender.abort();
             let _ = encoder.await;
+        }
+        if tokio::time::timeout_at(deadline, &mut sender)
+            .await
+            .is_err()
+        {
+            sender.abort();
             let _ = sender.await;
         }
         // Leftovers: pending snapshots were never encoded; queued batches
@@ -579,20 +585,27 @@ impl Sender {
         );
     }
 
-    /// Sleeps until `until`, or less when shutting down.
+    /// Sleeps for `d` (a backoff, a server's delay, an open circuit).
+    /// New batches do not cut it short; shutdown does, down to 100 ms
+    /// steps, so the final flush can still try within its timeout.
     async fn wait(&self, d: Duration) {
-        let d = if self.closing() {
-            d.min(Duration::from_millis(100))
-        } else {
-            d
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(d) => {}
-            _ = self.shared.wake_sender.notified(), if !self.closing() => {
-                // Woken by shutdown: the loop re-checks.
-                if !self.closing() {
-                    // A new batch arrived; keep waiting the remaining time.
-                    tokio::time::sleep(d / 2).await;
+        let deadline = Instant::now() + d;
+        loop {
+            let step = if self.closing() {
+                deadline.min(Instant::now() + Duration::from_millis(100))
+            } else {
+                deadline
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(step) => {
+                    if step >= deadline || self.closing() {
+                        return;
+                    }
+                }
+                _ = self.shared.wake_sender.notified() => {
+                    if self.closing() {
+                        return;
+                    }
                 }
             }
         }
