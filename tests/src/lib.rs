@@ -34,6 +34,7 @@ pub fn perch_bin() -> PathBuf {
 
 pub mod kernel;
 pub mod netns;
+pub mod netperch;
+pub mod otlp_receiver;
 pub mod perch;
 pub mod workload;
-pub mod otlp_receiver;

@@ -5,7 +5,10 @@
 //! fields and counted in `perch.collector.errors{perch.component,error.type}`,
 //! and the other collectors go on.
 
+pub mod connections;
 pub mod cpu;
+pub mod interfaces;
+pub mod netlink;
 pub mod sched;
 pub mod softirq;
 
@@ -15,7 +18,7 @@ use crate::config::Config;
 use crate::gate::Family;
 use crate::model::Metric;
 use crate::probes::Probes;
-use crate::procfs::{ProcError, ProcRoot};
+use crate::procfs::{ProcError, ProcRoot, SysRoot};
 
 /// A source of metrics, read once per interval.
 pub trait Collector: Send {
@@ -92,7 +95,25 @@ pub fn build(cfg: &Config, probes: &mut Probes) -> Result<Vec<Box<dyn Collector>
                     out.push(Box::new(c));
                 }
             }
-            Family::Interfaces | Family::Connections | Family::Tcp | Family::Drops => {}
+            Family::Interfaces => {
+                if let Some(c) = interfaces::InterfacesCollector::new(
+                    proc.clone(),
+                    SysRoot::new(&cfg.agent.sys_root),
+                    boot,
+                    fp.source,
+                    cfg.probes.interfaces.clone(),
+                ) {
+                    out.push(Box::new(c));
+                }
+            }
+            Family::Connections => {
+                if let Some(c) =
+                    connections::ConnectionsCollector::new(proc.clone(), fp.source, fp.requested)
+                {
+                    out.push(Box::new(c));
+                }
+            }
+            Family::Tcp | Family::Drops => {}
         }
     }
     Ok(out)

@@ -289,6 +289,18 @@ mod tests {
             (Softirq, TpBtf, failed("EPERM")),
             (Softirq, RawTp, failed("EPERM")),
         ];
+        let drops_ok = [
+            (Drops, TpBtf, HookStatus::Ok),
+            (Drops, RawTp, HookStatus::Ok),
+        ];
+        let drops_old_kernel = [
+            (Drops, TpBtf, failed("invalid bpf_context access off=16")),
+            (Drops, RawTp, failed("attach: invalid argument")),
+        ];
+        let drops_raw_only = [
+            (Drops, TpBtf, failed("EPERM")),
+            (Drops, RawTp, HookStatus::Ok),
+        ];
         let cases: &[Case] = &[
             (
                 "auto prefers tp_btf",
@@ -355,6 +367,76 @@ mod tests {
                 Err("has no eBPF source"),
             ),
             ("cpu off", &all_ok, Cpu, Mode::Off, Ok((Source::Off, None))),
+            (
+                "interfaces auto is sysfs",
+                &all_ok,
+                Interfaces,
+                Mode::Auto,
+                Ok((Source::Procfs, None)),
+            ),
+            (
+                "interfaces ebpf is an error",
+                &all_ok,
+                Interfaces,
+                Mode::Ebpf,
+                Err("has no eBPF source"),
+            ),
+            (
+                "connections auto is sock_diag/procfs",
+                &all_ok,
+                Connections,
+                Mode::Auto,
+                Ok((Source::Procfs, None)),
+            ),
+            (
+                "connections ebpf is an error",
+                &all_ok,
+                Connections,
+                Mode::Ebpf,
+                Err("has no eBPF source"),
+            ),
+            (
+                "connections procfs forced",
+                &all_ok,
+                Connections,
+                Mode::Procfs,
+                Ok((Source::Procfs, None)),
+            ),
+            (
+                "drops auto prefers tp_btf",
+                &drops_ok,
+                Drops,
+                Mode::Auto,
+                Ok((Source::Ebpf, Some(TpBtf))),
+            ),
+            (
+                "drops: pre-5.17 tp_btf fails, raw_tp fails to attach",
+                &drops_old_kernel,
+                Drops,
+                Mode::Auto,
+                Ok((Source::Procfs, None)),
+            ),
+            (
+                "drops: tp_btf EPERM, raw_tp works",
+                &drops_raw_only,
+                Drops,
+                Mode::Auto,
+                Ok((Source::Ebpf, Some(RawTp))),
+            ),
+            (
+                "drops ebpf forced on a pre-5.17 kernel",
+                &drops_old_kernel,
+                Drops,
+                Mode::Ebpf,
+                Err("no eBPF variant works"),
+            ),
+            (
+                "drops procfs forced",
+                &drops_ok,
+                Drops,
+                Mode::Procfs,
+                Ok((Source::Procfs, None)),
+            ),
         ];
         for (case, hooks, family, mode, expect) in cases {
             let f = facts(hooks);

@@ -142,6 +142,59 @@ pub const RULES: &[Rule] = &[
         fallback: Some("/proc/softirqs"),
         fallback_loses: "the time spent per vector (counts remain)",
     },
+    Rule {
+        family: Family::Interfaces,
+        // The kernel's per-device counters (`dev_get_stats`) are exact; a
+        // per-packet probe could only count the same packets again, at a
+        // cost per packet. No eBPF mode, like `cpu`.
+        variants: &[],
+        fallback: Some("/sys/class/net/*/statistics (or /proc/net/dev without sysfs)"),
+        fallback_loses: "nothing: these are the devices' own counters",
+    },
+    Rule {
+        family: Family::Connections,
+        // A count of sockets by state is a snapshot the kernel answers
+        // directly (sock_diag dump, 2.6.14+ for TCP, 3.3+ with
+        // `inet_diag_req_v2` and UDP); counting it from state-change events
+        // would drift from the truth on every missed event. No eBPF mode.
+        // The collector asks netlink first and reads /proc/net/* only when
+        // the sock_diag socket or dump fails; the metric's point carries no
+        // source, the log line names the one in use.
+        variants: &[],
+        fallback: Some(
+            "netlink sock_diag (NETLINK_SOCK_DIAG dump, inet_diag_req_v2), \
+             else /proc/net/{tcp,tcp6,udp,udp6}",
+        ),
+        fallback_loses: "nothing: both are the kernel's own socket tables",
+    },
+    Rule {
+        family: Family::Drops,
+        variants: &[
+            // `kfree_skb` gained its `reason` argument in 5.17 (commit
+            // c504e5c2f964, "net: skb: introduce kfree_skb_reason()"); `rx_sk`
+            // was appended in 6.10 and is not read. Before 5.17 `tp_btf`
+            // fails the verifier on the third argument, and `raw_tp` fails
+            // to attach (its context is larger than the tracepoint's).
+            Variant {
+                hook: Hook::TpBtf,
+                programs: &[p("drops_kfree_skb_btf", "kfree_skb")],
+                min_kernel: (5, 17),
+                needs_btf: true,
+            },
+            Variant {
+                hook: Hook::RawTp,
+                programs: &[p("drops_kfree_skb_raw", "kfree_skb")],
+                min_kernel: (5, 17),
+                needs_btf: false,
+            },
+        ],
+        fallback: Some(
+            "/proc/net/snmp, /proc/net/netstat, /proc/net/softnet_stat \
+             (a fixed mapping of drop counters to reasons)",
+        ),
+        fallback_loses: "drops that no protocol counter records (e.g. netfilter \
+                         and qdisc drops) and the kernel's exact reason names",
+    },
 ];
 
 /// The rule for `family`, if it has one.
