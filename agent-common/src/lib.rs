@@ -10,3 +10,4 @@
 pub mod hist;
 pub mod sched;
 pub mod softirq;
+pub mod tcp;

@@ -7,6 +7,7 @@
 
 mod sched;
 mod softirq;
+mod tcp;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -11,6 +11,7 @@ pub mod interfaces;
 pub mod netlink;
 pub mod sched;
 pub mod softirq;
+pub mod tcp;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -113,7 +114,19 @@ pub fn build(cfg: &Config, probes: &mut Probes) -> Result<Vec<Box<dyn Collector>
                     out.push(Box::new(c));
                 }
             }
-            Family::Tcp | Family::Drops => {}
+            Family::Tcp => {
+                if let Some(c) = tcp::TcpCollector::new(
+                    proc.clone(),
+                    boot,
+                    fp.source,
+                    cfg.probes.tcp.rtt_per_peer,
+                    cfg.probes.tcp.max_peers,
+                    probes,
+                ) {
+                    out.push(Box::new(c));
+                }
+            }
+            Family::Drops => {}
         }
     }
     Ok(out)

@@ -195,6 +195,43 @@ pub const RULES: &[Rule] = &[
         fallback_loses: "drops that no protocol counter records (e.g. netfilter \
                          and qdisc drops) and the kernel's exact reason names",
     },
+    Rule {
+        family: Family::Tcp,
+        // Both variants attach to `sock_send_length`/`sock_recv_length`,
+        // added in 6.3 ("net: sock: add tracepoint for send recv length"),
+        // which is what makes payload bytes per peer possible without
+        // kprobes; `inet_sock_set_state` is 4.16 and `tcp_retransmit_skb`
+        // 4.15. Before 6.3 the family uses its fallback. The programs read
+        // `struct sock` at offsets from kernel BTF (probes/btf.rs), so even
+        // `raw_tp` needs BTF; `sk_protocol` became a plain field in 5.6.
+        variants: &[
+            Variant {
+                hook: Hook::TpBtf,
+                programs: &[
+                    p("tcp_state_btf", "inet_sock_set_state"),
+                    p("tcp_send_btf", "sock_send_length"),
+                    p("tcp_recv_btf", "sock_recv_length"),
+                    p("tcp_retx_btf", "tcp_retransmit_skb"),
+                ],
+                min_kernel: (6, 3),
+                needs_btf: true,
+            },
+            Variant {
+                hook: Hook::RawTp,
+                programs: &[
+                    p("tcp_state_raw", "inet_sock_set_state"),
+                    p("tcp_send_raw", "sock_send_length"),
+                    p("tcp_recv_raw", "sock_recv_length"),
+                    p("tcp_retx_raw", "tcp_retransmit_skb"),
+                ],
+                min_kernel: (6, 3),
+                needs_btf: true,
+            },
+        ],
+        fallback: Some("/proc/net/snmp Tcp (RetransSegs, ActiveOpens, PassiveOpens, AttemptFails, EstabResets)"),
+        fallback_loses: "everything per peer (perch.tcp.io, per-peer retransmits), the RTT and \
+                         connect-duration histograms, and the refused/timeout split of failed connects",
+    },
 ];
 
 /// The rule for `family`, if it has one.

@@ -10,6 +10,8 @@
 //! Programs of variants that are not used are unloaded. Dropping [`Probes`]
 //! detaches and unloads everything: nothing is pinned.
 
+pub mod btf;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
@@ -80,10 +82,44 @@ impl Probes {
         } else {
             None
         };
+        // The TCP programs read kernel structs at offsets found in BTF; without
+        // them its variants are not tried.
+        let tcp_offsets = if facts.btf && matches!(mode(Family::Tcp), Mode::Auto | Mode::Ebpf) {
+            btf::KernelBtf::from_sys_fs()
+                .and_then(|k| {
+                    btf::tcp_offsets(
+                        &k,
+                        cfg.tcp.rtt_per_peer,
+                        btf::ephemeral_range(std::path::Path::new("/proc")),
+                    )
+                })
+                .map_err(|e| format!("struct offsets from kernel BTF: {e}"))
+        } else {
+            Err(format!(
+                "struct offsets need kernel BTF at {}",
+                gate::kernel::BTF_PATH
+            ))
+        };
         let mut ebpf = None;
         if needs_ebpf {
             raise_memlock();
-            match EbpfLoader::new().btf(btf.as_ref()).load(OBJECT) {
+            let mut loader = EbpfLoader::new();
+            loader.btf(btf.as_ref());
+            if let Ok(offsets) = &tcp_offsets {
+                loader.override_global(agent_common::tcp::GLOBAL_OFFSETS, offsets, true);
+            }
+            loader.map_max_entries(agent_common::tcp::MAP_PEERS, cfg.tcp.max_peers);
+            loader.map_max_entries(
+                agent_common::tcp::MAP_RTT_PEERS,
+                if cfg.tcp.rtt_per_peer {
+                    cfg.tcp
+                        .max_peers
+                        .saturating_mul(agent_common::tcp::RTT_PEER_BUCKETS_PER_PEER)
+                } else {
+                    1
+                },
+            );
+            match loader.load(OBJECT) {
                 Ok(e) => ebpf = Some(e),
                 Err(e) => facts.object_error = Some(error_chain(&e)),
             }
@@ -101,6 +137,8 @@ impl Probes {
                         "kernel BTF not available at {}",
                         gate::kernel::BTF_PATH
                     ))
+                } else if let (Family::Tcp, Err(e)) = (rule.family, &tcp_offsets) {
+                    HookStatus::NotTried(e.clone())
                 } else if v.hook == Hook::Tracepoint && !facts.tracefs {
                     HookStatus::NotTried("tracefs is not mounted".into())
                 } else if let Some(ebpf) = ebpf.as_mut() {

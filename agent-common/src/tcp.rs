@@ -1,0 +1,262 @@
+//! TCP family: per-peer bytes and retransmits, connection lifecycle, connect
+//! duration and smoothed RTT.
+//!
+//! Kernel structs are read at offsets userspace finds in the running kernel's
+//! BTF and hands to the programs in [`TcpOffsets`] (Rust has no CO-RE field
+//! relocations). The programs do nothing until `valid` is set.
+
+/// Per-CPU hash: [`PeerKey`] -> [`PeerValue`]. Its size comes from
+/// `probes.tcp.max_peers` (the loader overrides [`PEERS_DEFAULT_ENTRIES`]).
+pub const MAP_PEERS: &str = "TCP_PEERS";
+/// Hash: socket pointer -> [`SockState`], one entry per TCP socket seen
+/// connecting, accepted, or doing I/O; removed when the socket closes.
+pub const MAP_SOCKS: &str = "TCP_SOCKS";
+/// Per-CPU array of `u64` counters, indexed by the `SLOT_*` constants.
+pub const MAP_COUNTERS: &str = "TCP_COUNTERS";
+/// Per-CPU array of `u64` bucket counts of the connect duration in ns,
+/// indexed by [`crate::hist::bucket_index`].
+pub const MAP_CONNECT_HIST: &str = "TCP_CONNECT_HIST";
+/// Per-CPU array of `u64` bucket counts of the smoothed RTT in ns, host-wide.
+pub const MAP_RTT_HIST: &str = "TCP_RTT_HIST";
+/// Per-CPU hash: [`RttKey`] -> sample count, the sparse per-peer RTT
+/// histogram (`probes.tcp.rtt_per_peer`). One entry when the option is off.
+pub const MAP_RTT_PEERS: &str = "TCP_RTT_PEERS";
+
+/// Global (`.rodata`) holding [`TcpOffsets`].
+pub const GLOBAL_OFFSETS: &str = "TCP_OFFSETS";
+
+/// Client connections established (`SYN_SENT -> ESTABLISHED`).
+pub const SLOT_OPENED_CLIENT: u32 = 0;
+/// Server connections established (`SYN_RECV -> ESTABLISHED`).
+pub const SLOT_OPENED_SERVER: u32 = 1;
+/// Connects answered with a reset (`SYN_SENT -> CLOSE`, `sk_err = ECONNREFUSED`).
+pub const SLOT_FAILED_REFUSED: u32 = 2;
+/// Connects that gave up (`SYN_SENT -> CLOSE` with any other error: the
+/// SYN retries ran out, `sk_err = ETIMEDOUT`, or an ICMP error was last).
+pub const SLOT_FAILED_TIMEOUT: u32 = 3;
+/// Established connections reset (`ESTABLISHED|CLOSE_WAIT -> CLOSE`), the
+/// same transitions the kernel's `EstabResets` counts.
+pub const SLOT_FAILED_RESET: u32 = 4;
+/// Inserts into `TCP_PEERS` that failed (map full): their bytes and
+/// retransmits went to the `SLOT_OVF_*` slots instead.
+pub const SLOT_PEERS_FULL: u32 = 5;
+/// Inserts into `TCP_SOCKS` that failed (map full): those sockets' role was
+/// inferred from ports and their RTT was not sampled.
+pub const SLOT_SOCKS_FULL: u32 = 6;
+/// Sum of every connect duration in `TCP_CONNECT_HIST`, ns.
+pub const SLOT_CONNECT_SUM_NS: u32 = 7;
+/// Sum of every RTT sample in `TCP_RTT_HIST`, ns.
+pub const SLOT_RTT_SUM_NS: u32 = 8;
+/// Inserts into `TCP_RTT_PEERS` that failed (map full): those samples are
+/// only in the host-wide histogram.
+pub const SLOT_RTT_PEERS_FULL: u32 = 9;
+/// Overflow: bytes sent by client sockets whose peer did not fit `TCP_PEERS`.
+pub const SLOT_OVF_TX_CLIENT: u32 = 10;
+/// Overflow: bytes received by client sockets.
+pub const SLOT_OVF_RX_CLIENT: u32 = 11;
+/// Overflow: bytes sent by server sockets.
+pub const SLOT_OVF_TX_SERVER: u32 = 12;
+/// Overflow: bytes received by server sockets.
+pub const SLOT_OVF_RX_SERVER: u32 = 13;
+/// Overflow: retransmitted segments of client sockets.
+pub const SLOT_OVF_RETRANS_CLIENT: u32 = 14;
+/// Overflow: retransmitted segments of server sockets.
+pub const SLOT_OVF_RETRANS_SERVER: u32 = 15;
+/// Number of slots in `TCP_COUNTERS`.
+pub const COUNTER_SLOTS: u32 = 16;
+
+/// [`PeerKey::role`]: this host opened the connection.
+pub const ROLE_CLIENT: u8 = 0;
+/// [`PeerKey::role`]: this host accepted the connection.
+pub const ROLE_SERVER: u8 = 1;
+
+/// `AF_INET`.
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`.
+pub const AF_INET6: u16 = 10;
+
+/// Default size of `TCP_PEERS` in the object; the loader sets it from
+/// `probes.tcp.max_peers`.
+pub const PEERS_DEFAULT_ENTRIES: u32 = 4096;
+/// Bound of `TCP_SOCKS`. The key is a socket pointer, not a small integer,
+/// hence a hash. It holds one entry per live TCP socket the programs have
+/// seen; 65536 covers a busy proxy. A failed insert is counted in
+/// [`SLOT_SOCKS_FULL`] and loses only role certainty and RTT samples for that
+/// socket: its bytes are still counted.
+pub const SOCKS_ENTRIES: u32 = 65536;
+/// RTT samples per peer bucket kept when `rtt_per_peer` is on: the loader
+/// sizes `TCP_RTT_PEERS` to `max_peers * RTT_PEER_BUCKETS_PER_PEER`. A peer's
+/// RTT spans a few adjacent buckets; 8 covers a spread of ~2x.
+pub const RTT_PEER_BUCKETS_PER_PEER: u32 = 8;
+/// Minimum time between two RTT samples of one socket: the smoothed RTT is
+/// read on send/recv at most once per interval per socket, so a long
+/// connection contributes a sample every 100 ms it is active, not one per
+/// packet and not only one at close.
+pub const RTT_SAMPLE_INTERVAL_NS: u64 = 100_000_000;
+
+/// Key of `TCP_PEERS`: the remote address, the listening side's port and
+/// the role. The client's ephemeral port is never part of it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerKey {
+    /// Remote address: IPv4 in the first 4 bytes (network order, the rest
+    /// zero) or IPv6 (possibly v4-mapped; userspace folds those into IPv4).
+    pub addr: [u8; 16],
+    /// The server's port, host order: the remote port for a client socket,
+    /// the local port for a server socket.
+    pub server_port: u16,
+    /// 4 or 6.
+    pub family: u8,
+    /// [`ROLE_CLIENT`] or [`ROLE_SERVER`].
+    pub role: u8,
+}
+const _: () = assert!(core::mem::size_of::<PeerKey>() == 20);
+
+/// Value of `TCP_PEERS` (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerValue {
+    /// Payload bytes returned by `sendmsg` (`sock_send_length`, `ret > 0`).
+    pub tx_bytes: u64,
+    /// Payload bytes returned by `recvmsg` (`sock_recv_length`, `ret > 0`,
+    /// not `MSG_PEEK`).
+    pub rx_bytes: u64,
+    /// Retransmitted segments (`tcp_retransmit_skb`, `tcp_skb_pcount`).
+    pub retrans_segs: u64,
+}
+const _: () = assert!(core::mem::size_of::<PeerValue>() == 24);
+
+/// Value of `TCP_SOCKS`: what the programs remember about one socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    /// The socket's peer key.
+    pub key: PeerKey,
+    /// 1 when the role was inferred from ports (the socket predates the
+    /// agent), 0 when seen connecting or being accepted.
+    pub inferred: u32,
+    /// `bpf_ktime_get_ns` at `SYN_SENT`, 0 once established or for servers.
+    pub syn_sent_ns: u64,
+    /// `bpf_ktime_get_ns` of the last RTT sample, 0 before the first.
+    pub last_rtt_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<SockState>() == 40);
+
+/// [`RttKey::bucket`] of the entry holding the sum of a peer's RTT samples
+/// in ns (the histogram's exact sum) instead of a bucket count.
+pub const RTT_SUM_BUCKET: u32 = u32::MAX;
+
+/// Key of `TCP_RTT_PEERS`: a peer and one RTT histogram bucket (or
+/// [`RTT_SUM_BUCKET`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RttKey {
+    pub peer: PeerKey,
+    /// [`crate::hist::bucket_index`] of the RTT in ns.
+    pub bucket: u32,
+}
+const _: () = assert!(core::mem::size_of::<RttKey>() == 24);
+
+/// Byte offsets of the kernel fields the programs read, from the running
+/// kernel's BTF, plus switches computed from BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpOffsets {
+    /// Non-zero once userspace filled the offsets in.
+    pub valid: u32,
+    /// `sock.__sk_common.skc_family` (`u16`).
+    pub sk_family: u32,
+    /// `sock.__sk_common.skc_state` (`u8`).
+    pub sk_state: u32,
+    /// `sock.sk_protocol` (`u16`, a plain field since 5.6).
+    pub sk_protocol: u32,
+    /// `sock.__sk_common.skc_daddr` (`__be32`).
+    pub sk_daddr: u32,
+    /// `sock.__sk_common.skc_v6_daddr` (`struct in6_addr`).
+    pub sk_v6_daddr: u32,
+    /// `sock.__sk_common.skc_dport` (`__be16`).
+    pub sk_dport: u32,
+    /// `sock.__sk_common.skc_num` (`u16`, host order).
+    pub sk_num: u32,
+    /// `sock.sk_err` (`int`).
+    pub sk_err: u32,
+    /// `tcp_sock.srtt_us` (`u32`, smoothed RTT in µs << 3).
+    pub tcp_srtt_us: u32,
+    /// `sk_buff.cb` plus `tcp_skb_cb.tcp_gso_segs` (`u16`): the segment
+    /// count of a (GSO) skb, `tcp_skb_pcount()`.
+    pub skb_gso_segs: u32,
+    /// Non-zero when `tcp_retransmit_skb` has its `err` argument (6.18 BTF
+    /// shows `(sk, skb, err)`; older kernels fire only on success).
+    pub retrans_has_err: u32,
+    /// Non-zero: also feed `TCP_RTT_PEERS`.
+    pub rtt_per_peer: u32,
+    /// `net.ipv4.ip_local_port_range`, used to infer the role of sockets
+    /// that predate the agent.
+    pub ephemeral_lo: u32,
+    /// Upper end of the range, inclusive.
+    pub ephemeral_hi: u32,
+}
+const _: () = assert!(core::mem::size_of::<TcpOffsets>() == 60);
+
+/// Infers the role of a socket whose handshake was not seen, from its local
+/// and remote ports (host order): the side on an ephemeral port is the
+/// client; if both or neither are, the lower port is taken as the server's.
+#[inline(always)]
+pub const fn infer_role(local: u16, remote: u16, eph_lo: u32, eph_hi: u32) -> u8 {
+    let l = local as u32;
+    let r = remote as u32;
+    let local_eph = l >= eph_lo && l <= eph_hi;
+    let remote_eph = r >= eph_lo && r <= eph_hi;
+    if local_eph != remote_eph {
+        // Exactly one side is ephemeral: that side is the client.
+        if local_eph {
+            ROLE_CLIENT
+        } else {
+            ROLE_SERVER
+        }
+    } else if local < remote {
+        ROLE_SERVER
+    } else {
+        ROLE_CLIENT
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are repr(C), Copy, with no padding and no pointers.
+    unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::PeerValue {}
+    unsafe impl aya::Pod for super::SockState {}
+    unsafe impl aya::Pod for super::RttKey {}
+    unsafe impl aya::Pod for super::TcpOffsets {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_inference() {
+        let (lo, hi) = (32768, 60999);
+        let cases = [
+            ("local ephemeral", 40000, 443, ROLE_CLIENT),
+            ("remote ephemeral", 8080, 40000, ROLE_SERVER),
+            ("both ephemeral: lower is server", 33000, 34000, ROLE_SERVER),
+            (
+                "both ephemeral: higher local is client",
+                34000,
+                33000,
+                ROLE_CLIENT,
+            ),
+            ("neither: lower local is server", 22, 1022, ROLE_SERVER),
+            ("neither: higher local is client", 5000, 80, ROLE_CLIENT),
+            ("lower bound is ephemeral", 32768, 80, ROLE_CLIENT),
+            ("upper bound is ephemeral", 80, 60999, ROLE_SERVER),
+            ("just above the range is not", 61000, 80, ROLE_CLIENT),
+            ("just above the range, server side", 80, 61000, ROLE_SERVER),
+        ];
+        for (case, local, remote, want) in cases {
+            assert_eq!(infer_role(local, remote, lo, hi), want, "{case}");
+        }
+    }
+}
