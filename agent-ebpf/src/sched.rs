@@ -37,11 +37,12 @@ static SCHED_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(c::COUNT
 static SCHED_RUNQ_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(hist::BUCKETS, 0);
 
 #[map(name = "SCHED_RUNQ_START")]
-static SCHED_RUNQ_START: HashMap<u64, u64> =
-    HashMap::with_max_entries(c::RUNQ_START_ENTRIES, 0);
+static SCHED_RUNQ_START: HashMap<u64, u64> = HashMap::with_max_entries(c::RUNQ_START_ENTRIES, 0);
 
 /// `TASK_RUNNING` in `include/linux/sched.h`.
 const TASK_RUNNING: u64 = 0;
+/// `TASK_DEAD` in `include/linux/sched.h` (0x80 since 4.14).
+const TASK_DEAD: u64 = 0x80;
 
 #[inline(always)]
 fn bump(map: &PerCpuArray<u64>, slot: u32) {
@@ -51,43 +52,55 @@ fn bump(map: &PerCpuArray<u64>, slot: u32) {
     }
 }
 
+/// Records that `task` became runnable at `now`. A task seen before keeps
+/// its slot and is updated in place (no hash update, which would allocate);
+/// only a task's first wake-up inserts.
 #[inline(always)]
-fn mark_runnable(task: u64) {
-    let now = unsafe { bpf_ktime_get_ns() };
-    if SCHED_RUNQ_START.insert(task, now, 0).is_err() {
+fn mark_runnable(task: u64, now: u64) {
+    if let Some(p) = SCHED_RUNQ_START.get_ptr_mut(task) {
+        unsafe { *p = now };
+    } else if SCHED_RUNQ_START.insert(task, now, 0).is_err() {
         bump(&SCHED_COUNTERS, c::SLOT_RUNQ_START_FULL);
     }
 }
 
 /// `sched_switch(bool preempt, struct task_struct *prev,
 ///               struct task_struct *next, unsigned int prev_state)`
+///
+/// Per switch: one counter bump and one hash lookup (for `next`), plus an
+/// in-place write for a preempted `prev`. A start left behind by a wake-up
+/// that found its task still running is harmless: the task's next wake-up
+/// overwrites it before it can be switched in. Slots are freed when their
+/// task exits (`prev_state` has `TASK_DEAD`).
 #[inline(always)]
 fn on_switch(preempt: u64, prev: u64, next: u64, prev_state: u64) -> u32 {
-    let involuntary = (preempt & 0xff) != 0 || (prev_state & 0xffff_ffff) == TASK_RUNNING;
-    if involuntary {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let prev_state = prev_state & 0xffff_ffff;
+    if (preempt & 0xff) != 0 || prev_state == TASK_RUNNING {
         bump(&SCHED_COUNTERS, c::SLOT_INVOLUNTARY);
         // Still runnable: it waits on the run queue from now. The idle task
         // (pid 0; `current` is still `prev` here) is always "runnable" but
         // never queued: timing it would count busy time as latency.
-        let pid = bpf_get_current_pid_tgid() as u32;
-        if pid != 0 {
-            mark_runnable(prev);
+        if bpf_get_current_pid_tgid() as u32 != 0 {
+            mark_runnable(prev, now);
         }
     } else {
         bump(&SCHED_COUNTERS, c::SLOT_VOLUNTARY);
-        // It sleeps. Drop any start left by a wake-up that raced with it
-        // going to sleep, so it cannot inflate a later sample.
-        let _ = SCHED_RUNQ_START.remove(prev);
+        if prev_state & TASK_DEAD != 0 {
+            let _ = SCHED_RUNQ_START.remove(prev);
+        }
     }
-    if let Some(start) = unsafe { SCHED_RUNQ_START.get(next) } {
-        let start = *start;
-        let _ = SCHED_RUNQ_START.remove(next);
-        let now = unsafe { bpf_ktime_get_ns() };
-        if now >= start {
-            let latency = now - start;
-            bump(&SCHED_RUNQ_HIST, hist::bucket_index(latency));
-            if let Some(sum) = SCHED_COUNTERS.get_ptr_mut(c::SLOT_RUNQ_SUM_NS) {
-                unsafe { *sum += latency };
+    if let Some(p) = SCHED_RUNQ_START.get_ptr_mut(next) {
+        // SAFETY: a value slot of this map, valid for this program run.
+        let start = unsafe { *p };
+        if start != 0 {
+            unsafe { *p = 0 };
+            if now >= start {
+                let latency = now - start;
+                bump(&SCHED_RUNQ_HIST, hist::bucket_index(latency));
+                if let Some(sum) = SCHED_COUNTERS.get_ptr_mut(c::SLOT_RUNQ_SUM_NS) {
+                    unsafe { *sum += latency };
+                }
             }
         }
     }
@@ -106,24 +119,24 @@ pub fn sched_switch_raw(ctx: RawTracePointContext) -> u32 {
 
 #[btf_tracepoint(function = "sched_wakeup")]
 pub fn sched_wakeup_btf(ctx: BtfTracePointContext) -> u32 {
-    mark_runnable(ctx.arg(0));
+    mark_runnable(ctx.arg(0), unsafe { bpf_ktime_get_ns() });
     0
 }
 
 #[raw_tracepoint(tracepoint = "sched_wakeup")]
 pub fn sched_wakeup_raw(ctx: RawTracePointContext) -> u32 {
-    mark_runnable(ctx.arg(0));
+    mark_runnable(ctx.arg(0), unsafe { bpf_ktime_get_ns() });
     0
 }
 
 #[btf_tracepoint(function = "sched_wakeup_new")]
 pub fn sched_wakeup_new_btf(ctx: BtfTracePointContext) -> u32 {
-    mark_runnable(ctx.arg(0));
+    mark_runnable(ctx.arg(0), unsafe { bpf_ktime_get_ns() });
     0
 }
 
 #[raw_tracepoint(tracepoint = "sched_wakeup_new")]
 pub fn sched_wakeup_new_raw(ctx: RawTracePointContext) -> u32 {
-    mark_runnable(ctx.arg(0));
+    mark_runnable(ctx.arg(0), unsafe { bpf_ktime_get_ns() });
     0
 }
