@@ -576,6 +576,16 @@ impl Rotel {
         Self::start_on(free_port(), free_port(), forward_to)
     }
 
+    /// Starts Rotel with its blackhole exporter: it acknowledges and drops
+    /// everything (the benchmark, so no receiver runs in the measured process).
+    pub fn start_blackhole() -> Self {
+        Self::start_on(
+            free_port(),
+            free_port(),
+            SocketAddr::from(([0, 0, 0, 0], 0)),
+        )
+    }
+
     fn start_on(grpc_port: u16, http_port: u16, forward_to: SocketAddr) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let bin = rotel_bin();
@@ -643,14 +653,18 @@ fn spawn_rotel(
 ) -> std::process::Child {
     let log = std::fs::File::create(dir.join("rotel.log")).expect("rotel log");
     let log2 = log.try_clone().expect("rotel log");
-    std::process::Command::new(bin)
-        .arg("start")
+    let mut cmd = std::process::Command::new(bin);
+    cmd.arg("start")
         .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc_port}")])
-        .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http_port}")])
-        .args(["--exporter", "otlp"])
-        .args(["--otlp-exporter-endpoint", &format!("http://{forward_to}")])
-        .args(["--otlp-exporter-protocol", "grpc"])
-        .args(["--batch-timeout", "10ms"])
+        .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http_port}")]);
+    if forward_to.port() == 0 {
+        cmd.args(["--exporter", "blackhole"]);
+    } else {
+        cmd.args(["--exporter", "otlp"])
+            .args(["--otlp-exporter-endpoint", &format!("http://{forward_to}")])
+            .args(["--otlp-exporter-protocol", "grpc"]);
+    }
+    cmd.args(["--batch-timeout", "10ms"])
         .args(["--pid-file", &dir.join("rotel.pid").to_string_lossy()])
         .args(["--log-file", &dir.join("rotel-agent.log").to_string_lossy()])
         .env_remove("ROTEL_DAEMON")
