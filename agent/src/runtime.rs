@@ -115,6 +115,7 @@ impl Agent {
         );
         record_process(selfm);
         metrics.extend(selfm.metrics(now));
+        let metrics = collectors::merge_same_name(metrics);
         let snapshot = Arc::new(self.pipeline.process(Snapshot { time: now, metrics }));
         *self.shared.last.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((Instant::now(), snapshot.clone()));

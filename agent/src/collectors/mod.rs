@@ -7,6 +7,7 @@
 
 pub mod connections;
 pub mod cpu;
+pub mod drops;
 pub mod interfaces;
 pub mod netlink;
 pub mod sched;
@@ -126,13 +127,99 @@ pub fn build(cfg: &Config, probes: &mut Probes) -> Result<Vec<Box<dyn Collector>
                     out.push(Box::new(c));
                 }
             }
-            Family::Drops => {}
+            Family::Drops => {
+                if let Some(c) = drops::DropsCollector::new(proc.clone(), boot, fp.source, probes) {
+                    out.push(Box::new(c));
+                }
+            }
         }
     }
     Ok(out)
 }
 
+/// `perch.bpf.map.insert_failures{perch.bpf.map}`: inserts a bounded kernel
+/// map refused because it was full, so the loss is counted, never silent.
+pub fn map_insert_failures(
+    map: &'static str,
+    total: u64,
+    attached_at: SystemTime,
+    now: SystemTime,
+) -> Metric {
+    Metric {
+        name: "perch.bpf.map.insert_failures",
+        description: "Kernel-side inserts refused because a bounded BPF map was full.",
+        unit: "{insert}",
+        data: crate::model::Data::Sum {
+            monotonic: true,
+            points: vec![crate::model::NumberPoint {
+                attributes: vec![("perch.bpf.map", map.into())],
+                start_time: Some(attached_at),
+                time: now,
+                value: crate::model::Number::Int(total as i64),
+            }],
+        },
+    }
+}
+
+/// Merges metrics of the same name (several collectors may report one
+/// self-metric), keeping the first one's description and unit.
+pub fn merge_same_name(metrics: Vec<Metric>) -> Vec<Metric> {
+    use crate::model::Data;
+    let mut out: Vec<Metric> = Vec::with_capacity(metrics.len());
+    for m in metrics {
+        let Some(existing) = out.iter_mut().find(|e| e.name == m.name) else {
+            out.push(m);
+            continue;
+        };
+        match (&mut existing.data, m.data) {
+            (Data::Sum { points: a, .. }, Data::Sum { points: b, .. })
+            | (Data::Gauge { points: a }, Data::Gauge { points: b }) => a.extend(b),
+            (Data::Histogram { points: a }, Data::Histogram { points: b }) => a.extend(b),
+            (_, other) => {
+                tracing::error!(metric = m.name, "two collectors report one metric with different instruments; keeping the first");
+                let _ = other;
+            }
+        }
+    }
+    out
+}
+
 /// Online CPUs, for per-CPU map reads: the maps have a slot per possible CPU.
 pub(crate) fn online_cpus() -> Vec<u32> {
     aya::util::online_cpus().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Data, Number, NumberPoint};
+
+    fn sum(name: &'static str, v: i64) -> Metric {
+        Metric {
+            name,
+            description: "d",
+            unit: "1",
+            data: Data::Sum {
+                monotonic: true,
+                points: vec![NumberPoint {
+                    attributes: vec![("k", v.into())],
+                    start_time: None,
+                    time: UNIX_EPOCH,
+                    value: Number::Int(v),
+                }],
+            },
+        }
+    }
+
+    #[test]
+    fn same_name_metrics_are_merged_in_order() {
+        let merged = merge_same_name(vec![sum("a", 1), sum("b", 2), sum("a", 3)]);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[0].name, "a");
+        let Data::Sum { points, .. } = &merged[0].data else {
+            panic!("sum expected")
+        };
+        let values: Vec<Number> = points.iter().map(|p| p.value).collect();
+        assert_eq!(values, vec![Number::Int(1), Number::Int(3)]);
+    }
 }

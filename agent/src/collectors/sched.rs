@@ -167,6 +167,12 @@ impl Collector for SchedCollector {
                 });
 
                 self.runq_start_full = read(c::SLOT_RUNQ_START_FULL)?.iter().sum();
+                out.push(super::map_insert_failures(
+                    c::MAP_RUNQ_START,
+                    self.runq_start_full,
+                    maps.attached_at,
+                    now,
+                ));
                 let sum_ns = read(c::SLOT_RUNQ_SUM_NS)?;
                 runq_sums = Some(
                     cpus.iter()
