@@ -107,7 +107,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn load_config(common: &Common) -> Result<Config> {
     let (mut cfg, _) = Config::load(common.config.as_deref())?;
+    // PERCH_* for the agent and probes; OTEL_EXPORTER_OTLP_* (specific, then
+    // generic), OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME for export.
     cfg.apply_env(|k| std::env::var(k).ok())?;
+    cfg.export.apply_env(|k| std::env::var(k).ok())?;
     for p in &common.probes {
         let (fam, mode) = p
             .split_once('=')
@@ -126,6 +129,7 @@ fn load_config(common: &Common) -> Result<Config> {
             .map_err(|e: String| anyhow::anyhow!("--probe {p}: {e}"))?;
         cfg.probes.set_mode(family, mode);
     }
+    cfg.validate()?;
     Ok(cfg)
 }
 

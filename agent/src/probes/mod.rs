@@ -354,12 +354,17 @@ fn program_error(e: &ProgramError) -> String {
     }
 }
 
+/// An error and its sources, skipping a source whose text the message
+/// already contains (aya often repeats its source in its own message).
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         src = inner.source();
     }
     s
