@@ -7,6 +7,7 @@
 //! assertion each.
 #![no_std]
 
+pub mod drops;
 pub mod hist;
 pub mod sched;
 pub mod softirq;

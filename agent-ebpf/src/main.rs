@@ -5,6 +5,7 @@
 #![no_std]
 #![no_main]
 
+mod drops;
 mod sched;
 mod softirq;
 mod tcp;

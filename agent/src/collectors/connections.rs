@@ -12,6 +12,7 @@
 //!     instead, with one warning naming the table and the reason.
 //!   - `procfs`: `/proc/net/{tcp,tcp6,udp,udp6}` only.
 //!   - `ebpf` is refused by the gate: the family has no eBPF source.
+//!
 //!   sock_diag is preferred because it is binary and skips formatting every
 //!   socket as text: on a host with 100k sockets `/proc/net/tcp` costs tens
 //!   of milliseconds of CPU per read.

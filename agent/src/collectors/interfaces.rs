@@ -77,6 +77,9 @@ const METRICS: [(&str, &str, &str, Field, Field); 4] = [
     ),
 ];
 
+/// One interface: name, index (sysfs only), counters.
+type IfRow = (String, Option<u64>, IfStats);
+
 /// Where the counters were read from, for tests and the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IfSource {
@@ -123,7 +126,7 @@ impl InterfacesCollector {
 
     /// Reads the interfaces that pass the filter, with their index where
     /// known. `Ok(None)` when `/sys/class/net` does not exist.
-    fn read_sysfs(&self) -> Result<Option<Vec<(String, Option<u64>, IfStats)>>, ProcError> {
+    fn read_sysfs(&self) -> Result<Option<Vec<IfRow>>, ProcError> {
         let dir = self.sys.path(CLASS_NET);
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
@@ -165,7 +168,7 @@ impl InterfacesCollector {
         Ok(Some(out))
     }
 
-    fn read(&mut self) -> Result<Vec<(String, Option<u64>, IfStats)>, ProcError> {
+    fn read(&mut self) -> Result<Vec<IfRow>, ProcError> {
         if let Some(v) = self.read_sysfs()? {
             self.last_source = Some(IfSource::Sysfs);
             return Ok(v);
