@@ -18,7 +18,10 @@ pub fn cpu_ticks(cpu: Option<usize>) -> Vec<u64> {
     };
     let s = std::fs::read_to_string("/proc/stat").expect("reading /proc/stat");
     let line = s.lines().find(|l| l.starts_with(&want)).expect("cpu line");
-    line.split_whitespace().skip(1).map(|v| v.parse().expect("tick")).collect()
+    line.split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().expect("tick"))
+        .collect()
 }
 
 /// `/proc/softirqs`: vector (lower-case) -> count per CPU.

@@ -54,12 +54,19 @@ impl NetnsPair {
 
     /// Runs `cmd` in namespace `ns` with `ip netns exec`.
     pub fn exec(&self, ns: &str, cmd: &str) -> String {
-        sh(&format!("ip netns exec {ns} sh -c '{}'", cmd.replace('\'', "'\\''")))
+        sh(&format!(
+            "ip netns exec {ns} sh -c '{}'",
+            cmd.replace('\'', "'\\''")
+        ))
     }
 
     /// Runs `f` on a thread that has entered namespace `ns`: sockets it
     /// opens live there.
-    pub fn run_in<T: Send + 'static>(&self, ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    pub fn run_in<T: Send + 'static>(
+        &self,
+        ns: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = format!("/var/run/netns/{ns}");
         std::thread::spawn(move || {
             let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -80,7 +87,10 @@ impl Default for NetnsPair {
 impl Drop for NetnsPair {
     fn drop(&mut self) {
         let _ = std::process::Command::new("sh")
-            .args(["-c", &format!("ip netns del {} ; ip netns del {}", self.a, self.b)])
+            .args([
+                "-c",
+                &format!("ip netns del {} ; ip netns del {}", self.a, self.b),
+            ])
             .status();
     }
 }

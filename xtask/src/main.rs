@@ -108,16 +108,32 @@ fn run(args: &[String]) -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     setup::setup(true)?;
     if !is_root() {
-        return Err("the test suite loads real BPF programs and creates network namespaces: \
+        return Err(
+            "the test suite loads real BPF programs and creates network namespaces: \
                     run it as root (CI does)"
-            .into());
+                .into(),
+        );
     }
     let ebpf = setup::ebpf_env()?;
     sh(cargo().args(["fmt", "--all", "--", "--check"]))?;
     // Debian's cargo-web ships no rustfmt; the host rustfmt formats the
     // eBPF sources the same way.
-    sh(cargo().args(["fmt", "--manifest-path", "agent-ebpf/Cargo.toml", "--", "--check"]))?;
-    sh(cargo().args(["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"]))?;
+    sh(cargo().args([
+        "fmt",
+        "--manifest-path",
+        "agent-ebpf/Cargo.toml",
+        "--",
+        "--check",
+    ]))?;
+    sh(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     sh(&mut ebpf.clippy())?;
     sh(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
     let mut t = cargo();

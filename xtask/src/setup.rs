@@ -18,7 +18,12 @@ pub const EBPF_RUSTC: &str = "/usr/bin/rustc";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM: &[u32] = &[21, 22, 23];
 
-const APT_BUILD: &[&str] = &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "rust-web-clippy"];
+const APT_BUILD: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "rust-web-clippy",
+];
 const APT_TEST: &[&str] = &[
     "stress-ng",
     "iperf3",
@@ -32,11 +37,13 @@ const APT_TEST: &[&str] = &[
 
 pub fn setup(with_tests: bool) -> Result<()> {
     if !Path::new("/usr/bin/apt-get").exists() || !Path::new("/etc/debian_version").exists() {
-        return Err("this setup installs Debian packages and found no apt-get. On other \
+        return Err(
+            "this setup installs Debian packages and found no apt-get. On other \
                     distributions build the kernel side the standard aya way: rustup nightly \
                     with rust-src, `cargo install bpf-linker`, and PERCH_EBPF_ROUTE=nightly \
                     (README, \"Building the kernel side\")"
-            .into());
+                .into(),
+        );
     }
     let mut want: Vec<String> = APT_BUILD.iter().map(|s| s.to_string()).collect();
     if with_tests {
@@ -74,7 +81,9 @@ fn apt_install(pkgs: &[String]) -> Result<()> {
         return Ok(());
     }
     if !crate::is_root() {
-        return Err(format!("apt packages missing: {missing:?}; run setup as root to install them"));
+        return Err(format!(
+            "apt packages missing: {missing:?}; run setup as root to install them"
+        ));
     }
     eprintln!("xtask: installing apt packages: {missing:?}");
     sh(Command::new("apt-get").args(["update", "-qq"]))?;
@@ -115,13 +124,22 @@ pub fn bpf_linker_path() -> PathBuf {
 fn install_bpf_linker(llvm: u32) -> Result<()> {
     let path = bpf_linker_path();
     if path.exists() {
-        let ldd = Command::new("ldd").arg(&path).output().map(|o| o.stdout).unwrap_or_default();
+        let ldd = Command::new("ldd")
+            .arg(&path)
+            .output()
+            .map(|o| o.stdout)
+            .unwrap_or_default();
         if String::from_utf8_lossy(&ldd).contains(&format!("libLLVM.so.{llvm}")) {
             return Ok(());
         }
-        eprintln!("xtask: {} is not linked against LLVM {llvm}; rebuilding it", path.display());
+        eprintln!(
+            "xtask: {} is not linked against LLVM {llvm}; rebuilding it",
+            path.display()
+        );
     }
-    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm} (about a minute)");
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm} (about a minute)"
+    );
     sh(cargo()
         .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm}"))
         .args(["install", "--locked", "--force"])
@@ -144,9 +162,14 @@ fn python_venv() -> Result<()> {
     }
     // Debian's python3 with the venv module (apt python3-venv), by absolute
     // path: a pyenv shim on PATH may lack it.
-    let python = if Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+    let python = if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
     eprintln!("xtask: creating {} from {}", venv.display(), req.display());
-    sh(Command::new(python).args(["-m", "venv"]).arg(&venv))?;
+    // --clear: a venv left by another interpreter (e.g. pyenv) is rebuilt.
+    sh(Command::new(python).args(["-m", "venv", "--clear"]).arg(&venv))?;
     sh(Command::new(venv.join("bin/pip"))
         .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
         .arg(&req))?;
@@ -162,7 +185,10 @@ pub struct EbpfEnv {
 pub fn ebpf_env() -> Result<EbpfEnv> {
     let linker = bpf_linker_path();
     if !linker.exists() {
-        return Err(format!("{} missing: run `cargo xtask setup`", linker.display()));
+        return Err(format!(
+            "{} missing: run `cargo xtask setup`",
+            linker.display()
+        ));
     }
     Ok(EbpfEnv {
         cargo: PathBuf::from(EBPF_CARGO),
@@ -192,7 +218,13 @@ impl EbpfEnv {
             .env("RUSTC", EBPF_RUSTC)
             .env("RUSTC_BOOTSTRAP", "aya_ebpf")
             .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", &self.linker)
-            .args(["clippy", "--manifest-path", "agent-ebpf/Cargo.toml", "--release", "--locked"])
+            .args([
+                "clippy",
+                "--manifest-path",
+                "agent-ebpf/Cargo.toml",
+                "--release",
+                "--locked",
+            ])
             .args(["--target", "bpfel-unknown-none", "--target-dir"])
             .arg(root().join("target/bpf-clippy"))
             .args(["--", "-D", "warnings"]);

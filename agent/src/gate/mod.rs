@@ -205,7 +205,10 @@ fn plan_family(facts: &KernelFacts, rule: &Rule, requested: Mode) -> Result<Fami
             }
             fallback(
                 &mut out,
-                format!("procfs is the only source, and it loses {}", rule.fallback_loses),
+                format!(
+                    "procfs is the only source, and it loses {}",
+                    rule.fallback_loses
+                ),
             )?;
         }
         Mode::Ebpf | Mode::Auto => match usable {
