@@ -73,9 +73,10 @@ pub fn sum(snapshot: &Value, name: &str, filter: &[(&str, &str)]) -> f64 {
         .filter(|p| {
             filter.iter().all(|(k, v)| {
                 let a = &p["attributes"][*k];
-                a.as_str()
-                    .map(|s| s == *v)
-                    .unwrap_or_else(|| a.to_string() == *v)
+                match a.as_str() {
+                    Some(s) => s == *v,
+                    None => a.as_i64().is_some_and(|i| v.parse::<i64>() == Ok(i)),
+                }
             })
         })
         .map(|p| p["value"].as_f64().expect("numeric value"))
