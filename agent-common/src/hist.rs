@@ -90,7 +90,10 @@ mod tests {
     fn huge_values_saturate() {
         assert_eq!(bucket_index(u64::MAX), BUCKETS - 1);
         assert_eq!(bucket_index(1 << 36), BUCKETS - 1);
-        assert_eq!(bucket_index((1 << 36) - 1), BUCKETS - 2);
+        // The last bucket is the top eighth of 2^35..2^36 and everything above.
+        assert_eq!(bucket_index((1 << 36) - 1), BUCKETS - 1);
+        assert_eq!(bucket_index((15 << 32) - 1), BUCKETS - 2);
+        assert_eq!(bucket_lower(BUCKETS - 1), 15 << 32);
         assert_eq!(BUCKETS, 272);
     }
 }
