@@ -337,9 +337,14 @@ fn add_rtt_peer(rk: &RttKey, v: u64) {
 #[inline(always)]
 fn on_io(sk: u64, ret: u64, flags: u64, rx: bool) -> u32 {
     let ret = ret as i32;
-    if ret <= 0 || (rx && flags & MSG_PEEK != 0) || !is_tcp(sk) {
+    if ret <= 0 || (rx && flags & MSG_PEEK != 0) || off!(valid) == 0 || sk == 0 {
         return 0;
     }
+    // Only TCP sockets are ever inserted into TCP_SOCKS, so a hit skips the
+    // protocol check: the common path is two hash lookups, one clock read
+    // and no bpf_probe_read_kernel. (`bpf_ktime_get_coarse_ns` would be
+    // cheaper but tracing programs may not call it: the kernel refuses it
+    // at load, it could deadlock on the timekeeping seqlock.)
     let now = unsafe { bpf_ktime_get_ns() };
     let mut sample = false;
     let key = match TCP_SOCKS.get_ptr_mut(sk) {
@@ -353,6 +358,9 @@ fn on_io(sk: u64, ret: u64, flags: u64, rx: bool) -> u32 {
             (*st).key
         },
         None => {
+            if !is_tcp(sk) {
+                return 0;
+            }
             let Some(key) = inferred_key(sk) else {
                 return 0;
             };
@@ -387,19 +395,17 @@ fn on_retransmit(sk: u64, skb: u64, err: u64) -> u32 {
     if off!(retrans_has_err) != 0 && err as i32 != 0 {
         return 0;
     }
-    if !is_tcp(sk) {
-        return 0;
-    }
     let segs = match read::<u16>(skb, off!(skb_gso_segs)) {
         Some(0) | None => 1,
         Some(n) => n as u64,
     };
     let key = match TCP_SOCKS.get_ptr(sk) {
         Some(st) => unsafe { (*st).key },
-        None => match inferred_key(sk) {
+        None if is_tcp(sk) => match inferred_key(sk) {
             Some(k) => k,
             None => return 0,
         },
+        None => return 0,
     };
     add_peer(&key, 0, 0, segs);
     0

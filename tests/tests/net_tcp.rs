@@ -206,7 +206,7 @@ fn hist_count(snap: &serde_json::Value, name: &str, filter: &[(&str, &str)]) -> 
                 let a = &p["attributes"][*k];
                 a.as_str()
                     .map(|s| s == *v)
-                    .unwrap_or_else(|| a.to_string() == *v)
+                    .unwrap_or_else(|| a.as_i64().is_some_and(|n| v.parse::<i64>() == Ok(n)))
             }) && (!filter.is_empty() || p["attributes"].as_object().is_none_or(|o| o.is_empty()))
         })
         .map(|p| p["count"].as_u64().expect("count"))
