@@ -304,6 +304,12 @@ mod tests {
             (Drops, TpBtf, failed("EPERM")),
             (Drops, RawTp, HookStatus::Ok),
         ];
+        let tcp_ok = [(Tcp, TpBtf, HookStatus::Ok), (Tcp, RawTp, HookStatus::Ok)];
+        // What probes records when the struct offsets could not be read.
+        let no_offsets = || {
+            HookStatus::NotTried("struct offsets need kernel BTF at /sys/kernel/btf/vmlinux".into())
+        };
+        let tcp_no_offsets = [(Tcp, TpBtf, no_offsets()), (Tcp, RawTp, no_offsets())];
         let cases: &[Case] = &[
             (
                 "auto prefers tp_btf",
@@ -370,6 +376,34 @@ mod tests {
                 Err("has no eBPF source"),
             ),
             ("cpu off", &all_ok, Cpu, Mode::Off, Ok((Source::Off, None))),
+            (
+                "tcp auto prefers tp_btf",
+                &tcp_ok,
+                Tcp,
+                Mode::Auto,
+                Ok((Source::Ebpf, Some(TpBtf))),
+            ),
+            (
+                "tcp without BTF offsets falls to procfs",
+                &tcp_no_offsets,
+                Tcp,
+                Mode::Auto,
+                Ok((Source::Procfs, None)),
+            ),
+            (
+                "tcp ebpf forced without BTF offsets",
+                &tcp_no_offsets,
+                Tcp,
+                Mode::Ebpf,
+                Err("struct offsets need kernel BTF"),
+            ),
+            (
+                "tcp procfs forced",
+                &tcp_ok,
+                Tcp,
+                Mode::Procfs,
+                Ok((Source::Procfs, None)),
+            ),
             (
                 "interfaces auto is sysfs",
                 &all_ok,
