@@ -54,6 +54,6 @@ mod tests {
         for (reason, want) in cases {
             assert_eq!(slot(reason), want, "{reason:#x}");
         }
-        assert!(SLOT_OVERFLOW < SLOTS && SLOT_SUBSYSTEM < SLOTS);
+        const { assert!(SLOT_OVERFLOW < SLOTS && SLOT_SUBSYSTEM < SLOTS) };
     }
 }

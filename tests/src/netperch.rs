@@ -2,8 +2,7 @@
 //! and `/sys/class/net` show that namespace (`ip netns exec` remounts
 //! `/sys` for it), and reading a namespace's own counters as the reference.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -30,47 +29,14 @@ pub fn collect_in_netns_env<T>(
     window: Duration,
     during: impl FnOnce() -> T,
 ) -> (Value, T) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns])
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns])
         .arg(perch_bin())
         .args(["collect", "--format", "json", "--duration"])
         .arg(format!("{}ms", window.as_millis()))
         .args(args)
-        .env("PERCH_LOG_LEVEL", "info")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning ip netns exec perch collect");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let mut log = String::new();
-    for line in lines.by_ref() {
-        let line = line.expect("reading perch's stderr");
-        log.push_str(&line);
-        log.push('\n');
-        if line.contains("probes ready") {
-            break;
-        }
-    }
-    let result = during();
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    log.push_str(&rest.join("\n"));
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .expect("reading stdout");
-    let status = child.wait().expect("waiting for perch");
-    assert!(
-        status.success(),
-        "perch collect {args:?} in {ns} failed: {status}\n{log}"
-    );
-    let v: Value =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("perch's JSON: {e}\n{out}\n{log}"));
-    (v, result)
+        .envs(env.iter().copied());
+    crate::perch::collect_with(cmd, during)
 }
 
 /// `/sys/class/net/<ifname>/statistics/<counter>` as namespace `ns` sees it.

@@ -14,15 +14,33 @@ use crate::perch_bin;
 /// Runs `perch collect --format json` over `window`, running `during` once
 /// the programs are attached. Returns the JSON snapshot and `during`'s result.
 pub fn collect<T>(args: &[&str], window: Duration, during: impl FnOnce() -> T) -> (Value, T) {
-    let mut child = Command::new(perch_bin())
-        .args(["collect", "--format", "json", "--duration"])
+    let mut cmd = Command::new(perch_bin());
+    cmd.args(["collect", "--format", "json", "--duration"])
         .arg(format!("{}ms", window.as_millis()))
-        .args(args)
+        .args(args);
+    collect_with(cmd, during)
+}
+
+/// Runs a prepared `perch collect --format json` command (e.g. wrapped in
+/// `ip netns exec`), running `during` once the programs are attached.
+///
+/// stdout is drained on its own thread: a snapshot larger than the pipe
+/// buffer would otherwise block perch while we wait on stderr.
+pub fn collect_with<T>(mut cmd: Command, during: impl FnOnce() -> T) -> (Value, T) {
+    let mut child = cmd
         .env("PERCH_LOG_LEVEL", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawning perch collect");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        stdout
+            .read_to_string(&mut s)
+            .expect("reading perch's stdout");
+        s
+    });
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();
     let mut log = String::new();
@@ -38,18 +56,9 @@ pub fn collect<T>(args: &[&str], window: Duration, during: impl FnOnce() -> T) -
     let result = during();
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     log.push_str(&rest.join("\n"));
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .expect("reading stdout");
+    let out = out.join().expect("stdout reader");
     let status = child.wait().expect("waiting for perch");
-    assert!(
-        status.success(),
-        "perch collect {args:?} failed: {status}\n{log}"
-    );
+    assert!(status.success(), "perch collect failed: {status}\n{log}");
     let v: Value =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("perch's JSON: {e}\n{out}"));
     (v, result)

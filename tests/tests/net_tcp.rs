@@ -18,83 +18,19 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-
 use perch_tests::kernel::{require_root, sh};
 use perch_tests::netns::NetnsPair;
 use perch_tests::netperch::snmp;
 use perch_tests::perch::{points, source, sum};
-use perch_tests::perch_bin;
 
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// `perch collect --format json` over `window` (inside namespace `ns` with
-/// `ip netns exec` when given), running `during` once the programs are
-/// attached. stdout is drained on its own thread: a snapshot larger than a
-/// pipe buffer must not block perch while the test still reads stderr.
-fn run_collect<T>(
-    ns: Option<&str>,
-    args: &[&str],
-    window: Duration,
-    during: impl FnOnce() -> T,
-) -> (serde_json::Value, T) {
-    let mut cmd = match ns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(perch_bin());
-            c
-        }
-        None => Command::new(perch_bin()),
-    };
-    let mut child = cmd
-        .args(["collect", "--format", "json", "--duration"])
-        .arg(format!("{}ms", window.as_millis()))
-        .args(args)
-        .env("PERCH_LOG_LEVEL", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning perch collect");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        stdout
-            .read_to_string(&mut s)
-            .expect("reading perch's stdout");
-        s
-    });
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let mut log = String::new();
-    for line in lines.by_ref() {
-        let line = line.expect("reading perch's stderr");
-        log.push_str(&line);
-        log.push('\n');
-        if line.contains("probes ready") {
-            break;
-        }
-    }
-    let result = during();
-    for line in lines.map_while(Result::ok) {
-        log.push_str(&line);
-        log.push('\n');
-    }
-    let out = out.join().expect("stdout reader");
-    let status = child.wait().expect("waiting for perch");
-    assert!(
-        status.success(),
-        "perch collect {args:?} failed: {status}\n{log}"
-    );
-    let v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("perch's JSON: {e}\n{log}"));
-    (v, result)
-}
 
 fn collect<T>(
     args: &[&str],
     window: Duration,
     during: impl FnOnce() -> T,
 ) -> (serde_json::Value, T) {
-    run_collect(None, args, window, during)
+    perch_tests::perch::collect(args, window, during)
 }
 
 fn collect_in_netns<T>(
@@ -103,7 +39,7 @@ fn collect_in_netns<T>(
     window: Duration,
     during: impl FnOnce() -> T,
 ) -> (serde_json::Value, T) {
-    run_collect(Some(ns), args, window, during)
+    perch_tests::netperch::collect_in_netns(ns, args, window, during)
 }
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {

@@ -169,7 +169,9 @@ fn python_venv() -> Result<()> {
     };
     eprintln!("xtask: creating {} from {}", venv.display(), req.display());
     // --clear: a venv left by another interpreter (e.g. pyenv) is rebuilt.
-    sh(Command::new(python).args(["-m", "venv", "--clear"]).arg(&venv))?;
+    sh(Command::new(python)
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv))?;
     sh(Command::new(venv.join("bin/pip"))
         .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
         .arg(&req))?;
