@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use perch_tests::kernel::{self, require_root};
+use perch_tests::kernel;
 use perch_tests::perch::{self, collect, points, source, sum};
 use perch_tests::workload;
 
@@ -18,7 +18,7 @@ const ROUND_TRIPS: u64 = 100_000;
 /// run-queue histogram saw at least every wake-up of the workload.
 #[test]
 fn sched_ebpf_matches_proc_stat() {
-    require_root();
+    let _serial = kernel::privileged();
     let before = kernel::ctxt();
     let (snap, pp) = collect(&["--probe", "sched=ebpf"], Duration::from_secs(4), || {
         workload::ping_pong(ROUND_TRIPS)
@@ -101,7 +101,7 @@ fn sched_ebpf_matches_proc_stat() {
 /// split), read between the test's own two reads, and there is no histogram.
 #[test]
 fn sched_procfs_is_proc_stat_ctxt() {
-    require_root();
+    let _serial = kernel::privileged();
     let before = kernel::ctxt();
     let (snap, pp) = collect(&["--probe", "sched=procfs"], Duration::from_secs(2), || {
         workload::ping_pong(ROUND_TRIPS / 4)
@@ -127,7 +127,7 @@ fn sched_procfs_is_proc_stat_ctxt() {
 /// procfs mode has no source and leaves the metric out.
 #[test]
 fn scheduler_wait_time() {
-    require_root();
+    let _serial = kernel::privileged();
     if std::path::Path::new("/proc/schedstat").exists() {
         let read = || -> Vec<f64> {
             std::fs::read_to_string("/proc/schedstat")
@@ -197,7 +197,7 @@ fn scheduler_wait_time() {
 /// The CPU family reads /proc/stat in both modes; run it in both.
 #[test]
 fn cpu_time_tracks_a_pinned_spinner() {
-    require_root();
+    let _serial = kernel::privileged();
     let cpu = kernel::online_cpus() - 1;
     for mode in ["cpu=auto", "cpu=procfs"] {
         let agent = perch::Agent::start(&["--interval", "1s", "--probe", mode]);
@@ -244,7 +244,7 @@ fn cpu_time_tracks_a_pinned_spinner() {
 /// loopback TCP load.
 #[test]
 fn softirq_counts_and_time() {
-    require_root();
+    let _serial = kernel::privileged();
     for mode in ["softirq=ebpf", "softirq=procfs"] {
         let before = kernel::softirqs();
         let (snap, bytes) = collect(&["--probe", mode], Duration::from_secs(3), || {
@@ -322,7 +322,7 @@ fn loopback_blast(wall: Duration) -> u64 {
 /// `--probe cpu=ebpf` is refused with a message naming the family.
 #[test]
 fn forcing_ebpf_on_a_procfs_family_is_a_clear_error() {
-    require_root();
+    let _serial = kernel::privileged();
     let out = std::process::Command::new(perch_tests::perch_bin())
         .args(["collect", "--duration", "100ms", "--probe", "cpu=ebpf"])
         .output()
@@ -339,7 +339,7 @@ fn forcing_ebpf_on_a_procfs_family_is_a_clear_error() {
 /// eBPF families use tp_btf on this kernel (BTF present, tp_btf allowed).
 #[test]
 fn features_reports_the_plan() {
-    require_root();
+    let _serial = kernel::privileged();
     let out = std::process::Command::new(perch_tests::perch_bin())
         .args(["features", "--json"])
         .output()
