@@ -80,3 +80,61 @@ pub fn require_root() {
         "privileged test: needs root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN) to load programs; run `cargo xtask test` as root"
     );
 }
+
+/// Samples `/proc/stat ctxt` every ~2 ms with wall-clock stamps, so a test
+/// can read the kernel's count at the exact instants perch reports (its
+/// attach time and its collection time), whatever else runs on the host.
+pub struct CtxtSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(std::time::SystemTime, u64)>>,
+}
+
+impl CtxtSampler {
+    pub fn start() -> CtxtSampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                samples.push((std::time::SystemTime::now(), ctxt()));
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            samples
+        });
+        CtxtSampler { stop, thread }
+    }
+
+    /// Stops sampling and returns the samples, oldest first.
+    pub fn finish(self) -> Samples {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        Samples(self.thread.join().expect("sampler thread"))
+    }
+}
+
+/// Stamped `ctxt` samples.
+pub struct Samples(pub Vec<(std::time::SystemTime, u64)>);
+
+impl Samples {
+    /// `ctxt` at `t`, interpolated linearly between the two samples around it.
+    pub fn at(&self, t: std::time::SystemTime) -> f64 {
+        let s = &self.0;
+        let i = s.partition_point(|(ts, _)| *ts <= t);
+        assert!(i > 0 && i < s.len(), "{t:?} is outside the sampled span");
+        let (t0, c0) = s[i - 1];
+        let (t1, c1) = s[i];
+        let span = t1.duration_since(t0).unwrap_or_default().as_secs_f64();
+        let into = t.duration_since(t0).unwrap_or_default().as_secs_f64();
+        let frac = if span > 0.0 { into / span } else { 0.0 };
+        c0 as f64 + (c1 - c0) as f64 * frac
+    }
+
+    /// The largest gap between two samples, in `ctxt` counts: the reading's
+    /// own uncertainty.
+    pub fn max_step(&self) -> u64 {
+        self.0
+            .windows(2)
+            .map(|w| w[1].1 - w[0].1)
+            .max()
+            .unwrap_or(0)
+    }
+}

@@ -119,6 +119,57 @@ pub fn ping_pong(round_trips: u64) -> PingPong {
     }
 }
 
+/// Like [`ping_pong`], but bounces for `wall` and returns how many round
+/// trips it made. The pinging side decides when to stop and tells the other
+/// with a zero byte.
+pub fn ping_pong_for(wall: Duration) -> PingPong {
+    let (a_r, a_w) = pipe();
+    let (b_r, b_w) = pipe();
+    let start = Instant::now();
+    let pong = std::thread::spawn(move || {
+        let tid = gettid();
+        let before = thread_switches(tid);
+        loop {
+            let mut b = [0u8];
+            // SAFETY: reads one byte into a valid buffer.
+            let n = unsafe { libc::read(a_r.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
+            assert_eq!(n, 1, "read: {}", std::io::Error::last_os_error());
+            if b[0] == 0 {
+                break;
+            }
+            write_byte(&b_w);
+        }
+        diff(thread_switches(tid), before)
+    });
+    let ping = std::thread::spawn(move || {
+        let tid = gettid();
+        let before = thread_switches(tid);
+        let mut trips = 0u64;
+        while start.elapsed() < wall {
+            write_byte(&a_w);
+            read_byte(&b_r);
+            trips += 1;
+        }
+        let zero = [0u8];
+        // SAFETY: writes one byte from a valid buffer.
+        let n = unsafe { libc::write(a_w.as_raw_fd(), zero.as_ptr().cast(), 1) };
+        assert_eq!(n, 1, "write: {}", std::io::Error::last_os_error());
+        (trips, diff(thread_switches(tid), before))
+    });
+    let (trips, p) = ping.join().expect("ping thread");
+    let q = pong.join().expect("pong thread");
+    PingPong {
+        round_trips: trips,
+        wakeups: 2 * trips,
+        switches: ThreadSwitches {
+            voluntary: p.voluntary + q.voluntary,
+            involuntary: p.involuntary + q.involuntary,
+            run_delay_ns: p.run_delay_ns + q.run_delay_ns,
+        },
+        elapsed: start.elapsed(),
+    }
+}
+
 /// Pins the calling thread to `cpu`.
 pub fn pin_to(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays in bounds for cpu < 1024.
