@@ -60,15 +60,13 @@ pub fn sh(cmd: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 /// Fails the test (never skips) when not root, and serialises privileged
 /// tests within a test binary: they compare host-wide kernel counters, which
 /// another test's workload would disturb. Hold the guard for the whole test.
 #[must_use = "hold the guard for the whole test"]
 pub fn privileged() -> std::sync::MutexGuard<'static, ()> {
     require_root();
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    crate::serial()
 }
 
 /// Fails the test (never skips) when not root: privileged tests must run.

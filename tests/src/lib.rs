@@ -3,6 +3,17 @@
 
 use std::path::PathBuf;
 
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Serialises the tests of one test binary that must not share the machine
+/// with each other: kernel-counter comparisons, and timing-sensitive export
+/// fault tests (short intervals and scripted delays on a 2-core machine).
+/// Hold the guard for the whole test.
+#[must_use = "hold the guard for the whole test"]
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
