@@ -14,6 +14,13 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+static ASYNC_SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// [`serial`] for async tests, whose guard lives across `.await`s.
+pub async fn serial_async() -> tokio::sync::MutexGuard<'static, ()> {
+    ASYNC_SERIAL.lock().await
+}
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

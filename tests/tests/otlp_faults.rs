@@ -45,7 +45,7 @@ fn dropped(selfm: &SelfMetrics, reason: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collector_down_at_startup() {
-    let _serial = perch_tests::serial();
+    let _serial = perch_tests::serial_async().await;
     let port = free_port();
     let cfg = test_config(format!("http://127.0.0.1:{port}"), Protocol::Grpc);
     let (exporter, selfm, watch) = start(&cfg);
@@ -79,7 +79,7 @@ async fn collector_down_at_startup() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_503_and_429_honour_retry_after() {
-    let _serial = perch_tests::serial();
+    let _serial = perch_tests::serial_async().await;
     let rx = Receiver::start().await;
     let msg = |m: &str| m.to_owned();
     rx.script([
@@ -127,7 +127,7 @@ async fn http_503_and_429_honour_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_resource_exhausted() {
-    let _serial = perch_tests::serial();
+    let _serial = perch_tests::serial_async().await;
     let rx = Receiver::start().await;
     rx.script([
         // With RetryInfo: the server will recover; wait as asked.
@@ -178,7 +178,7 @@ async fn grpc_resource_exhausted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_argument_and_400_are_dropped_and_counted() {
-    let _serial = perch_tests::serial();
+    let _serial = perch_tests::serial_async().await;
     for protocol in [Protocol::Grpc, Protocol::HttpProtobuf] {
         let rx = Receiver::start().await;
         let refusal = match protocol {
@@ -248,7 +248,7 @@ async fn invalid_argument_and_400_are_dropped_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_collector_bounded_queue_and_recovery() {
-    let _serial = perch_tests::serial();
+    let _serial = perch_tests::serial_async().await;
     let rx = Receiver::start().await;
     // Slower than the 500 ms request timeout.
     rx.set_default(Reply::Slow(Duration::from_millis(900), Box::new(Reply::Ok)));
@@ -286,7 +286,7 @@ async fn slow_collector_bounded_queue_and_recovery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn circuit_breaker_opens_and_half_opens() {
-    let _serial = perch_tests::serial();
+    let _serial = perch_tests::serial_async().await;
     let rx = Receiver::start().await;
     rx.set_default(Reply::Grpc {
         code: tonic::Code::Unavailable,
@@ -337,7 +337,7 @@ async fn circuit_breaker_opens_and_half_opens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_handshake_failure_is_clear_and_custom_ca_works() {
-    let _serial = perch_tests::serial();
+    let _serial = perch_tests::serial_async().await;
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = test_pki(dir.path());
     let rx = Receiver::start_on(None, None, Some((cert, key))).await;
@@ -430,7 +430,7 @@ fn drops_feed(at: std::time::SystemTime, round: i64, drops: i64) -> Vec<perch::m
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cardinality_attack_100k_peers() {
-    let _serial = perch_tests::serial();
+    let _serial = perch_tests::serial_async().await;
     let rx = Receiver::start().await;
     let cfg = test_config(rx.grpc_url(), Protocol::Grpc);
     let (exporter, selfm, watch) = start(&cfg);
@@ -529,7 +529,7 @@ fn series_count(s: &Snapshot, name: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_queue_survives_restart_and_a_corrupt_file() {
-    let _serial = perch_tests::serial();
+    let _serial = perch_tests::serial_async().await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut cfg = test_config(format!("http://127.0.0.1:{port}"), Protocol::Grpc);

@@ -13,7 +13,7 @@ use perch_tests::otlp_receiver::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hard_limit_refuses_new_data_and_recovers() {
-    let _serial = perch_tests::serial();
+    let _serial = perch_tests::serial_async().await;
     let rx = Receiver::start().await;
     let selfm = Arc::new(SelfMetrics::new());
     let cfg = test_config(rx.grpc_url(), Protocol::Grpc);

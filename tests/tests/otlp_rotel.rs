@@ -135,13 +135,13 @@ async fn run_through_rotel(protocol: Protocol) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_through_rotel() {
-    let _serial = perch_tests::serial();
+    let _serial = perch_tests::serial_async().await;
     run_through_rotel(Protocol::Grpc).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_through_rotel() {
-    let _serial = perch_tests::serial();
+    let _serial = perch_tests::serial_async().await;
     run_through_rotel(Protocol::HttpProtobuf).await;
 }
 
@@ -150,7 +150,7 @@ async fn http_through_rotel() {
 /// cumulative series show no reset (same start time, monotonic values).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotel_killed_and_restarted() {
-    let _serial = perch_tests::serial();
+    let _serial = perch_tests::serial_async().await;
     let sink = Receiver::start().await;
     let mut rotel = Rotel::start(sink.grpc);
     let selfm = Arc::new(SelfMetrics::new());
