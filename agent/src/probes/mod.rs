@@ -121,7 +121,17 @@ impl Probes {
             );
             match loader.load(OBJECT) {
                 Ok(e) => ebpf = Some(e),
-                Err(e) => facts.object_error = Some(error_chain(&e)),
+                Err(e) => {
+                    let mut msg = error_chain(&e);
+                    if msg.contains("Operation not permitted") {
+                        msg.push_str(
+                            " (Perch needs CAP_BPF and CAP_PERFMON to load its programs; \
+                             without them every family uses its fallback)",
+                        );
+                    }
+                    warn!(error = %msg, "eBPF object not loaded; every family falls back");
+                    facts.object_error = Some(msg);
+                }
             }
         }
 

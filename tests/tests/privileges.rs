@@ -1,0 +1,145 @@
+//! Least privilege and failure paths, against the real kernel:
+//! - as `nobody` with only CAP_BPF and CAP_PERFMON (what deploy/ grants),
+//!   every eBPF family loads;
+//! - with no capability at all, the object cannot load: every family falls
+//!   back with the kernel's reason, the agent still collects, and a forced
+//!   `ebpf` mode is a start-up error naming the family and the reason.
+
+use std::process::Command;
+
+use perch_tests::perch_bin;
+
+/// A copy of `perch` that uid 65534 can execute wherever the checkout lives
+/// (a clone under /root is not traversable by `nobody`).
+fn public_perch() -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    static COPY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("perch-priv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+        let bin = dir.join("perch");
+        std::fs::copy(perch_bin(), &bin).expect("copying perch");
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod perch");
+        bin
+    })
+    .clone()
+}
+
+/// `perch ARGS` as uid/gid 65534 with exactly `caps` (setpriv, util-linux).
+fn perch_as_nobody(caps: &[&str], args: &[&str]) -> std::process::Output {
+    let set = if caps.is_empty() {
+        "-all".to_owned()
+    } else {
+        format!(
+            "-all,{}",
+            caps.iter()
+                .map(|c| format!("+{c}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    };
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(format!("--inh-caps={set}"))
+        .arg(format!("--bounding-set={set}"));
+    if !caps.is_empty() {
+        cmd.arg(format!("--ambient-caps={set}"));
+    }
+    cmd.arg(perch_bin())
+        .args(args)
+        .output()
+        .expect("setpriv (util-linux)")
+}
+
+fn plan(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "perch failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+fn source_of(v: &serde_json::Value, family: &str) -> (String, String) {
+    let f = v["plan"]["families"]
+        .as_array()
+        .expect("families")
+        .iter()
+        .find(|f| f["family"] == family)
+        .unwrap_or_else(|| panic!("{family} not planned"));
+    (
+        f["source"].as_str().unwrap_or_default().to_owned(),
+        f["reason"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+#[test]
+fn cap_bpf_and_cap_perfmon_are_enough() {
+    let _serial = perch_tests::kernel::privileged();
+    let out = perch_as_nobody(&["bpf", "perfmon"], &["features", "--json"]);
+    let v = plan(&out);
+    assert!(
+        v["kernel"]["object_error"].is_null(),
+        "{}",
+        v["kernel"]["object_error"]
+    );
+    for family in ["sched", "softirq", "tcp", "drops"] {
+        let (source, reason) = source_of(&v, family);
+        assert_eq!(
+            source, "ebpf",
+            "{family} as nobody+CAP_BPF+CAP_PERFMON: {reason}"
+        );
+    }
+}
+
+#[test]
+fn without_capabilities_every_family_falls_back_and_collection_goes_on() {
+    let _serial = perch_tests::kernel::privileged();
+    let out = perch_as_nobody(&[], &["collect", "--duration", "300ms", "--format", "json"]);
+    let v = plan(&out);
+    for family in ["sched", "softirq", "tcp", "drops"] {
+        let (source, reason) = source_of(&v, family);
+        assert_eq!(source, "procfs", "{family}: {reason}");
+        assert!(
+            reason.contains("Operation not permitted") && reason.contains("CAP_BPF"),
+            "{family}: the reason should carry the kernel's error and the fix: {reason}"
+        );
+    }
+    let names: Vec<&str> = v["metrics"]
+        .as_array()
+        .expect("metrics")
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    for m in [
+        "system.cpu.time",
+        "perch.cpu.context_switches",
+        "perch.cpu.softirq.count",
+        "perch.tcp.retransmits",
+    ] {
+        assert!(
+            names.contains(&m),
+            "{m} missing from the fallback snapshot: {names:?}"
+        );
+    }
+}
+
+#[test]
+fn forced_ebpf_without_capabilities_is_a_startup_error() {
+    let _serial = perch_tests::kernel::privileged();
+    let out = perch_as_nobody(
+        &[],
+        &["collect", "--duration", "100ms", "--probe", "sched=ebpf"],
+    );
+    assert!(
+        !out.status.success(),
+        "forced ebpf must not start without CAP_BPF"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("probes.sched.mode = \"ebpf\"") && err.contains("Operation not permitted"),
+        "the error should name the family and the kernel's reason: {err}"
+    );
+}
