@@ -47,7 +47,7 @@ fn perch_as_nobody(caps: &[&str], args: &[&str]) -> std::process::Output {
     if !caps.is_empty() {
         cmd.arg(format!("--ambient-caps={set}"));
     }
-    cmd.arg(perch_bin())
+    cmd.arg(public_perch())
         .args(args)
         .output()
         .expect("setpriv (util-linux)")
