@@ -8,6 +8,9 @@ use std::time::Duration;
 use perch_tests::otlp_receiver::{accepted_points, resource_attributes, Receiver, Rotel};
 use perch_tests::perch::Agent;
 
+/// (metric, attributes) -> [(time, start, value)].
+type Series = BTreeMap<(String, Vec<(String, String)>), Vec<(u64, u64, f64)>>;
+
 async fn agent_through_rotel(protocol: &str) {
     let _serial = perch_tests::serial_async().await;
     perch_tests::kernel::require_root();
@@ -106,8 +109,7 @@ async fn agent_through_rotel(protocol: &str) {
     );
 
     // Every cumulative series is monotonic with one start time.
-    let mut series: BTreeMap<(String, Vec<(String, String)>), Vec<(u64, u64, f64)>> =
-        BTreeMap::new();
+    let mut series: Series = BTreeMap::new();
     for p in points.iter().filter(|p| p.monotonic) {
         series
             .entry((p.metric.clone(), p.attributes.clone()))
