@@ -6,7 +6,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::collectors::{self, Collector};
 use crate::config::Config;
@@ -40,6 +40,8 @@ pub struct Agent {
     probes: Probes,
     collectors: Vec<Box<dyn Collector>>,
     pipeline: Pipeline,
+    /// Collectors whose last collection failed (logged once per episode).
+    failing: std::collections::BTreeSet<&'static str>,
     pub shared: Arc<Shared>,
 }
 
@@ -76,6 +78,7 @@ impl Agent {
             probes,
             collectors,
             pipeline,
+            failing: Default::default(),
             shared,
         })
     }
@@ -91,18 +94,30 @@ impl Agent {
         let selfm = &self.shared.selfm;
         let mut metrics: Vec<Metric> = Vec::new();
         for c in &mut self.collectors {
-            if let Err(e) = c.collect(now, &mut metrics) {
-                warn!(component = c.name(), error.type = e.kind(), error = %e, "collector failed; others go on");
-                selfm.add(
-                    "perch.collector.errors",
-                    "Collections a collector could not complete, by component and error type.",
-                    "{error}",
-                    vec![
-                        ("perch.component", c.name().into()),
-                        ("error.type", e.kind().into()),
-                    ],
-                    1,
-                );
+            let failing = self.failing.contains(c.name());
+            match c.collect(now, &mut metrics) {
+                Ok(()) if failing => {
+                    self.failing.remove(c.name());
+                    info!(component = c.name(), "collector recovered");
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    // Logged when a collector starts failing, counted every time.
+                    if !failing {
+                        error!(component = c.name(), error.type = e.kind(), error = %e, "collector failed; its metrics are missing from this interval, others go on");
+                        self.failing.insert(c.name());
+                    }
+                    selfm.add(
+                        "perch.collector.errors",
+                        "Collections a collector could not complete, by component and error type.",
+                        "{error}",
+                        vec![
+                            ("perch.component", c.name().into()),
+                            ("error.type", e.kind().into()),
+                        ],
+                        1,
+                    );
+                }
             }
         }
         self.record_probe_stats();

@@ -373,3 +373,57 @@ fn features_reports_the_plan() {
         }
     }
 }
+
+/// Unexpected `/proc` content at run time: the failing collector's error is
+/// logged once with the file and line, counted in
+/// `perch.collector.errors{perch.component,error.type}` every interval, and
+/// the other metrics keep coming.
+#[test]
+fn odd_proc_content_is_counted_and_collection_goes_on() {
+    let _serial = kernel::privileged();
+    let dir = tempfile::tempdir().expect("tempdir");
+    for f in ["stat", "softirqs"] {
+        std::fs::copy(format!("/proc/{f}"), dir.path().join(f)).expect("copy");
+    }
+    std::fs::write(dir.path().join("loadavg"), "0.5 garbage\n").expect("write");
+    let out = std::process::Command::new(perch_tests::perch_bin())
+        .args(["collect", "--duration", "200ms", "--format", "json"])
+        .args([
+            "--probe",
+            "interfaces=off",
+            "--probe",
+            "connections=off",
+            "--probe",
+            "tcp=off",
+            "--probe",
+            "drops=off",
+        ])
+        .env("PERCH_PROC_ROOT", dir.path())
+        .output()
+        .expect("perch");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("collector failed") && log.contains("loadavg: line 1"),
+        "{log}"
+    );
+    let snap: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let errors = sum(
+        &snap,
+        "perch.collector.errors",
+        &[("perch.component", "cpu"), ("error.type", "malformed")],
+    );
+    assert_eq!(errors, 1.0, "one failed collection counted");
+    assert!(
+        !points(&snap, "system.cpu.time").is_empty(),
+        "CPU time still collected"
+    );
+    assert!(
+        !points(&snap, "perch.cpu.softirq.count").is_empty(),
+        "other collectors went on"
+    );
+}
