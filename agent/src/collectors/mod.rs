@@ -13,6 +13,7 @@ pub mod netlink;
 pub mod sched;
 pub mod softirq;
 pub mod tcp;
+pub mod tcp_sockdiag;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

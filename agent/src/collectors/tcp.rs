@@ -21,34 +21,45 @@
 //!     `probes.tcp.rtt_per_peer`.
 //!   - Self: `perch.bpf.map.full{perch.bpf.map}` (failed inserts: the bytes
 //!     of a peer that did not fit are in the `network.peer.address="_OTHER"`
-//!     series, never lost), `perch.bpf.map.entries{perch.bpf.map}`.
+//!     series, never lost), `perch.bpf.map.entries{perch.bpf.map}`,
+//!     `perch.tcp.peers.evicted`, `perch.tcp.peers.forgotten`.
 //! - Fallback (procfs): `/proc/net/snmp` `Tcp`, for the agent's network
 //!   namespace and host-wide within it: `RetransSegs` ->
 //!   `perch.tcp.retransmits{}`, `ActiveOpens`/`PassiveOpens` ->
 //!   `perch.tcp.connections.opened{perch.tcp.role}`, `AttemptFails` ->
 //!   `perch.tcp.connections.failed{error.type="attempt_failed"}` (refused and
 //!   timed-out connects together, plus server handshakes that failed),
-//!   `EstabResets` -> `{error.type="reset"}`. No `perch.tcp.io`, no
-//!   histograms.
-//! - Oldest kernel: 6.3 for eBPF, any for procfs.
+//!   `EstabResets` -> `{error.type="reset"}`. Plus the netlink `sock_diag`
+//!   sampler ([`super::tcp_sockdiag`]): per-peer `perch.tcp.io` from
+//!   `tcp_info` byte counters and `perch.tcp.rtt` from `tcpi_rtt`, sampled
+//!   once per interval (connections that open and close between two samples
+//!   are missed). No connect-duration histogram.
+//! - Oldest kernel: 6.3 for eBPF, any for procfs (4.1 for the sampler's
+//!   byte counters).
+//!
+//! Idle peers are evicted from `TCP_PEERS` so the bounded map keeps room for
+//! new peers: see [`PeerTable`].
 //!
 //! Peer series are keyed by remote address, the server's port and the role;
 //! the client's ephemeral port is never an attribute. IPv4-mapped IPv6
 //! peers are reported as IPv4, merged with the IPv4 series.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use agent_common::{hist, tcp as c};
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{MapData, MapError, PerCpuArray, PerCpuHashMap};
+use aya::sys::SyscallError;
 
 use crate::gate::{Family, Source};
 use crate::model::{Attributes, Data, HistogramPoint, Metric, Number, NumberPoint, StartTimes};
 use crate::probes::Probes;
 use crate::procfs::{snmp, ProcError, ProcRoot};
 
+use super::tcp_sockdiag::{self as sd, PeerSampler, Sampler};
 use super::{online_cpus, CollectError, Collector};
 
 const IO: &str = "perch.tcp.io";
@@ -59,9 +70,30 @@ const CONNECT: &str = "perch.tcp.connect.duration";
 const RTT: &str = "perch.tcp.rtt";
 const MAP_FULL: &str = "perch.bpf.map.full";
 const MAP_ENTRIES: &str = "perch.bpf.map.entries";
+const EVICTED: &str = "perch.tcp.peers.evicted";
+const FORGOTTEN: &str = "perch.tcp.peers.forgotten";
+const RTT_DESC: &str = "Smoothed TCP round-trip time, sampled while a connection sends or \
+                        receives, over the connection's whole life.";
+
+/// Collections in a row without any change after which a peer's entry is
+/// evicted from `TCP_PEERS` (its totals move to the userspace base table).
+/// 6 is a minute at the default 10 s interval: long enough that a peer
+/// talking every few intervals keeps its entry (an eviction costs two
+/// syscalls and, if the peer comes back, a kernel re-insert), short enough
+/// that a map sized for the peers active at once is not filled by peers
+/// that left.
+pub const EVICT_AFTER_INTERVALS: u32 = 6;
+/// Idle time after which an evicted peer's totals are forgotten: its series
+/// ends, and a later return starts a new series with a new start time. Bounds
+/// the userspace table by the peers seen in the last hour.
+pub const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
 const IO_DESC: &str = "TCP payload bytes per peer, server port and role, as returned by \
                        send/recv syscalls (no headers, no retransmissions).";
+const IO_SAMPLED_DESC: &str = "TCP payload bytes per peer, server port and role: acknowledged by \
+                               the peer (transmit) or received in order (receive), sampled from \
+                               tcp_info once per interval (connections closed between samples \
+                               are missed).";
 const RETRANS_DESC: &str = "Retransmitted TCP segments.";
 const OPENED_DESC: &str = "TCP connections established, by role.";
 const FAILED_DESC: &str = "TCP connections that failed: connects refused or timed out, \
@@ -79,12 +111,241 @@ struct Maps {
     max_peers: u32,
 }
 
-/// Reads the TCP maps, or `/proc/net/snmp` in procfs mode.
+/// Reads the TCP maps, or `/proc/net/snmp` and the sock_diag sampler in
+/// procfs mode.
 pub struct TcpCollector {
     proc: ProcRoot,
     maps: Option<Maps>,
+    table: PeerTable<c::PeerKey, c::PeerValue>,
+    sampler: Option<Sampler>,
     starts: StartTimes,
+    /// Start times of the sampler's series: it counts from its own start,
+    /// not from boot like `/proc/net/snmp`.
+    sampler_starts: StartTimes,
     bounds: Arc<[f64]>,
+}
+
+/// Cumulative counters of one map entry (summed over CPUs).
+pub trait Counters: Copy + Default + PartialEq + std::fmt::Debug {
+    /// Adds `o` to `self`, field by field.
+    fn add(&mut self, o: &Self);
+    /// Some field of `self` is below the same field of `o`: not a
+    /// continuation of `o` (the entry was re-created).
+    fn below(&self, o: &Self) -> bool;
+}
+
+impl Counters for c::PeerValue {
+    fn add(&mut self, o: &Self) {
+        self.tx_bytes += o.tx_bytes;
+        self.rx_bytes += o.rx_bytes;
+        self.retrans_segs += o.retrans_segs;
+    }
+    fn below(&self, o: &Self) -> bool {
+        self.tx_bytes < o.tx_bytes
+            || self.rx_bytes < o.rx_bytes
+            || self.retrans_segs < o.retrans_segs
+    }
+}
+
+impl Counters for u64 {
+    fn add(&mut self, o: &Self) {
+        *self += *o;
+    }
+    fn below(&self, o: &Self) -> bool {
+        self < o
+    }
+}
+
+/// What [`PeerTable::evict`]'s `take` did with one kernel entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take<V> {
+    /// Read it (this value, summed over CPUs) and deleted it.
+    Removed(V),
+    /// Read it and found it changed since the last collection: kept.
+    Changed(V),
+    /// It was not in the map any more.
+    Gone,
+    /// Reading or deleting failed: kept, tried again next collection.
+    Kept,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Tracked<V> {
+    /// Totals of the entry's evicted incarnations.
+    base: V,
+    /// The kernel entry's value at the last collection; `None` while the
+    /// entry is not in the kernel map.
+    kernel: Option<V>,
+    /// Collections in a row the kernel value did not change.
+    idle: u32,
+    /// When the total last changed.
+    last_change: SystemTime,
+    /// Seen in this collection's read of the map.
+    seen: bool,
+}
+
+/// The userspace side of an evicting kernel map of cumulative counters.
+///
+/// Each collection the map is read ([`PeerTable::observe`]); an entry
+/// unchanged for `evict_after` collections in a row is deleted from the
+/// kernel map and its value added to its key's `base`
+/// ([`PeerTable::evict`]). The exported total of a key is `base` plus the
+/// kernel entry's current value, so when the peer comes back (the kernel
+/// re-inserts it from zero) the series continues from where it was, with
+/// the same start time. A key with no kernel entry and no change for
+/// `forget_after` is dropped ([`PeerTable::forget`]): its series ends.
+///
+/// Race: the kernel adds to an entry through a pointer, without the map's
+/// lock, so a delete cannot be atomic with the programs. `take` re-reads an
+/// idle entry just before deleting it and keeps it if it changed; what the
+/// programs add between that read and the delete (a window of one syscall,
+/// a few µs, on an entry that was idle for `evict_after` intervals) is lost.
+/// The exported total still never goes down: the read value is at least the
+/// last one exported.
+#[derive(Debug)]
+pub struct PeerTable<K, V> {
+    evict_after: u32,
+    forget_after: Duration,
+    entries: HashMap<K, Tracked<V>>,
+    evicted: u64,
+    forgotten: u64,
+}
+
+impl<K: Copy + Eq + Hash, V: Counters> PeerTable<K, V> {
+    pub fn new(evict_after: u32, forget_after: Duration) -> Self {
+        Self {
+            evict_after,
+            forget_after,
+            entries: HashMap::new(),
+            evicted: 0,
+            forgotten: 0,
+        }
+    }
+
+    /// Records this collection's kernel entries (values summed over CPUs).
+    pub fn observe(&mut self, kernel: impl IntoIterator<Item = (K, V)>, now: SystemTime) {
+        for t in self.entries.values_mut() {
+            t.seen = false;
+        }
+        for (k, v) in kernel {
+            let t = self.entries.entry(k).or_insert(Tracked {
+                base: V::default(),
+                kernel: None,
+                idle: 0,
+                last_change: now,
+                seen: false,
+            });
+            t.seen = true;
+            Self::update(t, v, now);
+        }
+        for t in self.entries.values_mut() {
+            if !t.seen {
+                // Deleted by someone else (or by a take that failed after
+                // deleting): keep what was last read.
+                if let Some(prev) = t.kernel.take() {
+                    t.base.add(&prev);
+                }
+            }
+        }
+    }
+
+    /// A new kernel value `v` for `t`.
+    fn update(t: &mut Tracked<V>, v: V, now: SystemTime) {
+        match t.kernel {
+            Some(prev) if v == prev => t.idle = t.idle.saturating_add(1),
+            Some(prev) => {
+                if v.below(&prev) {
+                    // Re-created without us, counting from zero again: what
+                    // was read before is kept.
+                    t.base.add(&prev);
+                }
+                t.idle = 0;
+                t.last_change = now;
+            }
+            None => {
+                // New, or back after an eviction (counting from zero).
+                t.idle = 0;
+                if v != V::default() {
+                    t.last_change = now;
+                }
+            }
+        }
+        t.kernel = Some(v);
+    }
+
+    /// Evicts the entries idle for `evict_after` collections: `take(key,
+    /// last)` re-reads the kernel entry and deletes it if it still equals
+    /// `last`. Returns how many were evicted.
+    pub fn evict(&mut self, now: SystemTime, mut take: impl FnMut(&K, &V) -> Take<V>) -> usize {
+        let mut n = 0;
+        for (k, t) in self.entries.iter_mut() {
+            let Some(last) = t.kernel else { continue };
+            if t.idle < self.evict_after {
+                continue;
+            }
+            match take(k, &last) {
+                Take::Removed(v) => {
+                    if v.below(&last) {
+                        t.base.add(&last);
+                    }
+                    t.base.add(&v);
+                    t.kernel = None;
+                    n += 1;
+                }
+                Take::Changed(v) => Self::update(t, v, now),
+                Take::Gone => {
+                    t.base.add(&last);
+                    t.kernel = None;
+                }
+                Take::Kept => {}
+            }
+        }
+        self.evicted += n as u64;
+        n
+    }
+
+    /// Drops the keys with no kernel entry whose total has not changed for
+    /// `forget_after`; returns them.
+    pub fn forget(&mut self, now: SystemTime) -> Vec<K> {
+        let mut gone = Vec::new();
+        let after = self.forget_after;
+        self.entries.retain(|k, t| {
+            let idle = now.duration_since(t.last_change).unwrap_or_default();
+            let keep = t.kernel.is_some() || idle < after;
+            if !keep {
+                gone.push(*k);
+            }
+            keep
+        });
+        self.forgotten += gone.len() as u64;
+        gone
+    }
+
+    /// The exported totals: base plus the kernel value, per key.
+    pub fn totals(&self) -> impl Iterator<Item = (&K, V)> + '_ {
+        self.entries.iter().map(|(k, t)| {
+            let mut v = t.base;
+            if let Some(kv) = &t.kernel {
+                v.add(kv);
+            }
+            (k, v)
+        })
+    }
+
+    /// Keys with an entry in the kernel map.
+    pub fn in_kernel(&self) -> usize {
+        self.entries.values().filter(|t| t.kernel.is_some()).count()
+    }
+
+    /// Entries evicted so far.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// Keys forgotten so far.
+    pub fn forgotten(&self) -> u64 {
+        self.forgotten
+    }
 }
 
 /// A peer as exported: address text, server port, role name.
@@ -154,9 +415,25 @@ impl TcpCollector {
             Some(_) => probes.attached_at(Family::Tcp)?,
             None => boot,
         };
+        let sampler = match source {
+            Source::Procfs => {
+                let state = PeerSampler::new(max_peers, rtt_per_peer, FORGET_AFTER);
+                match Sampler::start(state, SystemTime::now()) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "tcp: sock_diag sampler unavailable; no per-peer data in procfs mode");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         Some(Self {
             proc,
             maps,
+            table: PeerTable::new(EVICT_AFTER_INTERVALS, FORGET_AFTER),
+            sampler_starts: StartTimes::new(SystemTime::now()),
+            sampler,
             starts: StartTimes::new(start),
             bounds: super::sched::runq_bounds(),
         })
@@ -169,13 +446,7 @@ impl TcpCollector {
         v: u64,
         now: SystemTime,
     ) -> NumberPoint {
-        let start = self.starts.observe(name, &attributes, v as f64, now);
-        NumberPoint {
-            attributes,
-            start_time: Some(start),
-            time: now,
-            value: Number::Int(v as i64),
-        }
+        number_point(&mut self.starts, name, attributes, v, now)
     }
 
     fn hist(
@@ -186,21 +457,19 @@ impl TcpCollector {
         sum_ns: u64,
         now: SystemTime,
     ) -> HistogramPoint {
-        let count: u64 = counts.iter().sum();
-        let start = self.starts.observe(name, &attributes, count as f64, now);
-        HistogramPoint {
+        hist_point(
+            &mut self.starts,
+            &self.bounds,
+            name,
             attributes,
-            start_time: start,
-            time: now,
-            count,
-            sum: sum_ns as f64 / 1e9,
-            bounds: self.bounds.clone(),
-            bucket_counts: counts,
-        }
+            counts,
+            sum_ns,
+            now,
+        )
     }
 
     fn collect_ebpf(&mut self, now: SystemTime, out: &mut Vec<Metric>) -> Result<(), CollectError> {
-        let Some(maps) = &self.maps else {
+        let Some(maps) = self.maps.as_mut() else {
             return Ok(());
         };
         let cpus = online_cpus();
@@ -234,20 +503,40 @@ impl TcpCollector {
         let connect = read_hist(&maps.connect, c::MAP_CONNECT_HIST)?;
         let rtt = read_hist(&maps.rtt, c::MAP_RTT_HIST)?;
 
-        // Peers: summed over CPUs, v4-mapped folded into IPv4.
-        let mut peers: BTreeMap<Peer, c::PeerValue> = BTreeMap::new();
-        let mut peer_entries = 0u64;
+        // Peers: summed over CPUs; idle ones evicted into the base table;
+        // v4-mapped folded into IPv4.
+        let mut kernel = Vec::new();
         for item in maps.peers.iter() {
             let (key, values) = item.map_err(|e| CollectError::map(c::MAP_PEERS, e))?;
-            peer_entries += 1;
-            let e = peers
-                .entry((peer_address(&key), key.server_port, role_name(key.role)))
-                .or_default();
-            for v in values.iter() {
-                e.tx_bytes += v.tx_bytes;
-                e.rx_bytes += v.rx_bytes;
-                e.retrans_segs += v.retrans_segs;
+            let mut v = c::PeerValue::default();
+            for x in values.iter() {
+                v.add(x);
             }
+            kernel.push((key, v));
+        }
+        self.table.observe(kernel, now);
+        let peers_map = &mut maps.peers;
+        let mut failures = 0u32;
+        self.table.evict(now, |k, last| {
+            let t = take_peer(peers_map, k, last);
+            failures += u32::from(t == Take::Kept);
+            t
+        });
+        if failures > 0 {
+            tracing::warn!(
+                map = c::MAP_PEERS,
+                entries = failures,
+                "tcp: idle peers could not be evicted; retrying next interval"
+            );
+        }
+        let forgotten = self.table.forget(now);
+        let peer_entries = self.table.in_kernel() as u64;
+        let mut peers: BTreeMap<Peer, c::PeerValue> = BTreeMap::new();
+        for (key, v) in self.table.totals() {
+            peers
+                .entry((peer_address(key), key.server_port, role_name(key.role)))
+                .or_default()
+                .add(&v);
         }
         let mut rtt_peers: BTreeMap<Peer, (Vec<u64>, u64)> = BTreeMap::new();
         let mut rtt_peer_entries = 0u64;
@@ -273,18 +562,25 @@ impl TcpCollector {
         let max_peers = maps.max_peers;
         let has_rtt_peers = maps.rtt_peers.is_some();
 
-        let mut io = Vec::with_capacity(peers.len() * 2 + 4);
+        let io_peers: BTreeMap<Peer, (u64, u64)> = peers
+            .iter()
+            .map(|(p, v)| (p.clone(), (v.tx_bytes, v.rx_bytes)))
+            .collect();
+        let overflow = (slots[c::SLOT_PEERS_FULL as usize] > 0).then(|| {
+            [
+                (
+                    slots[c::SLOT_OVF_TX_CLIENT as usize],
+                    slots[c::SLOT_OVF_RX_CLIENT as usize],
+                ),
+                (
+                    slots[c::SLOT_OVF_TX_SERVER as usize],
+                    slots[c::SLOT_OVF_RX_SERVER as usize],
+                ),
+            ]
+        });
+        let io = io_points(&mut self.starts, &io_peers, overflow, now);
         let mut retrans = Vec::with_capacity(peers.len() + 2);
         for ((addr, port, role), v) in &peers {
-            for (dir, n) in [("transmit", v.tx_bytes), ("receive", v.rx_bytes)] {
-                let attrs: Attributes = vec![
-                    ("network.peer.address", addr.clone().into()),
-                    ("server.port", (*port).into()),
-                    ("perch.tcp.role", (*role).into()),
-                    ("network.io.direction", dir.into()),
-                ];
-                io.push(self.sum(IO, attrs, n, now));
-            }
             let attrs: Attributes = vec![
                 ("network.peer.address", addr.clone().into()),
                 ("server.port", (*port).into()),
@@ -293,29 +589,11 @@ impl TcpCollector {
             retrans.push(self.sum(RETRANS, attrs, v.retrans_segs, now));
         }
         // Overflow series, once anything overflowed.
-        if slots[c::SLOT_PEERS_FULL as usize] > 0 {
-            for (role, tx, rx, re) in [
-                (
-                    "client",
-                    c::SLOT_OVF_TX_CLIENT,
-                    c::SLOT_OVF_RX_CLIENT,
-                    c::SLOT_OVF_RETRANS_CLIENT,
-                ),
-                (
-                    "server",
-                    c::SLOT_OVF_TX_SERVER,
-                    c::SLOT_OVF_RX_SERVER,
-                    c::SLOT_OVF_RETRANS_SERVER,
-                ),
+        if overflow.is_some() {
+            for (role, re) in [
+                ("client", c::SLOT_OVF_RETRANS_CLIENT),
+                ("server", c::SLOT_OVF_RETRANS_SERVER),
             ] {
-                for (dir, slot) in [("transmit", tx), ("receive", rx)] {
-                    let attrs: Attributes = vec![
-                        ("network.peer.address", OVERFLOW_PEER.into()),
-                        ("perch.tcp.role", role.into()),
-                        ("network.io.direction", dir.into()),
-                    ];
-                    io.push(self.sum(IO, attrs, slots[slot as usize], now));
-                }
                 let attrs: Attributes = vec![
                     ("network.peer.address", OVERFLOW_PEER.into()),
                     ("perch.tcp.role", role.into()),
@@ -416,8 +694,7 @@ impl TcpCollector {
         }
         out.push(Metric {
             name: RTT,
-            description: "Smoothed TCP round-trip time, sampled at most every 100 ms per socket \
-                          while it sends or receives, over the connection's whole life.",
+            description: RTT_DESC,
             unit: "s",
             data: Data::Histogram { points: rtt_points },
         });
@@ -458,7 +735,136 @@ impl TcpCollector {
             unit: "{entry}",
             data: Data::Gauge { points: entries },
         });
+        let (evicted, forgotten_n) = (self.table.evicted(), self.table.forgotten());
+        self.push_peer_churn(evicted, forgotten_n, now, out);
+        if !forgotten.is_empty() {
+            let present: HashSet<String> =
+                peers.keys().map(|(a, p, r)| series_id(a, *p, r)).collect();
+            retain_peers(&mut self.starts, &present);
+        }
         Ok(())
+    }
+
+    /// `perch.tcp.peers.evicted` and `perch.tcp.peers.forgotten`.
+    fn push_peer_churn(
+        &mut self,
+        evicted: u64,
+        forgotten: u64,
+        now: SystemTime,
+        out: &mut Vec<Metric>,
+    ) {
+        let p = self.sum(EVICTED, Vec::new(), evicted, now);
+        out.push(Metric {
+            name: EVICTED,
+            description: "Idle peers whose kernel entry was deleted to make room; their totals \
+                          are kept and their series go on.",
+            unit: "{peer}",
+            data: Data::Sum {
+                monotonic: true,
+                points: vec![p],
+            },
+        });
+        let p = self.sum(FORGOTTEN, Vec::new(), forgotten, now);
+        out.push(Metric {
+            name: FORGOTTEN,
+            description: "Peers idle for an hour whose totals were dropped: their series ended.",
+            unit: "{peer}",
+            data: Data::Sum {
+                monotonic: true,
+                points: vec![p],
+            },
+        });
+    }
+
+    /// The sock_diag sampler's per-peer `perch.tcp.io` and `perch.tcp.rtt`.
+    fn collect_sampler(&mut self, now: SystemTime, out: &mut Vec<Metric>) {
+        let Some(sampler) = self.sampler.as_mut() else {
+            return;
+        };
+        let forgotten = match sampler.sample(now) {
+            Ok(f) => f,
+            Err(e) => {
+                // The snmp counters are still exported; per-peer data of
+                // this interval comes with the next sample.
+                tracing::warn!(error = %e, "tcp: sock_diag sample failed; per-peer data delayed to the next interval");
+                return;
+            }
+        };
+        let st = &sampler.state;
+        let id =
+            |p: &sd::PeerId| -> Peer { (p.addr.to_string(), p.server_port, role_name(p.role)) };
+        let peers: BTreeMap<Peer, (u64, u64)> = st
+            .peers()
+            .map(|(p, t)| (id(&p), (t.tx_bytes, t.rx_bytes)))
+            .collect();
+        let overflow = st.overflow().map(|o| o.map(|t| (t.tx_bytes, t.rx_bytes)));
+        let rtt = st.rtt().clone();
+        let rtt_peers: BTreeMap<Peer, sd::Hist> =
+            st.rtt_peers().map(|(p, h)| (id(&p), h.clone())).collect();
+        let forgotten_n = st.forgotten();
+        let io = io_points(&mut self.sampler_starts, &peers, overflow, now);
+        out.push(Metric {
+            name: IO,
+            description: IO_SAMPLED_DESC,
+            unit: "By",
+            data: Data::Sum {
+                monotonic: true,
+                points: io,
+            },
+        });
+        let mut points = vec![hist_point(
+            &mut self.sampler_starts,
+            &self.bounds,
+            RTT,
+            Vec::new(),
+            rtt.counts,
+            rtt.sum_ns,
+            now,
+        )];
+        for ((addr, port, role), h) in rtt_peers {
+            let attrs: Attributes = vec![
+                ("network.peer.address", addr.into()),
+                ("server.port", port.into()),
+                ("perch.tcp.role", role.into()),
+            ];
+            points.push(hist_point(
+                &mut self.sampler_starts,
+                &self.bounds,
+                RTT,
+                attrs,
+                h.counts,
+                h.sum_ns,
+                now,
+            ));
+        }
+        out.push(Metric {
+            name: RTT,
+            description: RTT_DESC,
+            unit: "s",
+            data: Data::Histogram { points },
+        });
+        let p = number_point(
+            &mut self.sampler_starts,
+            FORGOTTEN,
+            Vec::new(),
+            forgotten_n,
+            now,
+        );
+        out.push(Metric {
+            name: FORGOTTEN,
+            description: "Peers idle for an hour whose totals were dropped: their series ended.",
+            unit: "{peer}",
+            data: Data::Sum {
+                monotonic: true,
+                points: vec![p],
+            },
+        });
+        if !forgotten.is_empty() {
+            let present: HashSet<String> =
+                peers.keys().map(|(a, p, r)| series_id(a, *p, r)).collect();
+            retain_peers(&mut self.sampler_starts, &present);
+        }
+        self.sampler_starts.end_collection(now);
     }
 
     fn collect_procfs(
@@ -528,7 +934,149 @@ impl TcpCollector {
                 points: failed,
             },
         });
+        self.collect_sampler(now, out);
         Ok(())
+    }
+}
+
+/// A cumulative point of `name`, its start time from `starts`.
+fn number_point(
+    starts: &mut StartTimes,
+    name: &'static str,
+    attributes: Attributes,
+    v: u64,
+    now: SystemTime,
+) -> NumberPoint {
+    let start = starts.observe(name, &attributes, v as f64, now);
+    NumberPoint {
+        attributes,
+        start_time: Some(start),
+        time: now,
+        value: Number::Int(v as i64),
+    }
+}
+
+/// A cumulative histogram point (bucket counts in [`hist`] buckets, sum in
+/// ns), its start time from `starts`.
+fn hist_point(
+    starts: &mut StartTimes,
+    bounds: &Arc<[f64]>,
+    name: &'static str,
+    attributes: Attributes,
+    counts: Vec<u64>,
+    sum_ns: u64,
+    now: SystemTime,
+) -> HistogramPoint {
+    let count: u64 = counts.iter().sum();
+    let start = starts.observe(name, &attributes, count as f64, now);
+    HistogramPoint {
+        attributes,
+        start_time: start,
+        time: now,
+        count,
+        sum: sum_ns as f64 / 1e9,
+        bounds: bounds.clone(),
+        bucket_counts: counts,
+    }
+}
+
+/// `perch.tcp.io` points: two per peer (transmit, receive), and the
+/// overflow series (client, server) when given.
+fn io_points(
+    starts: &mut StartTimes,
+    peers: &BTreeMap<Peer, (u64, u64)>,
+    overflow: Option<[(u64, u64); 2]>,
+    now: SystemTime,
+) -> Vec<NumberPoint> {
+    let mut io = Vec::with_capacity(peers.len() * 2 + 4);
+    for ((addr, port, role), (tx, rx)) in peers {
+        for (dir, n) in [("transmit", *tx), ("receive", *rx)] {
+            let attrs: Attributes = vec![
+                ("network.peer.address", addr.clone().into()),
+                ("server.port", (*port).into()),
+                ("perch.tcp.role", (*role).into()),
+                ("network.io.direction", dir.into()),
+            ];
+            io.push(number_point(starts, IO, attrs, n, now));
+        }
+    }
+    if let Some(o) = overflow {
+        for (role, (tx, rx)) in [("client", o[0]), ("server", o[1])] {
+            for (dir, n) in [("transmit", tx), ("receive", rx)] {
+                let attrs: Attributes = vec![
+                    ("network.peer.address", OVERFLOW_PEER.into()),
+                    ("perch.tcp.role", role.into()),
+                    ("network.io.direction", dir.into()),
+                ];
+                io.push(number_point(starts, IO, attrs, n, now));
+            }
+        }
+    }
+    io
+}
+
+/// Identity of a per-peer series, for [`retain_peers`].
+fn series_id(addr: &str, port: u16, role: &str) -> String {
+    format!("{addr}|{port}|{role}")
+}
+
+/// Forgets the start times of per-peer series not in `present`, so that a
+/// forgotten peer that returns starts a new series with a new start time.
+fn retain_peers(starts: &mut StartTimes, present: &HashSet<String>) {
+    starts.retain(|_, attrs| {
+        let get = |k: &str| {
+            attrs
+                .iter()
+                .find(|(ak, _)| *ak == k)
+                .map(|(_, v)| v.to_string())
+        };
+        match (
+            get("network.peer.address"),
+            get("server.port"),
+            get("perch.tcp.role"),
+        ) {
+            (Some(a), Some(p), Some(r)) if a != OVERFLOW_PEER => {
+                present.contains(&format!("{a}|{p}|{r}"))
+            }
+            _ => true,
+        }
+    });
+}
+
+/// Re-reads the kernel entry `k` and deletes it if it still equals `last`.
+fn take_peer(
+    map: &mut PerCpuHashMap<MapData, c::PeerKey, c::PeerValue>,
+    k: &c::PeerKey,
+    last: &c::PeerValue,
+) -> Take<c::PeerValue> {
+    let cur = match map.get(k, 0) {
+        Ok(values) => {
+            let mut v = c::PeerValue::default();
+            for x in values.iter() {
+                v.add(x);
+            }
+            v
+        }
+        Err(MapError::KeyNotFound) => return Take::Gone,
+        Err(e) => {
+            tracing::debug!(map = c::MAP_PEERS, error = %e, "tcp: reading an idle peer failed");
+            return Take::Kept;
+        }
+    };
+    if cur != *last {
+        return Take::Changed(cur);
+    }
+    match map.remove(k) {
+        Ok(()) => Take::Removed(cur),
+        Err(MapError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Take::Gone
+        }
+        Err(e) => {
+            tracing::debug!(map = c::MAP_PEERS, error = %e, "tcp: deleting an idle peer failed");
+            Take::Kept
+        }
     }
 }
 
@@ -601,11 +1149,257 @@ mod tests {
         assert_eq!(role_name(c::ROLE_SERVER), "server");
     }
 
+    /// One collection of a [`PeerTable`] test: the kernel map before it
+    /// (key, value), what the map holds when `take` re-reads an idle entry
+    /// (None: as read), and the totals, kernel entries and eviction count
+    /// after it.
+    struct Step {
+        case: &'static str,
+        at: u64,
+        kernel: Vec<(u8, u64)>,
+        on_take: Option<(u8, Take<u64>)>,
+        totals: Vec<(u8, u64)>,
+        in_kernel: usize,
+        evicted: u64,
+    }
+
+    fn run_table(evict_after: u32, forget_after: u64, steps: Vec<Step>) {
+        let mut t: PeerTable<u8, u64> =
+            PeerTable::new(evict_after, Duration::from_secs(forget_after));
+        let mut last_totals: HashMap<u8, u64> = HashMap::new();
+        for st in steps {
+            let now = SystemTime::UNIX_EPOCH + Duration::from_secs(st.at);
+            t.observe(st.kernel.iter().copied(), now);
+            let mut took = Vec::new();
+            t.evict(now, |k, last| {
+                took.push(*k);
+                match st.on_take {
+                    Some((key, r)) if key == *k => r,
+                    _ => Take::Removed(*last),
+                }
+            });
+            t.forget(now);
+            let mut got: Vec<(u8, u64)> = t.totals().map(|(k, v)| (*k, v)).collect();
+            got.sort();
+            assert_eq!(got, st.totals, "{}: totals", st.case);
+            assert_eq!(t.in_kernel(), st.in_kernel, "{}: kernel entries", st.case);
+            assert_eq!(t.evicted(), st.evicted, "{}: evicted", st.case);
+            // Monotonic while a key lives.
+            for (k, v) in &got {
+                if let Some(prev) = last_totals.get(k) {
+                    assert!(v >= prev, "{}: key {k} went from {prev} to {v}", st.case);
+                }
+            }
+            last_totals = got.into_iter().collect();
+        }
+    }
+
+    #[test]
+    fn peer_table_evict_return_forget() {
+        let s =
+            |case, at, kernel: Vec<(u8, u64)>, totals: Vec<(u8, u64)>, in_kernel, evicted| Step {
+                case,
+                at,
+                kernel,
+                on_take: None,
+                totals,
+                in_kernel,
+                evicted,
+            };
+        run_table(
+            2,
+            100,
+            vec![
+                s(
+                    "new peers",
+                    0,
+                    vec![(1, 10), (2, 5)],
+                    vec![(1, 10), (2, 5)],
+                    2,
+                    0,
+                ),
+                s(
+                    "1 idle once, 2 grows",
+                    10,
+                    vec![(1, 10), (2, 7)],
+                    vec![(1, 10), (2, 7)],
+                    2,
+                    0,
+                ),
+                s(
+                    "1 idle twice: evicted, total kept",
+                    20,
+                    vec![(1, 10), (2, 9)],
+                    vec![(1, 10), (2, 9)],
+                    1,
+                    1,
+                ),
+                s(
+                    "1 absent from the kernel: still exported",
+                    30,
+                    vec![(2, 11)],
+                    vec![(1, 10), (2, 11)],
+                    1,
+                    1,
+                ),
+                s(
+                    "1 returns from zero: the series goes on",
+                    40,
+                    vec![(1, 3), (2, 12)],
+                    vec![(1, 13), (2, 12)],
+                    2,
+                    1,
+                ),
+                s(
+                    "1 grows",
+                    50,
+                    vec![(1, 4), (2, 13)],
+                    vec![(1, 14), (2, 13)],
+                    2,
+                    1,
+                ),
+                s(
+                    "1 idle once",
+                    60,
+                    vec![(1, 4), (2, 14)],
+                    vec![(1, 14), (2, 14)],
+                    2,
+                    1,
+                ),
+                s(
+                    "1 evicted again, base 14",
+                    70,
+                    vec![(1, 4), (2, 15)],
+                    vec![(1, 14), (2, 15)],
+                    1,
+                    2,
+                ),
+                s(
+                    "99 s after its last change: kept",
+                    149,
+                    vec![(2, 16)],
+                    vec![(1, 14), (2, 16)],
+                    1,
+                    2,
+                ),
+                s(
+                    "100 s: forgotten, the series ends",
+                    150,
+                    vec![(2, 17)],
+                    vec![(2, 17)],
+                    1,
+                    2,
+                ),
+                s(
+                    "1 comes back after that: a new series from zero",
+                    160,
+                    vec![(1, 2), (2, 18)],
+                    vec![(1, 2), (2, 18)],
+                    2,
+                    2,
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn peer_table_races_and_resets() {
+        let step = |case,
+                    at,
+                    kernel: Vec<(u8, u64)>,
+                    on_take,
+                    totals: Vec<(u8, u64)>,
+                    in_kernel,
+                    evicted| Step {
+            case,
+            at,
+            kernel,
+            on_take,
+            totals,
+            in_kernel,
+            evicted,
+        };
+        run_table(
+            1,
+            1000,
+            vec![
+                step("new", 0, vec![(1, 10)], None, vec![(1, 10)], 1, 0),
+                step(
+                    "idle, but it changed before the delete: kept, total follows",
+                    10,
+                    vec![(1, 10)],
+                    Some((1, Take::Changed(12))),
+                    vec![(1, 12)],
+                    1,
+                    0,
+                ),
+                step(
+                    "idle, the delete fails: kept",
+                    20,
+                    vec![(1, 12)],
+                    Some((1, Take::Kept)),
+                    vec![(1, 12)],
+                    1,
+                    0,
+                ),
+                step(
+                    "idle, gone already: what was read is kept",
+                    30,
+                    vec![(1, 12)],
+                    Some((1, Take::Gone)),
+                    vec![(1, 12)],
+                    0,
+                    0,
+                ),
+                step("back", 40, vec![(1, 5)], None, vec![(1, 17)], 1, 0),
+                step(
+                    "re-created behind our back (value went down): no reset",
+                    50,
+                    vec![(1, 2)],
+                    None,
+                    vec![(1, 19)],
+                    1,
+                    0,
+                ),
+                step(
+                    "vanished without an eviction: last value kept",
+                    60,
+                    vec![],
+                    None,
+                    vec![(1, 19)],
+                    0,
+                    0,
+                ),
+                step(
+                    "a zero-valued new entry is not a change",
+                    70,
+                    vec![(2, 0)],
+                    None,
+                    vec![(1, 19), (2, 0)],
+                    1,
+                    0,
+                ),
+                step(
+                    "idle zero entry: evicted",
+                    80,
+                    vec![(2, 0)],
+                    None,
+                    vec![(1, 19), (2, 0)],
+                    0,
+                    1,
+                ),
+            ],
+        );
+    }
+
     fn procfs_collector(dir: &std::path::Path) -> TcpCollector {
         TcpCollector {
             proc: ProcRoot::new(dir),
             maps: None,
+            table: PeerTable::new(EVICT_AFTER_INTERVALS, FORGET_AFTER),
+            sampler: None,
             starts: StartTimes::new(SystemTime::UNIX_EPOCH),
+            sampler_starts: StartTimes::new(SystemTime::UNIX_EPOCH),
             bounds: super::super::sched::runq_bounds(),
         }
     }

@@ -228,9 +228,11 @@ pub const RULES: &[Rule] = &[
                 needs_btf: true,
             },
         ],
-        fallback: Some("/proc/net/snmp Tcp (RetransSegs, ActiveOpens, PassiveOpens, AttemptFails, EstabResets)"),
-        fallback_loses: "everything per peer (perch.tcp.io, per-peer retransmits), the RTT and \
-                         connect-duration histograms, and the refused/timeout split of failed connects",
+        fallback: Some("/proc/net/snmp Tcp (RetransSegs, ActiveOpens, PassiveOpens, AttemptFails, EstabResets), \
+                        plus a netlink sock_diag sampler of tcp_info (per-peer bytes acked/received, RTT) once per interval"),
+        fallback_loses: "connections that open and close between two samples (their bytes and RTT), \
+                         bytes a socket moved after its last sample, per-peer retransmits, \
+                         the connect-duration histogram, and the refused/timeout split of failed connects",
     },
 ];
 
