@@ -200,6 +200,10 @@ fn record_process(selfm: &SelfMetrics) {
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut agent = Agent::start(&cfg)?;
+    // Start-up parsed the kernel's BTF (megabytes) and freed it; give that
+    // heap back to the kernel so the steady-state RSS is the agent's own.
+    // SAFETY: malloc_trim only releases free memory held by glibc's malloc.
+    unsafe { libc::malloc_trim(0) };
     let shared = agent.shared.clone();
     let exporter = crate::exporters::otlp::OtlpExporter::start(&cfg.export, shared.selfm.clone())?;
     let exporter = exporter.map(Arc::new);
