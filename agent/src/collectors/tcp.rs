@@ -122,6 +122,9 @@ pub struct TcpCollector {
     /// Start times of the sampler's series: it counts from its own start,
     /// not from boot like `/proc/net/snmp`.
     sampler_starts: StartTimes,
+    /// Failed sock_diag samples since start (counted in
+    /// `perch.collector.errors{perch.component="tcp.sockdiag"}`).
+    sampler_errors: (SystemTime, u64),
     bounds: Arc<[f64]>,
 }
 
@@ -433,6 +436,7 @@ impl TcpCollector {
             maps,
             table: PeerTable::new(EVICT_AFTER_INTERVALS, FORGET_AFTER),
             sampler_starts: StartTimes::new(SystemTime::now()),
+            sampler_errors: (SystemTime::now(), 0),
             sampler,
             starts: StartTimes::new(start),
             bounds: super::sched::runq_bounds(),
@@ -781,14 +785,36 @@ impl TcpCollector {
         let Some(sampler) = self.sampler.as_mut() else {
             return;
         };
-        let forgotten = match sampler.sample(now) {
-            Ok(f) => f,
-            Err(e) => {
-                // The snmp counters are still exported; per-peer data of
-                // this interval comes with the next sample.
-                tracing::warn!(error = %e, "tcp: sock_diag sample failed; per-peer data delayed to the next interval");
-                return;
-            }
+        let result = sampler.sample(now);
+        if let Err(e) = &result {
+            // The snmp counters are still exported; per-peer data of this
+            // interval comes with the next sample (the socket counters are
+            // cumulative), so this is a warning, and it is counted.
+            tracing::warn!(error = %e, "tcp: sock_diag sample failed; per-peer data delayed to the next interval");
+            self.sampler_errors.1 += 1;
+        }
+        if self.sampler_errors.1 > 0 {
+            out.push(Metric {
+                name: "perch.collector.errors",
+                description:
+                    "Collections a collector could not complete, by component and error type.",
+                unit: "{error}",
+                data: Data::Sum {
+                    monotonic: true,
+                    points: vec![NumberPoint {
+                        attributes: vec![
+                            ("perch.component", "tcp.sockdiag".into()),
+                            ("error.type", "netlink".into()),
+                        ],
+                        start_time: Some(self.sampler_errors.0),
+                        time: now,
+                        value: Number::Int(self.sampler_errors.1 as i64),
+                    }],
+                },
+            });
+        }
+        let Ok(forgotten) = result else {
+            return;
         };
         let st = &sampler.state;
         let id =
@@ -1400,6 +1426,7 @@ mod tests {
             sampler: None,
             starts: StartTimes::new(SystemTime::UNIX_EPOCH),
             sampler_starts: StartTimes::new(SystemTime::UNIX_EPOCH),
+            sampler_errors: (SystemTime::UNIX_EPOCH, 0),
             bounds: super::super::sched::runq_bounds(),
         }
     }
