@@ -356,9 +356,11 @@ pub const DEFAULT_DENY_ATTRIBUTES: &[&str] = &[
     "network.local.port",
 ];
 
-/// Port attributes checked for ephemeral values by default.
-pub const DEFAULT_EPHEMERAL_PORT_ATTRIBUTES: &[&str] =
-    &["network.peer.port", "server.port", "destination.port"];
+/// Port attributes checked for ephemeral values by default. `server.port`
+/// is not among them: Perch sets it to the listening side's port by
+/// construction (never a client's), and services do listen above 32767.
+/// Add it to fold high server ports anyway.
+pub const DEFAULT_EPHEMERAL_PORT_ATTRIBUTES: &[&str] = &["network.peer.port", "destination.port"];
 
 impl Default for PipelineConfig {
     fn default() -> Self {

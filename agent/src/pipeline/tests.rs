@@ -144,6 +144,11 @@ fn deny_list_and_ephemeral_ports() {
             ],
         },
         Case {
+            name: "a listening port above 32767 is kept (server.port is never a client's)",
+            input: vec![(vec![("server.port", 40000i64.into())], 5)],
+            want: vec![(vec![("server.port", 40000i64.into())], 5.0)],
+        },
+        Case {
             name: "nothing to do",
             input: vec![(vec![("cpu", 0i64.into())], 9)],
             want: vec![(vec![("cpu", 0i64.into())], 9.0)],
