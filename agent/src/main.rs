@@ -30,6 +30,10 @@ struct Common {
     /// Families: cpu, sched, softirq. Modes: auto, ebpf, procfs, off.
     #[arg(long = "probe", value_name = "FAMILY=MODE")]
     probes: Vec<String>,
+    /// Never use this hook type (repeatable): tp_btf, raw_tp, tracepoint,
+    /// cgroup_skb. `--skip-hook tp_btf` runs the families on raw_tp.
+    #[arg(long = "skip-hook", value_name = "HOOK")]
+    skip_hooks: Vec<perch::gate::Hook>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -128,6 +132,9 @@ fn load_config(common: &Common) -> Result<Config> {
             .parse()
             .map_err(|e: String| anyhow::anyhow!("--probe {p}: {e}"))?;
         cfg.probes.set_mode(family, mode);
+    }
+    if !common.skip_hooks.is_empty() {
+        cfg.probes.skip_hooks = common.skip_hooks.clone();
     }
     cfg.validate()?;
     Ok(cfg)

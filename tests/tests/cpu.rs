@@ -20,14 +20,27 @@ const ROUND_TRIPS: u64 = 50_000;
 /// histogram saw at least every wake-up of the workload.
 #[test]
 fn sched_ebpf_matches_proc_stat() {
+    sched_ebpf_case(&[], "tp_btf");
+}
+
+/// The same on the `raw_tp` variant (`--skip-hook tp_btf`).
+#[test]
+fn sched_raw_tp_matches_proc_stat() {
+    sched_ebpf_case(&["--skip-hook", "tp_btf"], "raw_tp");
+}
+
+fn sched_ebpf_case(extra: &[&str], hook: &str) {
     let _serial = kernel::privileged();
     let window = Duration::from_secs(3);
     let sampler = kernel::CtxtSampler::start();
-    let (snap, pp) = collect(&["--probe", "sched=ebpf"], window, || {
+    let mut args = vec!["--probe", "sched=ebpf"];
+    args.extend_from_slice(extra);
+    let (snap, pp) = collect(&args, window, || {
         workload::ping_pong_for(window - Duration::from_millis(300))
     });
     let samples = sampler.finish();
     assert_eq!(source(&snap, "sched"), "ebpf");
+    assert_eq!(hook_of(&snap, "sched"), hook);
 
     let secs = |v: &serde_json::Value| {
         std::time::UNIX_EPOCH + Duration::from_secs_f64(v.as_f64().expect("a time"))
@@ -252,9 +265,17 @@ fn cpu_time_tracks_a_pinned_spinner() {
 #[test]
 fn softirq_counts_and_time() {
     let _serial = kernel::privileged();
-    for mode in ["softirq=ebpf", "softirq=procfs"] {
+    for (mode, extra) in [
+        ("softirq=ebpf", None),
+        ("softirq=ebpf", Some("tp_btf")),
+        ("softirq=procfs", None),
+    ] {
         let before = kernel::softirqs();
-        let (snap, bytes) = collect(&["--probe", mode], Duration::from_secs(3), || {
+        let mut args = vec!["--probe", mode];
+        if let Some(h) = extra {
+            args.extend(["--skip-hook", h]);
+        }
+        let (snap, bytes) = collect(&args, Duration::from_secs(3), || {
             loopback_blast(Duration::from_secs(2))
         });
         let after = kernel::softirqs();
@@ -278,6 +299,8 @@ fn softirq_counts_and_time() {
         let time = points(&snap, "perch.cpu.softirq.time");
         if mode == "softirq=ebpf" {
             assert_eq!(source(&snap, "softirq"), "ebpf");
+            let want = if extra.is_some() { "raw_tp" } else { "tp_btf" };
+            assert_eq!(hook_of(&snap, "softirq"), want);
             let net_rx = sum(
                 &snap,
                 "perch.cpu.softirq.time",
@@ -298,6 +321,18 @@ fn softirq_counts_and_time() {
             assert!(time.is_empty(), "procfs mode has no per-vector time");
         }
     }
+}
+
+/// The eBPF hook the plan chose for `family`.
+fn hook_of(snapshot: &serde_json::Value, family: &str) -> String {
+    snapshot["plan"]["families"]
+        .as_array()
+        .expect("plan")
+        .iter()
+        .find(|f| f["family"] == family)
+        .and_then(|f| f["hook"].as_str())
+        .unwrap_or("none")
+        .to_owned()
 }
 
 /// Sends bytes over loopback TCP for `wall`; returns the bytes received.

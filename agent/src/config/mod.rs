@@ -54,6 +54,8 @@ pub const ENV_LOG_FORMAT: &str = "PERCH_LOG_FORMAT";
 pub const ENV_PROC_ROOT: &str = "PERCH_PROC_ROOT";
 /// Overrides `agent.sys_root`.
 pub const ENV_SYS_ROOT: &str = "PERCH_SYS_ROOT";
+/// Comma-separated hook types never to use (`probes.skip_hooks`).
+pub const ENV_SKIP_HOOKS: &str = "PERCH_PROBES_SKIP_HOOKS";
 
 /// Allowed values of `agent.interval_secs`. One second is the finest step
 /// the in-kernel histograms are read at; an hour is the coarsest interval at
@@ -149,6 +151,11 @@ impl FromStr for LogFormat {
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProbesConfig {
+    /// Hook types never to use, e.g. `["tp_btf"]` to run every family on its
+    /// `raw_tp` variant (a workaround for a kernel whose BTF tracepoints
+    /// misbehave, and how the tests exercise every variant). A family left
+    /// with no variant falls back to procfs, and the plan says why.
+    pub skip_hooks: Vec<crate::gate::Hook>,
     /// `[probes.cpu]`: CPU time and load average (always from /proc).
     pub cpu: ProbeConfig,
     /// `[probes.sched]`: context switches and run-queue latency.
@@ -559,6 +566,13 @@ impl Config {
             let root = PathBuf::from(v);
             check_root(&root).map_err(|m| env_error(ENV_SYS_ROOT, m))?;
             self.agent.sys_root = root;
+        }
+        if let Some(v) = get(ENV_SKIP_HOOKS)? {
+            self.probes.skip_hooks = v
+                .split(',')
+                .map(|h| h.trim().parse())
+                .collect::<Result<_, String>>()
+                .map_err(|m| env_error(ENV_SKIP_HOOKS, m))?;
         }
         for family in Family::ALL {
             let var = env_mode_var(family);
@@ -1106,6 +1120,7 @@ mod tests {
                 log_format: LogFormat::Json,
             },
             probes: ProbesConfig {
+                skip_hooks: vec![crate::gate::Hook::RawTp, crate::gate::Hook::Tracepoint],
                 cpu: ProbeConfig { mode: Mode::Procfs },
                 sched: SchedProbeConfig {
                     mode: Mode::Ebpf,
@@ -1770,5 +1785,36 @@ include = [
         assert_eq!(suggest("colour", expected), None);
         assert_eq!(edit_distance("kitten", "sitting"), 3);
         assert_eq!(edit_distance("", "abc"), 3);
+    }
+}
+
+#[cfg(test)]
+mod skip_hooks_tests {
+    use super::*;
+    use crate::gate::Hook;
+
+    #[test]
+    fn skip_hooks_from_file_env_and_errors() {
+        let cfg = Config::from_toml_str("[probes]\nskip_hooks = [\"tp_btf\"]\n", "t.toml").unwrap();
+        assert_eq!(cfg.probes.skip_hooks, vec![Hook::TpBtf]);
+
+        let mut cfg = Config::default();
+        cfg.apply_env(|k| (k == ENV_SKIP_HOOKS).then(|| "tp_btf, raw_tp".to_owned()))
+            .unwrap();
+        assert_eq!(cfg.probes.skip_hooks, vec![Hook::TpBtf, Hook::RawTp]);
+
+        let err = Config::default()
+            .apply_env(|k| (k == ENV_SKIP_HOOKS).then(|| "kprobe".to_owned()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(ENV_SKIP_HOOKS) && err.contains("unknown hook `kprobe`"),
+            "{err}"
+        );
+
+        let err = Config::from_toml_str("\n[probes]\nskip_hooks = [\"fentry\"]\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("t.toml:3: probes.skip_hooks[0]"), "{err}");
     }
 }

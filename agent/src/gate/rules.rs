@@ -8,12 +8,12 @@
 //! host. `min_kernel` documents where a variant first works; the gate never
 //! decides from it: it loads the programs and believes the kernel.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::Family;
 
 /// How an eBPF program is attached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Hook {
     /// BTF-typed raw tracepoint (`BPF_PROG_TYPE_TRACING`, `BPF_TRACE_RAW_TP`).
@@ -34,6 +34,20 @@ impl Hook {
             Hook::Tracepoint => "tracepoint",
             Hook::CgroupSkb => "cgroup_skb",
         }
+    }
+}
+
+impl std::str::FromStr for Hook {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Hook::TpBtf, Hook::RawTp, Hook::Tracepoint, Hook::CgroupSkb]
+            .into_iter()
+            .find(|h| h.name() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown hook `{s}`, expected one of tp_btf, raw_tp, tracepoint, cgroup_skb"
+                )
+            })
     }
 }
 

@@ -68,9 +68,10 @@ impl Probes {
     pub fn start(cfg: &ProbesConfig) -> Result<Probes, ProbeError> {
         let mode = |f: Family| cfg.mode(f);
         let mut facts = gate::kernel::detect();
-        let needs_ebpf = RULES
-            .iter()
-            .any(|r| !r.variants.is_empty() && matches!(mode(r.family), Mode::Auto | Mode::Ebpf));
+        let needs_ebpf = RULES.iter().any(|r| {
+            r.variants.iter().any(|v| !cfg.skip_hooks.contains(&v.hook))
+                && matches!(mode(r.family), Mode::Auto | Mode::Ebpf)
+        });
         let btf = if facts.btf {
             match Btf::from_sys_fs() {
                 Ok(b) => Some(b),
@@ -140,6 +141,8 @@ impl Probes {
             for v in rule.variants {
                 let status = if matches!(requested, Mode::Off | Mode::Procfs) {
                     HookStatus::NotTried(format!("mode = {}", mode_name(requested)))
+                } else if cfg.skip_hooks.contains(&v.hook) {
+                    HookStatus::NotTried(format!("{} is in probes.skip_hooks", v.hook))
                 } else if let Some(err) = &facts.object_error {
                     HookStatus::NotTried(format!("eBPF object not loaded: {err}"))
                 } else if v.needs_btf && btf.is_none() {
