@@ -65,13 +65,20 @@ fn args(mode: &str) -> Vec<&str> {
 /// `SKB_DROP_REASON_NO_SOCKET` and counted in `b`'s `Udp NoPorts`.
 #[test]
 fn udp_to_a_closed_port_is_no_socket() {
-    for mode in ["drops=ebpf", "drops=procfs"] {
+    // eBPF on tp_btf, eBPF on raw_tp (`--skip-hook tp_btf`), procfs.
+    for (mode, skip) in [
+        ("drops=ebpf", false),
+        ("drops=ebpf", true),
+        ("drops=procfs", false),
+    ] {
         let p = quiet_pair();
         let dst = SocketAddr::from((p.ip_b, 40999));
         let before = snmp(&p.b, "snmp", "Udp", "NoPorts");
-        let (snap, ()) = collect_in_netns(&p.b, &args(mode), Duration::from_secs(2), || {
-            udp_from_a(&p, dst)
-        });
+        let mut a = args(mode);
+        if skip {
+            a.extend(["--skip-hook", "tp_btf"]);
+        }
+        let (snap, ()) = collect_in_netns(&p.b, &a, Duration::from_secs(2), || udp_from_a(&p, dst));
         let after = snmp(&p.b, "snmp", "Udp", "NoPorts");
         let kernel = (after - before) as f64;
         let ours = sum(
@@ -86,6 +93,17 @@ fn udp_to_a_closed_port_is_no_socket() {
         );
         if mode == "drops=ebpf" {
             assert_eq!(source(&snap, "drops"), "ebpf");
+            let hook = snap["plan"]["families"]
+                .as_array()
+                .expect("plan")
+                .iter()
+                .find(|f| f["family"] == "drops")
+                .and_then(|f| f["hook"].as_str())
+                .map(str::to_owned);
+            assert_eq!(
+                hook.as_deref(),
+                Some(if skip { "raw_tp" } else { "tp_btf" })
+            );
             assert!(
                 ours >= kernel,
                 "{mode}: no_socket {ours} < NoPorts delta {kernel}"

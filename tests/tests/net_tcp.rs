@@ -156,18 +156,38 @@ fn hist_count(snap: &serde_json::Value, name: &str, filter: &[(&str, &str)]) -> 
 /// series for peer `ip_a` is exactly N; nothing flows the other way.
 #[test]
 fn tcp_io_is_exact_payload_bytes_ebpf() {
+    tcp_io_case(&[], "tp_btf", 1);
+}
+
+/// The same on the `raw_tp` variant (`--skip-hook tp_btf`).
+#[test]
+fn tcp_io_is_exact_payload_bytes_raw_tp() {
+    tcp_io_case(&["--skip-hook", "tp_btf"], "raw_tp", 2);
+}
+
+fn tcp_io_case(extra: &[&str], hook: &str, port_n: u16) {
     require_root();
     let _g = serial();
     const N: u64 = 3_000_017;
     let pair = NetnsPair::new();
-    let p = port(1);
+    let p = port(port_n);
     let l = listen(&pair, p);
-    let (snap, (sent, got)) = collect(&["--probe", "tcp=ebpf"], Duration::from_secs(3), || {
+    let mut args = vec!["--probe", "tcp=ebpf"];
+    args.extend_from_slice(extra);
+    let (snap, (sent, got)) = collect(&args, Duration::from_secs(3), || {
         let server = serve(&pair, l, 1);
         let sent = send_from_a(&pair, pair.ip_b, p, N);
         (sent, server.join().expect("server")[0])
     });
     assert_eq!(source(&snap, "tcp"), "ebpf");
+    let planned = snap["plan"]["families"]
+        .as_array()
+        .expect("plan")
+        .iter()
+        .find(|f| f["family"] == "tcp")
+        .and_then(|f| f["hook"].as_str())
+        .map(str::to_owned);
+    assert_eq!(planned.as_deref(), Some(hook));
     assert_eq!((sent, got), (N, N), "the workload itself");
     let port_s = p.to_string();
     let (ip_a, ip_b) = (pair.ip_a.to_string(), pair.ip_b.to_string());
@@ -193,7 +213,7 @@ fn tcp_io_is_exact_payload_bytes_ebpf() {
         assert_eq!(got, want as f64, "perch.tcp.io {case}");
     }
     eprintln!(
-        "perch.tcp.io: client transmit {} B, server receive {} B, sent {N} B",
+        "perch.tcp.io ({hook}): client transmit {} B, server receive {} B, sent {N} B",
         cases[0].1, cases[1].1
     );
     // The ephemeral port never appears as an attribute value.
