@@ -1,13 +1,14 @@
 //! Start and stop: while perch runs its programs are loaded and attached;
 //! after SIGTERM nothing of it is left in the kernel (no program, no pin).
 
+use std::collections::BTreeMap;
 use std::process::Command;
 
 use perch_tests::perch::Agent;
 
-/// Names of loaded BPF programs (`bpftool prog show --json`; the kernel
-/// keeps 15 characters of a name).
-fn loaded_programs() -> Vec<String> {
+/// Loaded BPF programs, `id -> name` (`bpftool prog show --json`; the name
+/// is the full one from BTF, or the kernel's 15 characters).
+fn loaded_programs() -> BTreeMap<u64, String> {
     let out = Command::new("bpftool")
         .args(["prog", "show", "--json"])
         .output()
@@ -21,48 +22,48 @@ fn loaded_programs() -> Vec<String> {
     v.as_array()
         .expect("array")
         .iter()
-        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .filter_map(|p| Some((p["id"].as_u64()?, p["name"].as_str()?.to_owned())))
         .collect()
 }
 
-/// Programs of ours: every family's programs, as the kernel truncates them.
-fn ours(names: &[String]) -> Vec<String> {
-    let prefixes = ["sched_", "softirq_", "tcp_", "drops_"];
-    names
-        .iter()
-        .filter(|n| prefixes.iter().any(|p| n.starts_with(p)))
-        .cloned()
+/// Programs that appeared since `before` (another agent on the host, if
+/// any, keeps its own).
+fn new_since(before: &BTreeMap<u64, String>) -> BTreeMap<u64, String> {
+    loaded_programs()
+        .into_iter()
+        .filter(|(id, _)| !before.contains_key(id))
         .collect()
 }
 
 #[test]
 fn sigterm_detaches_and_unloads_everything() {
     let _serial = perch_tests::kernel::privileged();
-    let before = ours(&loaded_programs());
-    assert!(
-        before.is_empty(),
-        "programs of ours loaded before the test: {before:?}"
-    );
+    let before = loaded_programs();
     let agent = Agent::start(&["--interval", "1s"]);
-    let running = ours(&loaded_programs());
-    // Only the planned variant of each eBPF family stays loaded.
-    // bpftool prints the full name from BTF, or the kernel's 15 characters.
+    let ours = new_since(&before);
+    let names: Vec<&String> = ours.values().collect();
     let same = |a: &str, b: &str| a.get(..15).unwrap_or(a) == b.get(..15).unwrap_or(b);
+    // Only the planned variant of each eBPF family stays loaded.
     for name in ["sched_switch_btf", "sched_wakeup_btf", "softirq_entry_btf"] {
         assert!(
-            running.iter().any(|n| same(n, name)),
-            "{name} not loaded while running: {running:?}"
+            names.iter().any(|n| same(n, name)),
+            "{name} not loaded while running: {names:?}"
         );
     }
     assert!(
-        !running
+        !names
             .iter()
-            .any(|n| same(n, "sched_switch_raw") || n.ends_with("_raw")),
-        "unused raw_tp variants stay loaded: {running:?}"
+            .any(|n| n.ends_with("_raw") || same(n, "sched_switch_raw")),
+        "unused raw_tp variants stay loaded: {names:?}"
     );
     assert!(agent.stop(), "perch did not exit cleanly on SIGTERM");
-    let after = ours(&loaded_programs());
-    assert!(after.is_empty(), "left loaded after SIGTERM: {after:?}");
+    let now = loaded_programs();
+    let left: Vec<&String> = ours
+        .iter()
+        .filter(|(id, _)| now.contains_key(id))
+        .map(|(_, n)| n)
+        .collect();
+    assert!(left.is_empty(), "left loaded after SIGTERM: {left:?}");
     let pinned = std::fs::read_dir("/sys/fs/bpf")
         .map(|d| d.count())
         .unwrap_or(0);
