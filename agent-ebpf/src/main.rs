@@ -9,6 +9,7 @@ mod drops;
 mod sched;
 mod softirq;
 mod tcp;
+mod tracepoint;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -2,8 +2,13 @@
 //! latency.
 //!
 //! - Hooks: `sched_switch`, `sched_wakeup`, `sched_wakeup_new`, each as
-//!   `tp_btf` (preferred, 5.5+) or `raw_tp` (4.17+). Both variants share one
-//!   body: their context is the tracepoint's `TP_PROTO` arguments.
+//!   `tp_btf` (preferred, 5.5+), `raw_tp` (4.17+) or a classic tracepoint
+//!   (through tracefs, 4.7+). `tp_btf` and `raw_tp` share one body: their
+//!   context is the tracepoint's `TP_PROTO` arguments, and tasks are keyed
+//!   by their `task_struct` pointer. The classic tracepoint reads the
+//!   record's `prev_pid`, `prev_state` and `next_pid` at offsets taken from
+//!   tracefs at start-up and keys tasks by pid; it serves kernels before
+//!   5.18, where the other two variants are refused.
 //! - `sched_switch` reads its 4th argument, `prev_state`, which was appended
 //!   in 5.18 (commit fa2c3254d7cf, "sched/tracing: Don't re-read p->state when
 //!   emitting sched_switch event"). On older kernels the verifier rejects the
@@ -12,7 +17,8 @@
 //!   `SCHED_RUNQ_START` (bounded hash).
 //! - Metrics: `perch.cpu.context_switches`, `perch.scheduler.runqueue.latency`.
 //! - Fallback: `/proc/stat` `ctxt` (no voluntary/involuntary split, no latency).
-//! - Oldest kernel: 5.18.
+//! - Oldest kernel: 5.18 (`tp_btf`, `raw_tp`), 4.7 with tracefs mounted
+//!   (tracepoint).
 //!
 //! A switch is involuntary when the previous task was preempted or was still
 //! `TASK_RUNNING`: the same rule `__schedule()` uses to pick `nivcsw` over
@@ -25,10 +31,12 @@
 use agent_common::{hist, sched as c};
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{btf_tracepoint, map, raw_tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{HashMap, PerCpuArray},
-    programs::{BtfTracePointContext, RawTracePointContext},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
+
+use crate::tracepoint::tp_offset;
 
 #[map(name = "SCHED_COUNTERS")]
 static SCHED_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(c::COUNTER_SLOTS, 0);
@@ -74,19 +82,30 @@ fn mark_runnable(task: u64, now: u64) {
 /// task exits (`prev_state` has `TASK_DEAD`).
 #[inline(always)]
 fn on_switch(preempt: u64, prev: u64, next: u64, prev_state: u64) -> u32 {
-    let now = unsafe { bpf_ktime_get_ns() };
     let prev_state = prev_state & 0xffff_ffff;
-    if (preempt & 0xff) != 0 || prev_state == TASK_RUNNING {
+    let involuntary = (preempt & 0xff) != 0 || prev_state == TASK_RUNNING;
+    // The idle task (pid 0; `current` is still `prev` here) is always
+    // "runnable" but never queued: timing it would count busy time as
+    // latency. Asked only when it matters.
+    let idle = involuntary && bpf_get_current_pid_tgid() as u32 == 0;
+    account_switch(involuntary, idle, prev_state & TASK_DEAD != 0, prev, next)
+}
+
+/// The switch itself, whatever identifies a task (`task_struct` pointer or
+/// pid): count it, start the run-queue clock of a preempted `prev`, free
+/// the slot of an exiting one, and time `next`'s wait.
+#[inline(always)]
+fn account_switch(involuntary: bool, idle_prev: bool, dead: bool, prev: u64, next: u64) -> u32 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if involuntary {
         bump(&SCHED_COUNTERS, c::SLOT_INVOLUNTARY);
-        // Still runnable: it waits on the run queue from now. The idle task
-        // (pid 0; `current` is still `prev` here) is always "runnable" but
-        // never queued: timing it would count busy time as latency.
-        if bpf_get_current_pid_tgid() as u32 != 0 {
+        // Still runnable: it waits on the run queue from now.
+        if !idle_prev {
             mark_runnable(prev, now);
         }
     } else {
         bump(&SCHED_COUNTERS, c::SLOT_VOLUNTARY);
-        if prev_state & TASK_DEAD != 0 {
+        if dead {
             let _ = SCHED_RUNQ_START.remove(prev);
         }
     }
@@ -139,4 +158,59 @@ pub fn sched_wakeup_new_btf(ctx: BtfTracePointContext) -> u32 {
 pub fn sched_wakeup_new_raw(ctx: RawTracePointContext) -> u32 {
     mark_runnable(ctx.arg(0), unsafe { bpf_ktime_get_ns() });
     0
+}
+
+/// Classic `sched:sched_switch`. Its `prev_state` is the report state:
+/// 0 for running, sleeping states in the low byte (interruptible 0x1 ...
+/// idle 0x80), and preemption encoded above it (`TASK_REPORT_MAX`, 0x100
+/// since 4.14; `TASK_STATE_MAX` before). So the switch is involuntary when
+/// the low byte is 0, the rule the other variants apply to the raw state.
+/// Exiting tasks report `EXIT_DEAD`/`EXIT_ZOMBIE` (0x10/0x20; `TASK_DEAD`
+/// 0x40 before 4.14).
+#[tracepoint(category = "sched", name = "sched_switch")]
+pub fn sched_switch_tp(ctx: TracePointContext) -> u32 {
+    let (o_prev, o_next, o_state) = (
+        tp_offset!(switch_prev_pid),
+        tp_offset!(switch_next_pid),
+        tp_offset!(switch_prev_state),
+    );
+    // SAFETY: offsets come from this kernel's own format file, and
+    // read_at goes through bpf_probe_read (a bad offset reads an error).
+    let prev_pid = unsafe { ctx.read_at::<i32>(o_prev) }.unwrap_or(-1);
+    let next_pid = unsafe { ctx.read_at::<i32>(o_next) }.unwrap_or(-1);
+    let state = unsafe { ctx.read_at::<i64>(o_state) }.unwrap_or(0) as u64;
+    if prev_pid < 0 || next_pid < 0 {
+        return 0;
+    }
+    let involuntary = state & 0xff == 0;
+    let dead = state & 0x70 != 0;
+    account_switch(
+        involuntary,
+        prev_pid == 0,
+        dead,
+        prev_pid as u64,
+        next_pid as u64,
+    )
+}
+
+#[inline(always)]
+fn on_wakeup_tp(ctx: &TracePointContext) -> u32 {
+    let offset = tp_offset!(wakeup_pid);
+    // SAFETY: offset from this kernel's own format file.
+    if let Ok(pid) = unsafe { ctx.read_at::<i32>(offset) } {
+        if pid > 0 {
+            mark_runnable(pid as u64, unsafe { bpf_ktime_get_ns() });
+        }
+    }
+    0
+}
+
+#[tracepoint(category = "sched", name = "sched_wakeup")]
+pub fn sched_wakeup_tp(ctx: TracePointContext) -> u32 {
+    on_wakeup_tp(&ctx)
+}
+
+#[tracepoint(category = "sched", name = "sched_wakeup_new")]
+pub fn sched_wakeup_new_tp(ctx: TracePointContext) -> u32 {
+    on_wakeup_tp(&ctx)
 }

@@ -1,7 +1,8 @@
 //! Softirq family: time spent in each softirq vector, per CPU.
 //!
-//! - Hooks: `softirq_entry`, `softirq_exit` as `tp_btf` (5.5+) or `raw_tp`
-//!   (4.17+). Both take `unsigned int vec_nr`.
+//! - Hooks: `softirq_entry`, `softirq_exit` as `tp_btf` (5.5+), `raw_tp`
+//!   (4.17+) or a classic tracepoint (tracefs, 4.7+; `vec` at the offset
+//!   the format file gives). All take `unsigned int vec_nr`.
 //! - Maps: `SOFTIRQ_START` (per-CPU, 1 slot), `SOFTIRQ_TIME` (per-CPU, one
 //!   slot per vector).
 //! - Metric: `perch.cpu.softirq.time`. (`perch.cpu.softirq.count` comes from
@@ -15,10 +16,12 @@
 use agent_common::softirq as c;
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
-    macros::{btf_tracepoint, map, raw_tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::PerCpuArray,
-    programs::{BtfTracePointContext, RawTracePointContext},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
+
+use crate::tracepoint::tp_offset;
 
 #[map(name = "SOFTIRQ_START")]
 static SOFTIRQ_START: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -71,4 +74,19 @@ pub fn softirq_exit_btf(ctx: BtfTracePointContext) -> u32 {
 #[raw_tracepoint(tracepoint = "softirq_exit")]
 pub fn softirq_exit_raw(ctx: RawTracePointContext) -> u32 {
     on_exit(ctx.arg(0))
+}
+
+#[tracepoint(category = "irq", name = "softirq_entry")]
+pub fn softirq_entry_tp(_ctx: TracePointContext) -> u32 {
+    on_entry()
+}
+
+#[tracepoint(category = "irq", name = "softirq_exit")]
+pub fn softirq_exit_tp(ctx: TracePointContext) -> u32 {
+    let offset = tp_offset!(softirq_vec);
+    // SAFETY: offset from this kernel's own format file.
+    match unsafe { ctx.read_at::<u32>(offset) } {
+        Ok(vec) => on_exit(u64::from(vec)),
+        Err(_) => 0,
+    }
 }

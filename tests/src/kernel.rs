@@ -136,3 +136,32 @@ impl Samples {
             .unwrap_or(0)
     }
 }
+
+/// Mounts tracefs at /sys/kernel/tracing for the guard's life if it is not
+/// mounted (classic tracepoints need it), and unmounts it again after.
+pub struct Tracefs {
+    mounted_here: bool,
+}
+
+impl Tracefs {
+    pub fn ensure() -> Tracefs {
+        let mounted = |p: &str| std::path::Path::new(p).join("events").is_dir();
+        if mounted("/sys/kernel/tracing") || mounted("/sys/kernel/debug/tracing") {
+            return Tracefs {
+                mounted_here: false,
+            };
+        }
+        sh("mount -t tracefs nodev /sys/kernel/tracing");
+        Tracefs { mounted_here: true }
+    }
+}
+
+impl Drop for Tracefs {
+    fn drop(&mut self) {
+        if self.mounted_here {
+            let _ = std::process::Command::new("umount")
+                .arg("/sys/kernel/tracing")
+                .status();
+        }
+    }
+}

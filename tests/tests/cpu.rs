@@ -29,6 +29,17 @@ fn sched_raw_tp_matches_proc_stat() {
     sched_ebpf_case(&["--skip-hook", "tp_btf"], "raw_tp");
 }
 
+/// The same on the classic tracepoint variant (the one kernels before 5.18
+/// get), with tracefs mounted for the test if it is not.
+#[test]
+fn sched_tracepoint_matches_proc_stat() {
+    let _tracefs = kernel::Tracefs::ensure();
+    sched_ebpf_case(
+        &["--skip-hook", "tp_btf", "--skip-hook", "raw_tp"],
+        "tracepoint",
+    );
+}
+
 fn sched_ebpf_case(extra: &[&str], hook: &str) {
     let _serial = kernel::privileged();
     let window = Duration::from_secs(3);
@@ -265,14 +276,16 @@ fn cpu_time_tracks_a_pinned_spinner() {
 #[test]
 fn softirq_counts_and_time() {
     let _serial = kernel::privileged();
-    for (mode, extra) in [
-        ("softirq=ebpf", None),
-        ("softirq=ebpf", Some("tp_btf")),
-        ("softirq=procfs", None),
+    let _tracefs = kernel::Tracefs::ensure();
+    for (mode, skip, hook) in [
+        ("softirq=ebpf", &[][..], "tp_btf"),
+        ("softirq=ebpf", &["tp_btf"][..], "raw_tp"),
+        ("softirq=ebpf", &["tp_btf", "raw_tp"][..], "tracepoint"),
+        ("softirq=procfs", &[][..], "none"),
     ] {
         let before = kernel::softirqs();
         let mut args = vec!["--probe", mode];
-        if let Some(h) = extra {
+        for h in skip {
             args.extend(["--skip-hook", h]);
         }
         let (snap, bytes) = collect(&args, Duration::from_secs(3), || {
@@ -299,8 +312,7 @@ fn softirq_counts_and_time() {
         let time = points(&snap, "perch.cpu.softirq.time");
         if mode == "softirq=ebpf" {
             assert_eq!(source(&snap, "softirq"), "ebpf");
-            let want = if extra.is_some() { "raw_tp" } else { "tp_btf" };
-            assert_eq!(hook_of(&snap, "softirq"), want);
+            assert_eq!(hook_of(&snap, "softirq"), hook);
             let net_rx = sum(
                 &snap,
                 "perch.cpu.softirq.time",

@@ -292,6 +292,30 @@ mod tests {
             (Softirq, TpBtf, failed("EPERM")),
             (Softirq, RawTp, failed("EPERM")),
         ];
+        // A 5.4 kernel with tracefs: prev_state is not a tp_btf/raw_tp
+        // argument before 5.18, so only the classic tracepoint loads.
+        let pre_5_18 = [
+            (
+                Sched,
+                TpBtf,
+                failed("invalid bpf_context access off=24 size=8"),
+            ),
+            (Sched, RawTp, failed("attach: invalid argument")),
+            (Sched, Tracepoint, HookStatus::Ok),
+        ];
+        let pre_5_18_no_tracefs = [
+            (
+                Sched,
+                TpBtf,
+                failed("invalid bpf_context access off=24 size=8"),
+            ),
+            (Sched, RawTp, failed("attach: invalid argument")),
+            (
+                Sched,
+                Tracepoint,
+                HookStatus::NotTried("tracefs is not mounted".into()),
+            ),
+        ];
         let drops_ok = [
             (Drops, TpBtf, HookStatus::Ok),
             (Drops, RawTp, HookStatus::Ok),
@@ -311,6 +335,20 @@ mod tests {
         };
         let tcp_no_offsets = [(Tcp, TpBtf, no_offsets()), (Tcp, RawTp, no_offsets())];
         let cases: &[Case] = &[
+            (
+                "before 5.18 the classic tracepoint serves sched",
+                &pre_5_18,
+                Sched,
+                Mode::Auto,
+                Ok((Source::Ebpf, Some(Tracepoint))),
+            ),
+            (
+                "before 5.18 without tracefs: procfs",
+                &pre_5_18_no_tracefs,
+                Sched,
+                Mode::Auto,
+                Ok((Source::Procfs, None)),
+            ),
             (
                 "auto prefers tp_btf",
                 &all_ok,

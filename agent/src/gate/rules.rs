@@ -126,6 +126,19 @@ pub const RULES: &[Rule] = &[
                 min_kernel: (5, 18),
                 needs_btf: false,
             },
+            // The classic record has carried prev_state since 2.6; BPF
+            // tracepoint programs arrived in 4.7 (commit 98b5c2c65c29).
+            // Needs tracefs mounted; offsets come from its format files.
+            Variant {
+                hook: Hook::Tracepoint,
+                programs: &[
+                    p("sched_switch_tp", "sched/sched_switch"),
+                    p("sched_wakeup_tp", "sched/sched_wakeup"),
+                    p("sched_wakeup_new_tp", "sched/sched_wakeup_new"),
+                ],
+                min_kernel: (4, 7),
+                needs_btf: false,
+            },
         ],
         fallback: Some("/proc/stat ctxt, /proc/schedstat"),
         fallback_loses: "the voluntary/involuntary and per-CPU split of context switches, \
@@ -150,6 +163,15 @@ pub const RULES: &[Rule] = &[
                     p("softirq_exit_raw", "softirq_exit"),
                 ],
                 min_kernel: (4, 17),
+                needs_btf: false,
+            },
+            Variant {
+                hook: Hook::Tracepoint,
+                programs: &[
+                    p("softirq_entry_tp", "irq/softirq_entry"),
+                    p("softirq_exit_tp", "irq/softirq_exit"),
+                ],
+                min_kernel: (4, 7),
                 needs_btf: false,
             },
         ],

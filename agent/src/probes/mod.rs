@@ -101,11 +101,20 @@ impl Probes {
                 gate::kernel::BTF_PATH
             ))
         };
+        // Classic tracepoints: record offsets from tracefs, when mounted.
+        let tp_offsets = if facts.tracefs {
+            tracepoint_offsets()
+        } else {
+            Err("tracefs is not mounted".to_owned())
+        };
         let mut ebpf = None;
         if needs_ebpf {
             raise_memlock();
             let mut loader = EbpfLoader::new();
             loader.btf(btf.as_ref());
+            if let Ok(offsets) = &tp_offsets {
+                loader.override_global(agent_common::tracepoint::GLOBAL_OFFSETS, offsets, true);
+            }
             if let Ok(offsets) = &tcp_offsets {
                 loader.override_global(agent_common::tcp::GLOBAL_OFFSETS, offsets, true);
             }
@@ -152,8 +161,8 @@ impl Probes {
                     ))
                 } else if let (Family::Tcp, Err(e)) = (rule.family, &tcp_offsets) {
                     HookStatus::NotTried(e.clone())
-                } else if v.hook == Hook::Tracepoint && !facts.tracefs {
-                    HookStatus::NotTried("tracefs is not mounted".into())
+                } else if let (Hook::Tracepoint, Err(e)) = (v.hook, &tp_offsets) {
+                    HookStatus::NotTried(e.clone())
                 } else if let Some(ebpf) = ebpf.as_mut() {
                     load_variant(ebpf, v, btf.as_ref())
                 } else {
@@ -258,6 +267,25 @@ impl Probes {
         }
         out
     }
+}
+
+/// Record offsets of the classic tracepoints the programs read, from the
+/// kernel's own format files.
+fn tracepoint_offsets() -> Result<agent_common::tracepoint::TpOffsets, String> {
+    use crate::procfs::tracefs;
+    let root = tracefs::mount().ok_or("tracefs is not mounted")?;
+    let off = |event: &str, field: &str| {
+        tracefs::field_offset(&root, event, field)
+            .map_err(|e| format!("tracepoint record layout: {e}"))
+    };
+    Ok(agent_common::tracepoint::TpOffsets {
+        switch_prev_pid: off("sched/sched_switch", "prev_pid")?,
+        switch_prev_state: off("sched/sched_switch", "prev_state")?,
+        switch_next_pid: off("sched/sched_switch", "next_pid")?,
+        wakeup_pid: off("sched/sched_wakeup", "pid")?,
+        softirq_vec: off("irq/softirq_exit", "vec")?,
+        _pad: 0,
+    })
 }
 
 fn mode_name(m: Mode) -> &'static str {

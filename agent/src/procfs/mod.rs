@@ -34,6 +34,7 @@ pub mod softirqs;
 pub mod softnet;
 pub mod stat;
 pub mod sysfs_net;
+pub mod tracefs;
 
 use std::path::{Path, PathBuf};
 
