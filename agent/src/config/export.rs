@@ -380,8 +380,12 @@ impl Default for PipelineConfig {
             detail_exit_ratio: 0.01,
             detail_exit_intervals: 3,
             series_ttl_intervals: 10,
-            memory_soft_limit_bytes: 192 * 1024 * 1024,
-            memory_hard_limit_bytes: 256 * 1024 * 1024,
+            // Below the 128 MiB that deploy/ grants the process, so the
+            // agent sheds and refuses before the kernel's OOM killer acts.
+            // Steady RSS is about 9 MB; a 10-minute outage at 100x the
+            // normal point rate peaked at 88.5 MiB (docs/performance.md).
+            memory_soft_limit_bytes: 96 * 1024 * 1024,
+            memory_hard_limit_bytes: 112 * 1024 * 1024,
         }
     }
 }
