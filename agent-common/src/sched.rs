@@ -6,7 +6,12 @@ pub const MAP_COUNTERS: &str = "SCHED_COUNTERS";
 /// of the run-queue latency in nanoseconds.
 pub const MAP_RUNQ_HIST: &str = "SCHED_RUNQ_HIST";
 /// Hash map: task pointer -> time it became runnable (ns, `bpf_ktime_get_ns`).
+/// Used only where the kernel keeps no `sched_info` stamps (see [`SchedOffsets`]).
 pub const MAP_RUNQ_START: &str = "SCHED_RUNQ_START";
+/// Per-CPU array of one [`Arrival`]: the task that last arrived on this CPU.
+pub const MAP_ARRIVAL: &str = "SCHED_ARRIVAL";
+/// Global (`.rodata`) holding [`SchedOffsets`].
+pub const GLOBAL_OFFSETS: &str = "SCHED_OFFSETS";
 
 /// Switches where the previous task gave up the CPU (it blocked).
 pub const SLOT_VOLUNTARY: u32 = 0;
@@ -27,3 +32,47 @@ pub const COUNTER_SLOTS: u32 = 4;
 /// a healthy host has at once. Failed inserts are counted in
 /// [`SLOT_RUNQ_START_FULL`].
 pub const RUNQ_START_ENTRIES: u32 = 16384;
+
+/// Where `sched_switch` finds the kernel's own run-queue stamps, from the
+/// running kernel's BTF. With `CONFIG_SCHED_INFO` (selected by
+/// `TASK_DELAY_ACCT` or `SCHEDSTATS`), `task_struct.sched_info` holds
+/// `last_queued` (run-queue clock when the task was enqueued, 0 when it is
+/// not waiting) and `last_arrival` (run-queue clock when it last got a CPU).
+/// The kernel updates both in `sched_info_switch()`, right after the
+/// `sched_switch` tracepoint. When `valid` is 0 the programs time wake-ups
+/// themselves (`sched_wakeup`, a clock read and a hash per task).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedOffsets {
+    /// Non-zero once userspace filled the offsets in.
+    pub valid: u32,
+    /// `task_struct.sched_info.last_queued` (`unsigned long long`).
+    pub last_queued: u32,
+    /// `task_struct.sched_info.last_arrival` (`unsigned long long`).
+    pub last_arrival: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<SchedOffsets>() == 16);
+
+/// Value of [`MAP_ARRIVAL`]: the task `sched_switch` last switched in on this
+/// CPU and its `last_queued` at that moment. At the next switch on the same
+/// CPU that task is `prev` (a running task cannot migrate), and its
+/// `last_arrival`, stamped by the kernel in between, minus `queued` is the
+/// wait the kernel itself added to its `run_delay`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Arrival {
+    /// `task_struct` pointer.
+    pub task: u64,
+    /// Its `sched_info.last_queued` when it was switched in (0: it had not
+    /// been waiting on a run queue).
+    pub queued: u64,
+}
+const _: () = assert!(core::mem::size_of::<Arrival>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), only integer fields, no implicit padding.
+    unsafe impl aya::Pod for super::SchedOffsets {}
+}

@@ -137,8 +137,8 @@ pub struct SockState {
     pub inferred: u32,
     /// `bpf_ktime_get_ns` at `SYN_SENT`, 0 once established or for servers.
     pub syn_sent_ns: u64,
-    /// `bpf_ktime_get_ns` of the last RTT sample, 0 before the first.
-    pub last_rtt_ns: u64,
+    /// `bpf_jiffies64` at the last RTT sample, 0 before the first.
+    pub last_rtt_jiffies: u64,
 }
 const _: () = assert!(core::mem::size_of::<SockState>() == 40);
 
@@ -195,8 +195,30 @@ pub struct TcpOffsets {
     pub ephemeral_lo: u32,
     /// Upper end of the range, inclusive.
     pub ephemeral_hi: u32,
+    /// [`RTT_SAMPLE_INTERVAL_NS`] in jiffies (at least 1): the programs pace
+    /// RTT samples with `bpf_jiffies64()`, a load of a kernel global, rather
+    /// than `bpf_ktime_get_ns()`, a clock read (about 35 ns on a KVM guest).
+    pub rtt_interval_jiffies: u32,
+    /// Explicit padding.
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<TcpOffsets>() == 60);
+const _: () = assert!(core::mem::size_of::<TcpOffsets>() == 68);
+
+/// [`RTT_SAMPLE_INTERVAL_NS`] in ticks of `tick_ns` ns (the kernel's
+/// jiffy, `1e9 / CONFIG_HZ`), rounded up, at least 1.
+pub const fn rtt_interval_jiffies(tick_ns: u64) -> u32 {
+    if tick_ns == 0 {
+        return 1;
+    }
+    let j = RTT_SAMPLE_INTERVAL_NS.div_ceil(tick_ns);
+    if j == 0 {
+        1
+    } else if j > u32::MAX as u64 {
+        u32::MAX
+    } else {
+        j as u32
+    }
+}
 
 /// Infers the role of a socket whose handshake was not seen, from its local
 /// and remote ports (host order): the side on an ephemeral port is the
@@ -234,6 +256,17 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rtt_interval_in_jiffies() {
+        // HZ=250 (4 ms), 1000, 100, 300 (3.333 ms rounds up), and nonsense.
+        assert_eq!(rtt_interval_jiffies(4_000_000), 25);
+        assert_eq!(rtt_interval_jiffies(1_000_000), 100);
+        assert_eq!(rtt_interval_jiffies(10_000_000), 10);
+        assert_eq!(rtt_interval_jiffies(3_333_333), 31);
+        assert_eq!(rtt_interval_jiffies(0), 1);
+        assert_eq!(rtt_interval_jiffies(u64::MAX), 1);
+    }
 
     #[test]
     fn role_inference() {

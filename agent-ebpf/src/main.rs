@@ -6,6 +6,7 @@
 #![no_main]
 
 mod drops;
+mod kmem;
 mod sched;
 mod softirq;
 mod tcp;

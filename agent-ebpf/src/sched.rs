@@ -13,8 +13,8 @@
 //!   in 5.18 (commit fa2c3254d7cf, "sched/tracing: Don't re-read p->state when
 //!   emitting sched_switch event"). On older kernels the verifier rejects the
 //!   access and the family falls back to `/proc/stat`.
-//! - Maps: `SCHED_COUNTERS`, `SCHED_RUNQ_HIST` (per-CPU arrays),
-//!   `SCHED_RUNQ_START` (bounded hash).
+//! - Maps: `SCHED_COUNTERS`, `SCHED_RUNQ_HIST`, `SCHED_ARRIVAL` (per-CPU
+//!   arrays), `SCHED_RUNQ_START` (bounded hash, wake-up clock only).
 //! - Metrics: `perch.cpu.context_switches`, `perch.scheduler.runqueue.latency`.
 //! - Fallback: `/proc/stat` `ctxt` (no voluntary/involuntary split, no latency).
 //! - Oldest kernel: 5.18 (`tp_btf`, `raw_tp`), 4.7 with tracefs mounted
@@ -26,9 +26,29 @@
 //!
 //! Run-queue latency is the time from a task becoming runnable (woken, or
 //! preempted while runnable) to it running. The agent's own threads are
-//! counted like any other task.
+//! counted like any other task. It is measured one of two ways:
+//!
+//! - **Kernel stamps** (`tp_btf`/`raw_tp` where `task_struct.sched_info`
+//!   exists, i.e. `CONFIG_SCHED_INFO`, which `TASK_DELAY_ACCT` selects on
+//!   every major distribution kernel). The scheduler stamps
+//!   `sched_info.last_queued` when a task is enqueued and, right after the
+//!   `sched_switch` tracepoint, `sched_info.last_arrival` when it gets the
+//!   CPU. `sched_switch` remembers in a per-CPU slot which task it switched
+//!   in and its `last_queued`; at the next switch on that CPU the task is
+//!   `prev`, and `last_arrival - last_queued` is exactly the wait the kernel
+//!   adds to the task's `run_delay` (`/proc/<pid>/schedstat`). No clock
+//!   read, no hash, no `sched_wakeup` program. A wait is recorded when the
+//!   task it delayed leaves the CPU. A queued task that the load balancer
+//!   moves to another CPU is counted from its enqueue on the CPU it ran on.
+//! - **Wake-up clock** (the classic tracepoint, kernels without
+//!   `sched_info`, or `probes.sched.runqueue_clock = "wakeup"`):
+//!   `sched_wakeup`/`sched_wakeup_new` stamp `bpf_ktime_get_ns()` into a
+//!   hash keyed by task, `sched_switch` looks `next` up.
 
-use agent_common::{hist, sched as c};
+use agent_common::{
+    hist,
+    sched::{self as c, Arrival, SchedOffsets},
+};
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
@@ -36,7 +56,28 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 
-use crate::tracepoint::tp_offset;
+use crate::{kmem::field, tracepoint::tp_offset};
+
+/// Filled in by userspace from kernel BTF (`.rodata`: the verifier sees
+/// constants and prunes the design this kernel does not use).
+#[unsafe(no_mangle)]
+static SCHED_OFFSETS: SchedOffsets = SchedOffsets {
+    valid: 0,
+    last_queued: 0,
+    last_arrival: 0,
+    _pad: 0,
+};
+
+/// One field of [`SCHED_OFFSETS`], read so the compiler cannot fold the
+/// all-zero initializer.
+macro_rules! off {
+    ($field:ident) => {
+        unsafe { core::ptr::read_volatile(&SCHED_OFFSETS.$field) }
+    };
+}
+
+#[map(name = "SCHED_ARRIVAL")]
+static SCHED_ARRIVAL: PerCpuArray<Arrival> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "SCHED_COUNTERS")]
 static SCHED_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(c::COUNTER_SLOTS, 0);
@@ -75,20 +116,66 @@ fn mark_runnable(task: u64, now: u64) {
 /// `sched_switch(bool preempt, struct task_struct *prev,
 ///               struct task_struct *next, unsigned int prev_state)`
 ///
-/// Per switch: one counter bump and one hash lookup (for `next`), plus an
-/// in-place write for a preempted `prev`. A start left behind by a wake-up
+/// With the kernel's stamps, see [`account_switch_stamped`]. With the
+/// wake-up clock, per switch: one counter bump and one hash lookup (for
+/// `next`), plus an in-place write for a preempted `prev`. A start left behind by a wake-up
 /// that found its task still running is harmless: the task's next wake-up
 /// overwrites it before it can be switched in. Slots are freed when their
 /// task exits (`prev_state` has `TASK_DEAD`).
 #[inline(always)]
-fn on_switch(preempt: u64, prev: u64, next: u64, prev_state: u64) -> u32 {
+fn on_switch<const BTF: bool>(preempt: u64, prev: u64, next: u64, prev_state: u64) -> u32 {
     let prev_state = prev_state & 0xffff_ffff;
     let involuntary = (preempt & 0xff) != 0 || prev_state == TASK_RUNNING;
+    if off!(valid) != 0 {
+        return account_switch_stamped::<BTF>(involuntary, prev, next);
+    }
     // The idle task (pid 0; `current` is still `prev` here) is always
     // "runnable" but never queued: timing it would count busy time as
     // latency. Asked only when it matters.
     let idle = involuntary && bpf_get_current_pid_tgid() as u32 == 0;
     account_switch(involuntary, idle, prev_state & TASK_DEAD != 0, prev, next)
+}
+
+/// The switch with the kernel's own stamps: count it; if `prev` is the task
+/// this CPU last switched in after a wait, record that wait (its
+/// `last_arrival`, stamped after the previous switch, minus the
+/// `last_queued` seen then); remember `next` and its `last_queued`.
+///
+/// Per switch: two per-CPU array bumps and one or two field loads. Only
+/// this CPU touches its slot, with preemption disabled.
+#[inline(always)]
+fn account_switch_stamped<const BTF: bool>(involuntary: bool, prev: u64, next: u64) -> u32 {
+    bump(
+        &SCHED_COUNTERS,
+        if involuntary {
+            c::SLOT_INVOLUNTARY
+        } else {
+            c::SLOT_VOLUNTARY
+        },
+    );
+    let Some(cur) = SCHED_ARRIVAL.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's value slot, valid for this program run.
+    let cur = unsafe { &mut *cur };
+    if cur.task == prev && cur.queued != 0 {
+        if let Some(arrived) = field::<u64, BTF>(prev, off!(last_arrival)) {
+            if arrived >= cur.queued {
+                record_wait(arrived - cur.queued);
+            }
+        }
+    }
+    cur.task = next;
+    cur.queued = field::<u64, BTF>(next, off!(last_queued)).unwrap_or(0);
+    0
+}
+
+#[inline(always)]
+fn record_wait(latency: u64) {
+    bump(&SCHED_RUNQ_HIST, hist::bucket_index(latency));
+    if let Some(sum) = SCHED_COUNTERS.get_ptr_mut(c::SLOT_RUNQ_SUM_NS) {
+        unsafe { *sum += latency };
+    }
 }
 
 /// The switch itself, whatever identifies a task (`task_struct` pointer or
@@ -115,11 +202,7 @@ fn account_switch(involuntary: bool, idle_prev: bool, dead: bool, prev: u64, nex
         if start != 0 {
             unsafe { *p = 0 };
             if now >= start {
-                let latency = now - start;
-                bump(&SCHED_RUNQ_HIST, hist::bucket_index(latency));
-                if let Some(sum) = SCHED_COUNTERS.get_ptr_mut(c::SLOT_RUNQ_SUM_NS) {
-                    unsafe { *sum += latency };
-                }
+                record_wait(now - start);
             }
         }
     }
@@ -128,12 +211,12 @@ fn account_switch(involuntary: bool, idle_prev: bool, dead: bool, prev: u64, nex
 
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sched_switch_btf(ctx: BtfTracePointContext) -> u32 {
-    on_switch(ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3))
+    on_switch::<true>(ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3))
 }
 
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn sched_switch_raw(ctx: RawTracePointContext) -> u32 {
-    on_switch(ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3))
+    on_switch::<false>(ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3))
 }
 
 #[btf_tracepoint(function = "sched_wakeup")]

@@ -17,7 +17,7 @@
 //!     (6.3, "net: sock: add tracepoint for send recv length"): payload bytes as the syscall returned
 //!     them (`ret > 0`; `MSG_PEEK` reads are not consumed and not counted).
 //!     They also sample the smoothed RTT (`tcp_sock.srtt_us`) at most every
-//!     [`c::RTT_SAMPLE_INTERVAL_NS`] per socket, so a long connection gives
+//!     [`c::RTT_SAMPLE_INTERVAL_NS`] per socket (paced in jiffies), so a long connection gives
 //!     samples all through its life.
 //!   - `tcp_retransmit_skb(sk, skb[, err])` (4.15): retransmitted segments,
 //!     `tcp_skb_pcount(skb)`, as `RetransSegs` counts them. Since the
@@ -39,13 +39,14 @@
 //! bytes of a peer that does not fit go to overflow counters, and the failed
 //! insert is counted.
 
+use crate::kmem::field;
 use agent_common::{
     hist,
     tcp::{self as c, PeerKey, PeerValue, RttKey, SockState, TcpOffsets},
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
     macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{HashMap, PerCpuArray, PerCpuHashMap},
     programs::{BtfTracePointContext, RawTracePointContext},
@@ -70,6 +71,8 @@ static TCP_OFFSETS: TcpOffsets = TcpOffsets {
     rtt_per_peer: 0,
     ephemeral_lo: 0,
     ephemeral_hi: 0,
+    rtt_interval_jiffies: 0,
+    _pad: 0,
 };
 
 #[map(name = "TCP_PEERS")]
@@ -108,34 +111,6 @@ macro_rules! off {
     ($field:ident) => {
         unsafe { core::ptr::read_volatile(&TCP_OFFSETS.$field) }
     };
-}
-
-#[inline(always)]
-fn read<T>(base: u64, offset: u32) -> Option<T> {
-    // SAFETY: bpf_probe_read_kernel faults safely on a bad address.
-    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
-}
-
-/// Reads a scalar field of `struct sock` (or one of its members). With
-/// `BTF` (the `tp_btf` programs) `base` is a BTF-typed pointer argument and
-/// this is a plain load: the verifier checks it against the kernel's BTF
-/// and turns it into a fault-safe load (`BPF_PROBE_MEM`; a bad address
-/// reads 0). No helper call: `bpf_probe_read_kernel` costs about 38 ns per
-/// call on a KVM guest, as much as the whole program's other work. The
-/// `raw_tp` programs get untyped pointers and keep the helper.
-///
-/// Only fields that lie inside the argument's BTF type may be read so (the
-/// verifier rejects loads past it, e.g. `tcp_sock` fields through a
-/// `struct sock *`), and only at their own size.
-#[inline(always)]
-fn field<T: Copy, const BTF: bool>(base: u64, offset: u32) -> Option<T> {
-    if BTF {
-        // SAFETY: the verifier rewrites this load into one that cannot
-        // fault (PTR_TO_BTF_ID access, checked against the type's layout).
-        Some(unsafe { core::ptr::read_volatile((base + offset as u64) as *const T) })
-    } else {
-        read(base, offset)
-    }
 }
 
 #[inline(always)]
@@ -204,12 +179,12 @@ fn inferred_key<const BTF: bool>(sk: u64, family: u16) -> Option<PeerKey> {
 }
 
 #[inline(always)]
-fn new_state(key: PeerKey, inferred: u32, syn_sent_ns: u64, last_rtt_ns: u64) -> SockState {
+fn new_state(key: PeerKey, inferred: u32, syn_sent_ns: u64, last_rtt_jiffies: u64) -> SockState {
     SockState {
         key,
         inferred,
         syn_sent_ns,
-        last_rtt_ns,
+        last_rtt_jiffies,
     }
 }
 
@@ -322,7 +297,7 @@ fn on_set_state<const BTF: bool>(sk: u64, old: i32, new: i32) -> u32 {
 /// peer's, when enabled).
 #[inline(always)]
 fn sample_rtt(sk: u64, key: &PeerKey) {
-    let Some(srtt8) = read::<u32>(sk, off!(tcp_srtt_us)) else {
+    let Some(srtt8) = crate::kmem::read::<u32>(sk, off!(tcp_srtt_us)) else {
         return;
     };
     // srtt_us holds 8 x the smoothed RTT in µs; 0 before the first sample.
@@ -367,18 +342,18 @@ fn on_io<const BTF: bool>(sk: u64, ret: u64, flags: u64, rx: bool) -> u32 {
         return 0;
     }
     // Only TCP sockets are ever inserted into TCP_SOCKS, so a hit skips the
-    // protocol check: the common path is two hash lookups, one clock read
-    // and no bpf_probe_read_kernel. (`bpf_ktime_get_coarse_ns` would be
-    // cheaper but tracing programs may not call it: the kernel refuses it
-    // at load, it could deadlock on the timekeeping seqlock.)
-    let now = unsafe { bpf_ktime_get_ns() };
+    // protocol check: the common path is two hash lookups and no helper
+    // but `bpf_jiffies64` (a load of the kernel's `jiffies_64`; a clock read
+    // would cost about 35 ns on a KVM guest, and `bpf_ktime_get_coarse_ns`
+    // is refused to tracing programs). RTT sampling needs only tick
+    // resolution.
+    let now = unsafe { bpf_jiffies64() };
+    let interval = off!(rtt_interval_jiffies) as u64;
     let mut sample = false;
     let key = match TCP_SOCKS.get_ptr_mut(sk) {
         Some(st) => unsafe {
-            if now.wrapping_sub((*st).last_rtt_ns) >= c::RTT_SAMPLE_INTERVAL_NS
-                || (*st).last_rtt_ns == 0
-            {
-                (*st).last_rtt_ns = now;
+            if now.wrapping_sub((*st).last_rtt_jiffies) >= interval || (*st).last_rtt_jiffies == 0 {
+                (*st).last_rtt_jiffies = now;
                 sample = true;
             }
             (*st).key
@@ -421,7 +396,7 @@ fn on_retransmit<const BTF: bool>(sk: u64, skb: u64, err: u64) -> u32 {
     if off!(retrans_has_err) != 0 && err as i32 != 0 {
         return 0;
     }
-    let segs = match read::<u16>(skb, off!(skb_gso_segs)) {
+    let segs = match crate::kmem::read::<u16>(skb, off!(skb_gso_segs)) {
         Some(0) | None => 1,
         Some(n) => n as u64,
     };

@@ -35,6 +35,9 @@ pub struct ThreadSwitches {
     /// Time runnable but waiting for a CPU, in ns (`run_delay` of
     /// `/proc/<pid>/task/<tid>/schedstat`, kept with `CONFIG_SCHED_INFO`).
     pub run_delay_ns: u64,
+    /// Times the thread got a CPU after waiting on a run queue (`pcount`,
+    /// the third field of that file).
+    pub pcount: u64,
 }
 
 pub fn thread_switches(tid: i32) -> ThreadSwitches {
@@ -46,14 +49,20 @@ pub fn thread_switches(tid: i32) -> ThreadSwitches {
             .map(|v| v.trim().parse::<u64>().expect("number"))
             .unwrap_or_else(|| panic!("{name} missing from status"))
     };
-    let run_delay_ns = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        .unwrap_or(0);
+    let schedstat =
+        std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).unwrap_or_default();
+    let stat = |i: usize| {
+        schedstat
+            .split_whitespace()
+            .nth(i)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
     ThreadSwitches {
         voluntary: field("voluntary_ctxt_switches:"),
         involuntary: field("nonvoluntary_ctxt_switches:"),
-        run_delay_ns,
+        run_delay_ns: stat(1),
+        pcount: stat(2),
     }
 }
 
@@ -62,6 +71,7 @@ fn diff(after: ThreadSwitches, before: ThreadSwitches) -> ThreadSwitches {
         voluntary: after.voluntary - before.voluntary,
         involuntary: after.involuntary - before.involuntary,
         run_delay_ns: after.run_delay_ns - before.run_delay_ns,
+        pcount: after.pcount - before.pcount,
     }
 }
 
@@ -84,10 +94,20 @@ pub struct PingPong {
 /// Two threads bounce one byte over a pair of pipes `round_trips` times.
 /// Every message wakes a thread blocked in `read`.
 pub fn ping_pong(round_trips: u64) -> PingPong {
+    ping_pong_on(None, round_trips)
+}
+
+/// [`ping_pong`] with both threads pinned to `cpu` when given: the kernel
+/// then never migrates a waiting thread, so each wait is one run-queue
+/// stay.
+pub fn ping_pong_on(cpu: Option<usize>, round_trips: u64) -> PingPong {
     let (a_r, a_w) = pipe();
     let (b_r, b_w) = pipe();
     let start = Instant::now();
     let pong = std::thread::spawn(move || {
+        if let Some(cpu) = cpu {
+            pin_to(cpu);
+        }
         let tid = gettid();
         let before = thread_switches(tid);
         for _ in 0..round_trips {
@@ -97,6 +117,9 @@ pub fn ping_pong(round_trips: u64) -> PingPong {
         diff(thread_switches(tid), before)
     });
     let ping = std::thread::spawn(move || {
+        if let Some(cpu) = cpu {
+            pin_to(cpu);
+        }
         let tid = gettid();
         let before = thread_switches(tid);
         for _ in 0..round_trips {
@@ -114,6 +137,7 @@ pub fn ping_pong(round_trips: u64) -> PingPong {
             voluntary: p.voluntary + q.voluntary,
             involuntary: p.involuntary + q.involuntary,
             run_delay_ns: p.run_delay_ns + q.run_delay_ns,
+            pcount: p.pcount + q.pcount,
         },
         elapsed: start.elapsed(),
     }
@@ -165,6 +189,7 @@ pub fn ping_pong_for(wall: Duration) -> PingPong {
             voluntary: p.voluntary + q.voluntary,
             involuntary: p.involuntary + q.involuntary,
             run_delay_ns: p.run_delay_ns + q.run_delay_ns,
+            pcount: p.pcount + q.pcount,
         },
         elapsed: start.elapsed(),
     }

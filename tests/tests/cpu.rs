@@ -178,30 +178,20 @@ fn scheduler_wait_time() {
         return;
     }
     // No /proc/schedstat: this kernel lacks CONFIG_SCHEDSTATS.
-    let (snap, pp) = collect(&["--probe", "sched=ebpf"], Duration::from_secs(3), || {
-        workload::ping_pong(50_000)
-    });
-    let wait = sum(&snap, "perch.scheduler.wait.time", &[]);
-    let hist_sum = points(&snap, "perch.scheduler.runqueue.latency")[0]["sum"]
-        .as_f64()
-        .unwrap();
-    assert!(
-        (wait - hist_sum).abs() < 1e-6,
-        "wait {wait} != run-queue latency sum {hist_sum}"
+    // Kernel stamps (the default where task_struct has sched_info): a wait
+    // is recorded as the kernel adds it to the task's run_delay, from its
+    // enqueue on the CPU it runs on. Pinned, the workload's waits are never
+    // split by a migration, so all of its run_delay must be there.
+    wait_time_case(&[], Some(kernel::online_cpus() - 1), "sched_info stamps");
+    // Wake-up clock: whole waits from sched_wakeup, workload free to move.
+    let cfg = std::env::temp_dir().join(format!("perch-wakeup-clock-{}.toml", std::process::id()));
+    std::fs::write(&cfg, "[probes.sched]\nrunqueue_clock = \"wakeup\"\n").unwrap();
+    wait_time_case(
+        &["--config", cfg.to_str().unwrap()],
+        None,
+        "timed from sched_wakeup",
     );
-    let own = pp.switches.run_delay_ns as f64 / 1e9;
-    assert!(
-        own > 0.0,
-        "the workload threads report no run_delay: is CONFIG_SCHED_INFO off?"
-    );
-    assert!(
-        wait >= own,
-        "host-wide wait {wait} s < the workload threads' own run_delay {own} s"
-    );
-    assert_eq!(
-        points(&snap, "perch.scheduler.wait.time").len(),
-        kernel::online_cpus()
-    );
+    let _ = std::fs::remove_file(&cfg);
 
     let (snap, _) = collect(
         &["--probe", "sched=procfs"],
@@ -211,6 +201,66 @@ fn scheduler_wait_time() {
     assert!(
         points(&snap, "perch.scheduler.wait.time").is_empty(),
         "procfs mode has no wait-time source here"
+    );
+}
+
+/// eBPF wait time with `extra` args: it equals the run-queue histogram's
+/// sum and covers the workload threads' own `run_delay`; the plan names the
+/// clock (`clock` is a phrase of its reason).
+fn wait_time_case(extra: &[&str], pin: Option<usize>, clock: &str) {
+    let mut args = vec!["--probe", "sched=ebpf"];
+    args.extend_from_slice(extra);
+    let (snap, pp) = collect(&args, Duration::from_secs(3), || {
+        workload::ping_pong_on(pin, 50_000)
+    });
+    let reason = snap["plan"]["families"]
+        .as_array()
+        .expect("plan")
+        .iter()
+        .find(|f| f["family"] == "sched")
+        .and_then(|f| f["reason"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        reason.contains(clock),
+        "sched plan reason `{reason}` lacks `{clock}`"
+    );
+    let wait = sum(&snap, "perch.scheduler.wait.time", &[]);
+    let hist_sum = points(&snap, "perch.scheduler.runqueue.latency")[0]["sum"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (wait - hist_sum).abs() < 1e-6,
+        "{clock}: wait {wait} != run-queue latency sum {hist_sum}"
+    );
+    let own = pp.switches.run_delay_ns as f64 / 1e9;
+    eprintln!("{clock}: host-wide wait {wait:.6} s, the workload's own run_delay {own:.6} s");
+    assert!(
+        own > 0.0,
+        "the workload threads report no run_delay: is CONFIG_SCHED_INFO off?"
+    );
+    assert!(
+        wait >= own,
+        "{clock}: host-wide wait {wait} s < the workload threads' own run_delay {own} s"
+    );
+    let count = points(&snap, "perch.scheduler.runqueue.latency")[0]["count"]
+        .as_u64()
+        .unwrap();
+    eprintln!(
+        "{clock}: {count} waits host-wide, the workload's own pcount {}",
+        pp.switches.pcount
+    );
+    if pin.is_some() {
+        // Each of the workload's arrivals after a wait is one sample.
+        assert!(
+            count >= pp.switches.pcount,
+            "{clock}: {count} waits host-wide < the workload threads' own pcount {}",
+            pp.switches.pcount
+        );
+    }
+    assert_eq!(
+        points(&snap, "perch.scheduler.wait.time").len(),
+        kernel::online_cpus()
     );
 }
 

@@ -221,6 +221,23 @@ pub struct SchedProbeConfig {
     /// host-wide histogram. Multiplies that metric's series by the CPU
     /// count, so it is opt-in. Default `false`.
     pub runqueue_per_cpu: bool,
+    /// How run-queue waits are timed. Default `auto`.
+    pub runqueue_clock: RunqueueClock,
+}
+
+/// `probes.sched.runqueue_clock`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunqueueClock {
+    /// The kernel's own stamps (`task_struct.sched_info`) where the kernel
+    /// keeps them (`CONFIG_SCHED_INFO`): one program per context switch.
+    /// Else the wake-up clock.
+    #[default]
+    Auto,
+    /// `sched_wakeup` programs stamp every wake-up with a clock read: a
+    /// second program per wake-up, and a wait that spans a load-balancer
+    /// migration counts whole rather than from the last enqueue.
+    Wakeup,
 }
 
 /// `[probes.interfaces]`.
@@ -1100,6 +1117,7 @@ mod tests {
             assert_eq!(c.probes.mode(f), Mode::Auto, "{f}");
         }
         assert!(!c.probes.sched.runqueue_per_cpu);
+        assert_eq!(c.probes.sched.runqueue_clock, RunqueueClock::Auto);
         assert_eq!(c.probes.interfaces.include, ["*"]);
         assert!(c.probes.interfaces.exclude.is_empty());
         assert!(!c.probes.tcp.rtt_per_peer);
@@ -1125,6 +1143,7 @@ mod tests {
                 sched: SchedProbeConfig {
                     mode: Mode::Ebpf,
                     runqueue_per_cpu: true,
+                    runqueue_clock: RunqueueClock::Wakeup,
                 },
                 softirq: ProbeConfig { mode: Mode::Off },
                 interfaces: InterfacesProbeConfig {

@@ -48,6 +48,8 @@ pub fn detect() -> KernelFacts {
         map_types,
         object_error: None,
         hooks: BTreeMap::new(),
+        sched_info: false,
+        runqueue_clock: String::new(),
     }
 }
 

@@ -50,6 +50,12 @@ pub struct KernelFacts {
     /// Per family and variant: did its programs load (and attach)?
     #[serde(serialize_with = "ser_hooks")]
     pub hooks: BTreeMap<(Family, Hook), HookStatus>,
+    /// `sched_switch` (`tp_btf`, `raw_tp`) reads the kernel's own run-queue
+    /// stamps (`task_struct.sched_info`, `CONFIG_SCHED_INFO`), so the
+    /// `sched_wakeup` programs are not attached.
+    pub sched_info: bool,
+    /// How those variants time run-queue waits, and why, in words.
+    pub runqueue_clock: String,
 }
 
 fn ser_hooks<S: serde::Serializer>(
@@ -218,6 +224,7 @@ fn plan_family(facts: &KernelFacts, rule: &Rule, requested: Mode) -> Result<Fami
                 out.reads = v
                     .programs
                     .iter()
+                    .filter(|p| p.used(facts.sched_info))
                     .map(|p| format!("{} {}", v.hook, p.target))
                     .collect::<Vec<_>>()
                     .join(", ");
@@ -226,6 +233,16 @@ fn plan_family(facts: &KernelFacts, rule: &Rule, requested: Mode) -> Result<Fami
                 } else {
                     format!("{} programs load and attach (skipped {failures})", v.hook)
                 };
+                if family == Family::Sched {
+                    let clock = if v.programs.iter().any(|p| p.wakeup_clock) {
+                        facts.runqueue_clock.as_str()
+                    } else {
+                        "run-queue waits timed from sched_wakeup (a classic tracepoint sees pids, not tasks)"
+                    };
+                    if !clock.is_empty() {
+                        out.reason = format!("{}; {clock}", out.reason);
+                    }
+                }
             }
             None if requested == Mode::Ebpf => {
                 return Err(PlanError::EbpfUnavailable {
@@ -585,5 +602,43 @@ mod tests {
                 1
             );
         }
+    }
+
+    /// With the kernel's sched_info stamps the wake-up programs are not
+    /// read, and the reason says which clock times run-queue waits; the
+    /// classic tracepoint always times wake-ups.
+    #[test]
+    fn sched_reads_follow_the_runqueue_clock() {
+        let ok = |hook| facts(&[(Family::Sched, hook, HookStatus::Ok)]);
+        let mut stamped = ok(Hook::TpBtf);
+        stamped.sched_info = true;
+        stamped.runqueue_clock = "from stamps".into();
+        let p = plan(&stamped, |_| Mode::Auto).unwrap();
+        let sched = p.get(Family::Sched).unwrap();
+        assert_eq!(sched.reads, "tp_btf sched_switch");
+        assert!(sched.reason.ends_with("; from stamps"), "{}", sched.reason);
+
+        let mut wakeup = ok(Hook::RawTp);
+        wakeup.runqueue_clock = "timed from sched_wakeup".into();
+        let p = plan(&wakeup, |_| Mode::Auto).unwrap();
+        assert_eq!(
+            p.get(Family::Sched).unwrap().reads,
+            "raw_tp sched_switch, raw_tp sched_wakeup, raw_tp sched_wakeup_new"
+        );
+
+        let mut tp = ok(Hook::Tracepoint);
+        tp.sched_info = true;
+        let p = plan(&tp, |_| Mode::Auto).unwrap();
+        let sched = p.get(Family::Sched).unwrap();
+        assert!(
+            sched.reads.contains("sched/sched_wakeup_new"),
+            "{}",
+            sched.reads
+        );
+        assert!(
+            sched.reason.contains("classic tracepoint sees pids"),
+            "{}",
+            sched.reason
+        );
     }
 }

@@ -64,6 +64,18 @@ pub struct ProgramSpec {
     pub program: &'static str,
     /// Tracepoint name (`tp_btf`, `raw_tp`) or `category/name` (tracepoint).
     pub target: &'static str,
+    /// Needed only when the run-queue latency is timed from wake-ups
+    /// ([`KernelFacts::sched_info`](super::KernelFacts) false): left
+    /// unattached where `sched_switch` reads the kernel's own stamps.
+    pub wakeup_clock: bool,
+}
+
+impl ProgramSpec {
+    /// Whether this program is attached, given whether `sched_switch` reads
+    /// the kernel's `sched_info` stamps.
+    pub fn used(&self, sched_info: bool) -> bool {
+        !(self.wakeup_clock && sched_info)
+    }
 }
 
 /// One way to serve a family from the kernel.
@@ -90,7 +102,20 @@ pub struct Rule {
 }
 
 const fn p(program: &'static str, target: &'static str) -> ProgramSpec {
-    ProgramSpec { program, target }
+    ProgramSpec {
+        program,
+        target,
+        wakeup_clock: false,
+    }
+}
+
+/// A wake-up program of the `sched` family (see [`ProgramSpec::wakeup_clock`]).
+const fn w(program: &'static str, target: &'static str) -> ProgramSpec {
+    ProgramSpec {
+        program,
+        target,
+        wakeup_clock: true,
+    }
 }
 
 /// The rules, one per family.
@@ -105,13 +130,17 @@ pub const RULES: &[Rule] = &[
         family: Family::Sched,
         variants: &[
             // Both variants read sched_switch's prev_state argument, appended
-            // in 5.18 (commit fa2c3254d7cf).
+            // in 5.18 (commit fa2c3254d7cf). Where task_struct has
+            // sched_info (CONFIG_SCHED_INFO), sched_switch reads the
+            // kernel's run-queue stamps and the wake-up programs are not
+            // attached; the classic tracepoint sees pids, not tasks, and
+            // always times wake-ups.
             Variant {
                 hook: Hook::TpBtf,
                 programs: &[
                     p("sched_switch_btf", "sched_switch"),
-                    p("sched_wakeup_btf", "sched_wakeup"),
-                    p("sched_wakeup_new_btf", "sched_wakeup_new"),
+                    w("sched_wakeup_btf", "sched_wakeup"),
+                    w("sched_wakeup_new_btf", "sched_wakeup_new"),
                 ],
                 min_kernel: (5, 18),
                 needs_btf: true,
@@ -120,8 +149,8 @@ pub const RULES: &[Rule] = &[
                 hook: Hook::RawTp,
                 programs: &[
                     p("sched_switch_raw", "sched_switch"),
-                    p("sched_wakeup_raw", "sched_wakeup"),
-                    p("sched_wakeup_new_raw", "sched_wakeup_new"),
+                    w("sched_wakeup_raw", "sched_wakeup"),
+                    w("sched_wakeup_new_raw", "sched_wakeup_new"),
                 ],
                 min_kernel: (5, 18),
                 needs_btf: false,

@@ -428,6 +428,7 @@ pub fn tcp_offsets(
     btf: &KernelBtf,
     rtt_per_peer: bool,
     ephemeral: (u32, u32),
+    tick_ns: u64,
 ) -> Result<TcpOffsets, BtfError> {
     let cb = btf.member("sk_buff", "cb")?.offset;
     let gso = btf.member_sized("tcp_skb_cb", "tcp_gso_segs", 2)?;
@@ -449,6 +450,41 @@ pub fn tcp_offsets(
         rtt_per_peer: u32::from(rtt_per_peer),
         ephemeral_lo: ephemeral.0,
         ephemeral_hi: ephemeral.1,
+        rtt_interval_jiffies: agent_common::tcp::rtt_interval_jiffies(tick_ns),
+        _pad: 0,
+    })
+}
+
+/// The kernel's tick (one jiffy) in ns: the resolution of the coarse
+/// clocks, which advance once per tick (`1e9 / CONFIG_HZ`). 4 ms (HZ=250,
+/// the common default) if the kernel does not say.
+pub fn tick_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_getres writes one timespec into a valid pointer.
+    let r = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    let ns = (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64);
+    if r == 0 && ns > 0 {
+        ns
+    } else {
+        4_000_000
+    }
+}
+
+/// Where `sched_switch` reads the kernel's run-queue stamps:
+/// `task_struct.sched_info.{last_queued,last_arrival}`, which exist with
+/// `CONFIG_SCHED_INFO`. An error names what is missing; the programs then
+/// time wake-ups themselves.
+pub fn sched_offsets(btf: &KernelBtf) -> Result<agent_common::sched::SchedOffsets, BtfError> {
+    Ok(agent_common::sched::SchedOffsets {
+        valid: 1,
+        last_queued: btf.member_sized("task_struct", "sched_info.last_queued", 8)?,
+        last_arrival: btf.member_sized("task_struct", "sched_info.last_arrival", 8)?,
+        _pad: 0,
     })
 }
 
@@ -709,6 +745,41 @@ mod tests {
             assert!(e.to_string().contains(needle), "{case}: {e}");
         }
         assert!(KernelBtf::parse(good, "x").is_ok());
+    }
+
+    /// `task_struct` as `CONFIG_SCHED_INFO` lays it out (or without it).
+    fn task_btf(sched_info: bool) -> KernelBtf {
+        let mut b = Builder::new();
+        let u64_ = b.int("unsigned long long", 8);
+        let long = b.int("long", 8);
+        let info = b.composite(
+            KIND_STRUCT,
+            "sched_info",
+            32,
+            &[
+                ("pcount", long, 0, 0),
+                ("run_delay", u64_, 64, 0),
+                ("last_arrival", u64_, 128, 0),
+                ("last_queued", u64_, 192, 0),
+            ],
+        );
+        let mut members = vec![("__state", long, 0, 0)];
+        if sched_info {
+            members.push(("sched_info", info, 1024, 0));
+        }
+        b.composite(KIND_STRUCT, "task_struct", 256, &members);
+        KernelBtf::parse(b.build(), "task").expect("task BTF parses")
+    }
+
+    #[test]
+    fn sched_offsets_need_sched_info() {
+        let got = sched_offsets(&task_btf(true)).unwrap();
+        assert_eq!(
+            (got.valid, got.last_arrival, got.last_queued),
+            (1, 128 + 16, 128 + 24)
+        );
+        let e = sched_offsets(&task_btf(false)).unwrap_err().to_string();
+        assert!(e.contains("sched_info.last_queued"), "{e}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use aya::programs::{Program, ProgramError};
 use aya::{Btf, Ebpf, EbpfLoader};
 use tracing::{info, warn};
 
-use crate::config::ProbesConfig;
+use crate::config::{ProbesConfig, RunqueueClock};
 use crate::gate::{self, Family, Hook, HookStatus, KernelFacts, Mode, Plan, Source, RULES};
 
 /// The eBPF object built from `agent-ebpf` by `build.rs`.
@@ -92,6 +92,7 @@ impl Probes {
                         &k,
                         cfg.tcp.rtt_per_peer,
                         btf::ephemeral_range(std::path::Path::new("/proc")),
+                        btf::tick_ns(),
                     )
                 })
                 .map_err(|e| format!("struct offsets from kernel BTF: {e}"))
@@ -100,6 +101,28 @@ impl Probes {
                 "struct offsets need kernel BTF at {}",
                 gate::kernel::BTF_PATH
             ))
+        };
+        // The scheduler's own run-queue stamps, when the kernel keeps them
+        // and the config allows.
+        let sched_offsets = if matches!(mode(Family::Sched), Mode::Off | Mode::Procfs) {
+            Err(String::new())
+        } else if cfg.sched.runqueue_clock == RunqueueClock::Wakeup {
+            Err("probes.sched.runqueue_clock = \"wakeup\"".to_owned())
+        } else if !facts.btf {
+            Err(format!("no kernel BTF at {}", gate::kernel::BTF_PATH))
+        } else {
+            btf::KernelBtf::from_sys_fs()
+                .and_then(|k| btf::sched_offsets(&k))
+                .map_err(|e| format!("{e} (kernel built without CONFIG_SCHED_INFO?)"))
+        };
+        facts.sched_info = sched_offsets.is_ok();
+        facts.runqueue_clock = match &sched_offsets {
+            Ok(_) => {
+                "run-queue waits from the kernel's sched_info stamps (no sched_wakeup programs)"
+                    .to_owned()
+            }
+            Err(e) if e.is_empty() => String::new(),
+            Err(e) => format!("run-queue waits timed from sched_wakeup: {e}"),
         };
         // Classic tracepoints: record offsets from tracefs, when mounted.
         let tp_offsets = if facts.tracefs {
@@ -117,6 +140,9 @@ impl Probes {
             }
             if let Ok(offsets) = &tcp_offsets {
                 loader.override_global(agent_common::tcp::GLOBAL_OFFSETS, offsets, true);
+            }
+            if let Ok(offsets) = &sched_offsets {
+                loader.override_global(agent_common::sched::GLOBAL_OFFSETS, offsets, true);
             }
             loader.map_max_entries(agent_common::tcp::MAP_PEERS, cfg.tcp.max_peers);
             loader.map_max_entries(
@@ -187,7 +213,7 @@ impl Probes {
                 let ebpf = ebpf
                     .as_mut()
                     .expect("a variant loaded, so the object exists");
-                match attach_variant(ebpf, variant) {
+                match attach_variant(ebpf, variant, facts.sched_info) {
                     Ok(()) => {
                         attached.insert(fp.family, (hook, SystemTime::now()));
                     }
@@ -207,10 +233,11 @@ impl Probes {
         if let Some(ebpf) = ebpf.as_mut() {
             for rule in RULES {
                 for v in rule.variants {
-                    if attached.get(&rule.family).map(|(h, _)| *h) == Some(v.hook) {
-                        continue;
-                    }
+                    let in_use = attached.get(&rule.family).map(|(h, _)| *h) == Some(v.hook);
                     for p in v.programs {
+                        if in_use && p.used(facts.sched_info) {
+                            continue;
+                        }
                         if let Some(prog) = ebpf.program_mut(p.program) {
                             let _ = unload(prog);
                         }
@@ -253,7 +280,11 @@ impl Probes {
         };
         let mut out = Vec::new();
         for (family, (hook, _)) in &self.attached {
-            for p in variant(*family, *hook).programs {
+            let used = variant(*family, *hook)
+                .programs
+                .iter()
+                .filter(|p| p.used(self.facts.sched_info));
+            for p in used {
                 let Some(info) = ebpf.program(p.program).and_then(|prog| prog.info().ok()) else {
                     continue;
                 };
@@ -327,11 +358,16 @@ fn load_variant(ebpf: &mut Ebpf, v: &gate::rules::Variant, btf: Option<&Btf>) ->
     HookStatus::Ok
 }
 
-/// Attaches every program of a variant, or none: on failure the ones already
+/// Attaches every program of a variant the kernel needs (see
+/// [`gate::rules::ProgramSpec::used`]), or none: on failure the ones already
 /// attached are detached again.
-fn attach_variant(ebpf: &mut Ebpf, v: &gate::rules::Variant) -> Result<(), String> {
+fn attach_variant(
+    ebpf: &mut Ebpf,
+    v: &gate::rules::Variant,
+    sched_info: bool,
+) -> Result<(), String> {
     let mut done = Vec::new();
-    for p in v.programs {
+    for p in v.programs.iter().filter(|p| p.used(sched_info)) {
         let r = match ebpf.program_mut(p.program) {
             Some(Program::BtfTracePoint(prog)) => prog.attach().map(|_| ()),
             Some(Program::RawTracePoint(prog)) => prog.attach(p.target).map(|_| ()),
