@@ -396,7 +396,9 @@ fn on_retransmit<const BTF: bool>(sk: u64, skb: u64, err: u64) -> u32 {
     if off!(retrans_has_err) != 0 && err as i32 != 0 {
         return 0;
     }
-    let segs = match crate::kmem::read::<u16>(skb, off!(skb_gso_segs)) {
+    // `tcp_skb_cb` lives in `sk_buff.cb`, inside the argument's BTF type:
+    // a direct load on `tp_btf`.
+    let segs = match field::<u16, BTF>(skb, off!(skb_gso_segs)) {
         Some(0) | None => 1,
         Some(n) => n as u64,
     };
