@@ -83,38 +83,41 @@ impl Probes {
         } else {
             None
         };
+        // Struct offsets for the TCP and sched programs, from one parse of
+        // the kernel's BTF, only when a family that reads them may run.
+        let wants = |f: Family| matches!(mode(f), Mode::Auto | Mode::Ebpf);
+        let kernel_btf = if facts.btf && (wants(Family::Tcp) || wants(Family::Sched)) {
+            btf::KernelBtf::from_sys_fs().map_err(|e| e.to_string())
+        } else {
+            Err(format!("no kernel BTF at {}", gate::kernel::BTF_PATH))
+        };
         // The TCP programs read kernel structs at offsets found in BTF; without
         // them its variants are not tried.
-        let tcp_offsets = if facts.btf && matches!(mode(Family::Tcp), Mode::Auto | Mode::Ebpf) {
-            btf::KernelBtf::from_sys_fs()
-                .and_then(|k| {
-                    btf::tcp_offsets(
-                        &k,
-                        cfg.tcp.rtt_per_peer,
-                        btf::ephemeral_range(std::path::Path::new("/proc")),
-                        btf::tick_ns(),
-                    )
-                })
-                .map_err(|e| format!("struct offsets from kernel BTF: {e}"))
-        } else {
-            Err(format!(
-                "struct offsets need kernel BTF at {}",
-                gate::kernel::BTF_PATH
-            ))
+        let tcp_offsets = match &kernel_btf {
+            Ok(k) if wants(Family::Tcp) => btf::tcp_offsets(
+                k,
+                cfg.tcp.rtt_per_peer,
+                btf::ephemeral_range(std::path::Path::new("/proc")),
+                btf::tick_ns(),
+            )
+            .map_err(|e| format!("struct offsets from kernel BTF: {e}")),
+            Ok(_) => Err(format!("mode = {}", mode_name(mode(Family::Tcp)))),
+            Err(e) => Err(format!("struct offsets need kernel BTF: {e}")),
         };
         // The scheduler's own run-queue stamps, when the kernel keeps them
         // and the config allows.
-        let sched_offsets = if matches!(mode(Family::Sched), Mode::Off | Mode::Procfs) {
+        let sched_offsets = if !wants(Family::Sched) {
             Err(String::new())
         } else if cfg.sched.runqueue_clock == RunqueueClock::Wakeup {
             Err("probes.sched.runqueue_clock = \"wakeup\"".to_owned())
-        } else if !facts.btf {
-            Err(format!("no kernel BTF at {}", gate::kernel::BTF_PATH))
         } else {
-            btf::KernelBtf::from_sys_fs()
-                .and_then(|k| btf::sched_offsets(&k))
-                .map_err(|e| format!("{e} (kernel built without CONFIG_SCHED_INFO?)"))
+            match &kernel_btf {
+                Ok(k) => btf::sched_offsets(k)
+                    .map_err(|e| format!("{e} (kernel built without CONFIG_SCHED_INFO?)")),
+                Err(e) => Err(e.clone()),
+            }
         };
+        drop(kernel_btf);
         facts.sched_info = sched_offsets.is_ok();
         facts.runqueue_clock = match &sched_offsets {
             Ok(_) => {
