@@ -45,6 +45,27 @@ pub fn online_cpus() -> usize {
         .count()
 }
 
+/// `kernel.bpf_stats_enabled` for benchmarks: saved, switched with
+/// [`BpfStats::set`], and restored on drop (also on panic).
+pub struct BpfStats(String);
+
+impl BpfStats {
+    const PATH: &'static str = "/proc/sys/kernel/bpf_stats_enabled";
+    pub fn save() -> Self {
+        BpfStats(std::fs::read_to_string(Self::PATH).unwrap_or_else(|_| "0".into()))
+    }
+    pub fn set(&self, on: bool) {
+        std::fs::write(Self::PATH, if on { "1" } else { "0" })
+            .expect("setting kernel.bpf_stats_enabled");
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, self.0.trim());
+    }
+}
+
 /// Runs a shell command and panics with its output when it fails.
 pub fn sh(cmd: &str) -> String {
     let out = std::process::Command::new("sh")

@@ -92,15 +92,23 @@ pub fn sum(snapshot: &Value, name: &str, filter: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-/// The source the plan chose for `family`.
-pub fn source(snapshot: &Value, family: &str) -> String {
+/// The plan's entry for `family` (in a snapshot, or in `perch features
+/// --json`): `source`, `hook`, `reason`, ...
+pub fn plan_entry<'a>(snapshot: &'a Value, family: &str) -> &'a Value {
     snapshot["plan"]["families"]
         .as_array()
         .expect("plan")
         .iter()
         .find(|f| f["family"] == family)
-        .map(|f| f["source"].as_str().expect("source").to_owned())
         .unwrap_or_else(|| panic!("family {family} not in plan"))
+}
+
+/// The source the plan chose for `family`.
+pub fn source(snapshot: &Value, family: &str) -> String {
+    plan_entry(snapshot, family)["source"]
+        .as_str()
+        .expect("source")
+        .to_owned()
 }
 
 /// A free TCP port on 127.0.0.1.

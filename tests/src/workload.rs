@@ -66,12 +66,29 @@ pub fn thread_switches(tid: i32) -> ThreadSwitches {
     }
 }
 
-fn diff(after: ThreadSwitches, before: ThreadSwitches) -> ThreadSwitches {
-    ThreadSwitches {
-        voluntary: after.voluntary - before.voluntary,
-        involuntary: after.involuntary - before.involuntary,
-        run_delay_ns: after.run_delay_ns - before.run_delay_ns,
-        pcount: after.pcount - before.pcount,
+impl ThreadSwitches {
+    /// Applies `op` to every counter of `self` and `other`.
+    fn zip(self, other: Self, op: fn(u64, u64) -> u64) -> Self {
+        ThreadSwitches {
+            voluntary: op(self.voluntary, other.voluntary),
+            involuntary: op(self.involuntary, other.involuntary),
+            run_delay_ns: op(self.run_delay_ns, other.run_delay_ns),
+            pcount: op(self.pcount, other.pcount),
+        }
+    }
+}
+
+impl std::ops::Sub for ThreadSwitches {
+    type Output = Self;
+    fn sub(self, before: Self) -> Self {
+        self.zip(before, |a, b| a - b)
+    }
+}
+
+impl std::ops::Add for ThreadSwitches {
+    type Output = Self;
+    fn add(self, other: Self) -> Self {
+        self.zip(other, |a, b| a + b)
     }
 }
 
@@ -114,7 +131,7 @@ pub fn ping_pong_on(cpu: Option<usize>, round_trips: u64) -> PingPong {
             read_byte(&a_r);
             write_byte(&b_w);
         }
-        diff(thread_switches(tid), before)
+        thread_switches(tid) - before
     });
     let ping = std::thread::spawn(move || {
         if let Some(cpu) = cpu {
@@ -126,19 +143,14 @@ pub fn ping_pong_on(cpu: Option<usize>, round_trips: u64) -> PingPong {
             write_byte(&a_w);
             read_byte(&b_r);
         }
-        diff(thread_switches(tid), before)
+        thread_switches(tid) - before
     });
     let p = ping.join().expect("ping thread");
     let q = pong.join().expect("pong thread");
     PingPong {
         round_trips,
         wakeups: 2 * round_trips,
-        switches: ThreadSwitches {
-            voluntary: p.voluntary + q.voluntary,
-            involuntary: p.involuntary + q.involuntary,
-            run_delay_ns: p.run_delay_ns + q.run_delay_ns,
-            pcount: p.pcount + q.pcount,
-        },
+        switches: p + q,
         elapsed: start.elapsed(),
     }
 }
@@ -163,7 +175,7 @@ pub fn ping_pong_for(wall: Duration) -> PingPong {
             }
             write_byte(&b_w);
         }
-        diff(thread_switches(tid), before)
+        thread_switches(tid) - before
     });
     let ping = std::thread::spawn(move || {
         let tid = gettid();
@@ -178,19 +190,14 @@ pub fn ping_pong_for(wall: Duration) -> PingPong {
         // SAFETY: writes one byte from a valid buffer.
         let n = unsafe { libc::write(a_w.as_raw_fd(), zero.as_ptr().cast(), 1) };
         assert_eq!(n, 1, "write: {}", std::io::Error::last_os_error());
-        (trips, diff(thread_switches(tid), before))
+        (trips, thread_switches(tid) - before)
     });
     let (trips, p) = ping.join().expect("ping thread");
     let q = pong.join().expect("pong thread");
     PingPong {
         round_trips: trips,
         wakeups: 2 * trips,
-        switches: ThreadSwitches {
-            voluntary: p.voluntary + q.voluntary,
-            involuntary: p.involuntary + q.involuntary,
-            run_delay_ns: p.run_delay_ns + q.run_delay_ns,
-            pcount: p.pcount + q.pcount,
-        },
+        switches: p + q,
         elapsed: start.elapsed(),
     }
 }

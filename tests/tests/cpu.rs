@@ -213,12 +213,8 @@ fn wait_time_case(extra: &[&str], pin: Option<usize>, clock: &str) {
     let (snap, pp) = collect(&args, Duration::from_secs(3), || {
         workload::ping_pong_on(pin, 50_000)
     });
-    let reason = snap["plan"]["families"]
-        .as_array()
-        .expect("plan")
-        .iter()
-        .find(|f| f["family"] == "sched")
-        .and_then(|f| f["reason"].as_str())
+    let reason = perch::plan_entry(&snap, "sched")["reason"]
+        .as_str()
         .unwrap_or_default()
         .to_owned();
     assert!(
@@ -387,12 +383,8 @@ fn softirq_counts_and_time() {
 
 /// The eBPF hook the plan chose for `family`.
 fn hook_of(snapshot: &serde_json::Value, family: &str) -> String {
-    snapshot["plan"]["families"]
-        .as_array()
-        .expect("plan")
-        .iter()
-        .find(|f| f["family"] == family)
-        .and_then(|f| f["hook"].as_str())
+    perch::plan_entry(snapshot, family)["hook"]
+        .as_str()
         .unwrap_or("none")
         .to_owned()
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use perch_tests::kernel::sh;
 use perch_tests::netns::NetnsPair;
 use perch_tests::netperch::{collect_in_netns, snmp};
-use perch_tests::perch::{points, source, sum};
+use perch_tests::perch::{self, points, source, sum};
 
 const N: u64 = 500;
 const OTHERS_OFF: [&str; 10] = [
@@ -93,12 +93,8 @@ fn udp_to_a_closed_port_is_no_socket() {
         );
         if mode == "drops=ebpf" {
             assert_eq!(source(&snap, "drops"), "ebpf");
-            let hook = snap["plan"]["families"]
-                .as_array()
-                .expect("plan")
-                .iter()
-                .find(|f| f["family"] == "drops")
-                .and_then(|f| f["hook"].as_str())
+            let hook = perch::plan_entry(&snap, "drops")["hook"]
+                .as_str()
                 .map(str::to_owned);
             assert_eq!(
                 hook.as_deref(),

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use perch_tests::kernel::{require_root, sh};
 use perch_tests::netns::NetnsPair;
 use perch_tests::netperch::snmp;
-use perch_tests::perch::{points, source, sum};
+use perch_tests::perch::{self, points, source, sum};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -180,12 +180,8 @@ fn tcp_io_case(extra: &[&str], hook: &str, port_n: u16) {
         (sent, server.join().expect("server")[0])
     });
     assert_eq!(source(&snap, "tcp"), "ebpf");
-    let planned = snap["plan"]["families"]
-        .as_array()
-        .expect("plan")
-        .iter()
-        .find(|f| f["family"] == "tcp")
-        .and_then(|f| f["hook"].as_str())
+    let planned = perch::plan_entry(&snap, "tcp")["hook"]
+        .as_str()
         .map(str::to_owned);
     assert_eq!(planned.as_deref(), Some(hook));
     assert_eq!((sent, got), (N, N), "the workload itself");

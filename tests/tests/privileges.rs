@@ -63,12 +63,7 @@ fn plan(out: &std::process::Output) -> serde_json::Value {
 }
 
 fn source_of(v: &serde_json::Value, family: &str) -> (String, String) {
-    let f = v["plan"]["families"]
-        .as_array()
-        .expect("families")
-        .iter()
-        .find(|f| f["family"] == family)
-        .unwrap_or_else(|| panic!("{family} not planned"));
+    let f = perch_tests::perch::plan_entry(v, family);
     (
         f["source"].as_str().unwrap_or_default().to_owned(),
         f["reason"].as_str().unwrap_or_default().to_owned(),

@@ -222,9 +222,7 @@ fn plan_family(facts: &KernelFacts, rule: &Rule, requested: Mode) -> Result<Fami
                 out.source = Source::Ebpf;
                 out.hook = Some(v.hook);
                 out.reads = v
-                    .programs
-                    .iter()
-                    .filter(|p| p.used(facts.sched_info))
+                    .programs_used(facts.sched_info)
                     .map(|p| format!("{} {}", v.hook, p.target))
                     .collect::<Vec<_>>()
                     .join(", ");

@@ -89,6 +89,14 @@ pub struct Variant {
     pub needs_btf: bool,
 }
 
+impl Variant {
+    /// The programs attached on a kernel where `sched_switch` does (or does
+    /// not) read the `sched_info` stamps; see [`ProgramSpec::used`].
+    pub fn programs_used(&self, sched_info: bool) -> impl Iterator<Item = &'static ProgramSpec> {
+        self.programs.iter().filter(move |p| p.used(sched_info))
+    }
+}
+
 /// The rule for one family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Rule {

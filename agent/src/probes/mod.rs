@@ -283,11 +283,7 @@ impl Probes {
         };
         let mut out = Vec::new();
         for (family, (hook, _)) in &self.attached {
-            let used = variant(*family, *hook)
-                .programs
-                .iter()
-                .filter(|p| p.used(self.facts.sched_info));
-            for p in used {
+            for p in variant(*family, *hook).programs_used(self.facts.sched_info) {
                 let Some(info) = ebpf.program(p.program).and_then(|prog| prog.info().ok()) else {
                     continue;
                 };
@@ -370,7 +366,7 @@ fn attach_variant(
     sched_info: bool,
 ) -> Result<(), String> {
     let mut done = Vec::new();
-    for p in v.programs.iter().filter(|p| p.used(sched_info)) {
+    for p in v.programs_used(sched_info) {
         let r = match ebpf.program_mut(p.program) {
             Some(Program::BtfTracePoint(prog)) => prog.attach().map(|_| ()),
             Some(Program::RawTracePoint(prog)) => prog.attach(p.target).map(|_| ()),

@@ -64,32 +64,12 @@ fn proc_stat(pid: u32) -> (f64, u64) {
     (cpu, rss_kb)
 }
 
-/// `kernel.bpf_stats_enabled`, restored on drop (also on panic).
-struct BpfStats(String);
-
-impl BpfStats {
-    const PATH: &'static str = "/proc/sys/kernel/bpf_stats_enabled";
-    fn save() -> Self {
-        BpfStats(std::fs::read_to_string(Self::PATH).unwrap_or_else(|_| "0".into()))
-    }
-    fn set(&self, on: bool) {
-        std::fs::write(Self::PATH, if on { "1" } else { "0" })
-            .expect("setting kernel.bpf_stats_enabled");
-    }
-}
-
-impl Drop for BpfStats {
-    fn drop(&mut self) {
-        let _ = std::fs::write(Self::PATH, self.0.trim());
-    }
-}
-
 fn main() {
     perch_tests::kernel::require_root();
     let pairs = arg("--pairs", 5);
     let secs = arg("--secs", 10);
     let interval = arg("--interval-secs", 1);
-    let stats = BpfStats::save();
+    let stats = perch_tests::kernel::BpfStats::save();
 
     // 1. Slowdown: alternating runs without and with the agent, BPF stats
     //    off (as users run it: the stats add two clock reads per program

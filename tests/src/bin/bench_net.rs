@@ -16,7 +16,7 @@
 //!    --json` before the agent stops). Target ≤ 150 ns.
 //!
 //! Needs root, iperf3 and bpftool. The previous `bpf_stats_enabled` value is
-//! restored at the end.
+//! restored at the end, also on a panic.
 //!
 //! Usage: bench_net [--secs N] [--rounds N]
 
@@ -86,7 +86,7 @@ fn main() {
     require_root();
     let secs = arg("--secs", 5);
     let rounds = arg("--rounds", 3);
-    let stats_before = sh("sysctl -n kernel.bpf_stats_enabled").trim().to_owned();
+    let stats = perch_tests::kernel::BpfStats::save();
 
     let pair = NetnsPair::new();
     let port = 5201;
@@ -134,7 +134,7 @@ fn main() {
     let mut progs: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for (label, len) in profiles {
         let (mut without, mut with) = (Vec::new(), Vec::new());
-        sh("sysctl -q -w kernel.bpf_stats_enabled=0");
+        stats.set(false);
         for r in 0..rounds {
             without.push(iperf(&pair, port, secs, len));
             let agent = Agent::start(&agent_args);
@@ -147,7 +147,7 @@ fn main() {
                 with[r as usize] / 1e9
             );
         }
-        sh("sysctl -q -w kernel.bpf_stats_enabled=1");
+        stats.set(true);
         let agent = Agent::start(&agent_args);
         let _ = iperf(&pair, port, secs, len);
         for (name, (t, n)) in tcp_prog_stats() {
@@ -160,9 +160,7 @@ fn main() {
         rows.push((label, mean(&without), mean(&with)));
     }
     drop(server);
-    sh(&format!(
-        "sysctl -q -w kernel.bpf_stats_enabled={stats_before}"
-    ));
+    drop(stats);
 
     println!("### TCP family: ns per event (kernel BPF stats, under the iperf3 loads)\n");
     println!("| program | events | ns/event | target |");
