@@ -4,13 +4,29 @@
 //! Kernel structs are read at offsets userspace finds in the running kernel's
 //! BTF and hands to the programs in [`TcpOffsets`] (Rust has no CO-RE field
 //! relocations). The programs do nothing until `valid` is set.
+//!
+//! Two kernel-side designs share these maps:
+//! - **Socket counters** (`tp_btf`, 5.11+): the kernel's own per-socket
+//!   counters (`tcp_sock.bytes_sent`, `bytes_retrans`, `bytes_received`,
+//!   `total_retrans`) are read when a connection closes and, for live ones,
+//!   by a walk over every open file (`iter/task_file`) at each collection.
+//!   No program runs per send, receive or retransmit.
+//! - **Per-I/O** (`raw_tp`, 6.3+): programs on `sock_send_length`,
+//!   `sock_recv_length` and `tcp_retransmit_skb` add to [`MAP_PEERS`] as
+//!   the events happen, with [`MAP_SOCKS`] remembering each socket's key.
 
 /// Per-CPU hash: [`PeerKey`] -> [`PeerValue`]. Its size comes from
 /// `probes.tcp.max_peers` (the loader overrides [`PEERS_DEFAULT_ENTRIES`]).
 pub const MAP_PEERS: &str = "TCP_PEERS";
-/// Hash: socket pointer -> [`SockState`], one entry per TCP socket seen
-/// connecting, accepted, or doing I/O; removed when the socket closes.
+/// Hash (per-I/O design): socket pointer -> [`SockState`], one entry per
+/// TCP socket seen connecting, accepted, or doing I/O; removed when the
+/// socket closes.
 pub const MAP_SOCKS: &str = "TCP_SOCKS";
+/// Hash (socket-counter design): socket pointer -> [`SockAcct`], one entry
+/// per TCP socket seen connecting or accepted, or found established by the
+/// walk; removed when the socket closes. Sized like [`MAP_SOCKS`]
+/// ([`SOCKS_ENTRIES`]); a failed insert is counted in [`SLOT_SOCKS_FULL`].
+pub const MAP_TRACKED: &str = "TCP_TRACKED";
 /// Per-CPU array of `u64` counters, indexed by the `SLOT_*` constants.
 pub const MAP_COUNTERS: &str = "TCP_COUNTERS";
 /// Per-CPU array of `u64` bucket counts of the connect duration in ns,
@@ -41,7 +57,9 @@ pub const SLOT_FAILED_RESET: u32 = 4;
 /// retransmits went to the `SLOT_OVF_*` slots instead.
 pub const SLOT_PEERS_FULL: u32 = 5;
 /// Inserts into `TCP_SOCKS` that failed (map full): those sockets' role was
-/// inferred from ports and their RTT was not sampled.
+/// inferred from ports and their RTT was not sampled. In the socket-counter
+/// design, inserts into `TCP_TRACKED` that failed: those sockets are not
+/// counted (and show up again in [`SLOT_CLOSED_UNTRACKED`] when they close).
 pub const SLOT_SOCKS_FULL: u32 = 6;
 /// Sum of every connect duration in `TCP_CONNECT_HIST`, ns.
 pub const SLOT_CONNECT_SUM_NS: u32 = 7;
@@ -62,8 +80,16 @@ pub const SLOT_OVF_RX_SERVER: u32 = 13;
 pub const SLOT_OVF_RETRANS_CLIENT: u32 = 14;
 /// Overflow: retransmitted segments of server sockets.
 pub const SLOT_OVF_RETRANS_SERVER: u32 = 15;
+/// Established sockets that closed untracked (socket-counter design):
+/// neither seen starting nor found by the walk, e.g. a socket older than
+/// the agent that its process had already closed, or one whose
+/// `TCP_SOCKS` insert failed. Their bytes are not counted.
+pub const SLOT_CLOSED_UNTRACKED: u32 = 16;
+/// Sockets older than the agent that the walk started tracking (their
+/// counters count from that moment; role inferred from ports).
+pub const SLOT_ADOPTED: u32 = 17;
 /// Number of slots in `TCP_COUNTERS`.
-pub const COUNTER_SLOTS: u32 = 16;
+pub const COUNTER_SLOTS: u32 = 18;
 
 /// [`PeerKey::role`]: this host opened the connection.
 pub const ROLE_CLIENT: u8 = 0;
@@ -142,6 +168,56 @@ pub struct SockState {
 }
 const _: () = assert!(core::mem::size_of::<SockState>() == 40);
 
+/// [`SockAcct::flags`]: the socket reached `TCP_CLOSE` and its counters were
+/// folded into [`MAP_PEERS`]; the live iterator skips it from then on.
+pub const SOCK_CLOSED: u32 = 1;
+/// [`SockAcct::flags`]: the socket predates the agent; its role was
+/// inferred from its ports and its counters count from its adoption.
+pub const SOCK_ADOPTED: u32 = 2;
+
+/// Value of [`MAP_TRACKED`]: one tracked socket.
+///
+/// A socket's contribution to its peer is its kernel counters minus `base`
+/// ([`PeerValue`] fields: payload bytes sent once, payload bytes received,
+/// retransmitted segments). While it lives, the walk reports that
+/// difference at each collection; at `TCP_CLOSE` the state program sets
+/// [`SOCK_CLOSED`], adds it to [`MAP_PEERS`] and deletes the entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockAcct {
+    /// The socket's peer key (the local port is gone by `TCP_CLOSE`, so it
+    /// is taken when the socket starts).
+    pub key: PeerKey,
+    /// [`SOCK_CLOSED`], [`SOCK_ADOPTED`].
+    pub flags: u32,
+    /// `bpf_ktime_get_ns` at `SYN_SENT`; 0 once established or for servers.
+    pub syn_sent_ns: u64,
+    /// `bpf_iter_meta.session_id` of the walk that last reported the socket:
+    /// a socket open in several file descriptors is reported once per walk.
+    pub session: u64,
+    /// The counters when tracking started: zero for a socket seen from its
+    /// start, the current values for an adopted one.
+    pub base: PeerValue,
+    /// The counters at the walk's last visit (RTT is sampled only for
+    /// sockets that moved data since). Written by the walk only.
+    pub seen: PeerValue,
+}
+const _: () = assert!(core::mem::size_of::<SockAcct>() == 88);
+
+/// One live socket's contribution, written by the walk (`bpf_seq_write`)
+/// for every tracked socket that is not closed and has a non-zero
+/// contribution.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveRecord {
+    pub key: PeerKey,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// Counters minus [`SockAcct::base`].
+    pub value: PeerValue,
+}
+const _: () = assert!(core::mem::size_of::<LiveRecord>() == 48);
+
 /// [`RttKey::bucket`] of the entry holding the sum of a peer's RTT samples
 /// in ns (the histogram's exact sum) instead of a bucket count.
 pub const RTT_SUM_BUCKET: u32 = u32::MAX;
@@ -199,10 +275,24 @@ pub struct TcpOffsets {
     /// RTT samples with `bpf_jiffies64()`, a load of a kernel global, rather
     /// than `bpf_ktime_get_ns()`, a clock read (about 35 ns on a KVM guest).
     pub rtt_interval_jiffies: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// `tcp_sock.total_retrans` (`u32`): segments retransmitted, counted
+    /// where the kernel counts `RetransSegs`.
+    pub tcp_total_retrans: u32,
+    /// `tcp_sock.bytes_sent` (`u64`): payload bytes transmitted, with
+    /// retransmissions.
+    pub tcp_bytes_sent: u32,
+    /// `tcp_sock.bytes_retrans` (`u64`): payload bytes retransmitted.
+    pub tcp_bytes_retrans: u32,
+    /// `tcp_sock.bytes_received` (`u64`): sequence space received in order,
+    /// payload plus 1 for a received FIN.
+    pub tcp_bytes_received: u32,
+    /// `sock.sk_flags` (`unsigned long`): bit `SOCK_DONE` is set by
+    /// `tcp_fin()` when the peer's FIN arrives.
+    pub sk_flags: u32,
+    /// `socket.sk` (`struct sock *`), for the adoption iterator.
+    pub socket_sk: u32,
 }
-const _: () = assert!(core::mem::size_of::<TcpOffsets>() == 68);
+const _: () = assert!(core::mem::size_of::<TcpOffsets>() == 88);
 
 /// [`RTT_SAMPLE_INTERVAL_NS`] in ticks of `tick_ns` ns (the kernel's
 /// jiffy, `1e9 / CONFIG_HZ`), rounded up, at least 1.
@@ -251,6 +341,8 @@ mod pod {
     unsafe impl aya::Pod for super::SockState {}
     unsafe impl aya::Pod for super::RttKey {}
     unsafe impl aya::Pod for super::TcpOffsets {}
+    unsafe impl aya::Pod for super::SockAcct {}
+    unsafe impl aya::Pod for super::LiveRecord {}
 }
 
 #[cfg(test)]

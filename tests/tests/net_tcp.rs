@@ -372,9 +372,43 @@ fn tcp_retransmits_match_netns_snmp_ebpf() {
     );
 }
 
-/// eBPF, `rtt_per_peer`: a connection that stays open beyond perch's window,
-/// exchanging a message every 20 ms. The RTT histogram has samples for the
-/// peer before the connection closes, about one per 100 ms of activity.
+/// An echo connection from `a` to `b` on port `p`: a 64-byte message every
+/// 20 ms until `stop` is set; returns (client, server) threads, the client
+/// returning its round trips.
+fn echo_connection(
+    pair: &NetnsPair,
+    l: TcpListener,
+    p: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (std::thread::JoinHandle<u32>, std::thread::JoinHandle<()>) {
+    let server = pair.run_in(&pair.b, move || {
+        let (mut s, _) = l.accept().expect("accept");
+        let mut b = [0u8; 64];
+        while let Ok(n @ 1..) = s.read(&mut b) {
+            s.write_all(&b[..n]).expect("echo");
+        }
+    });
+    let ip = pair.ip_b;
+    let client = pair.run_in(&pair.a, move || {
+        let mut s = TcpStream::connect(SocketAddrV4::new(ip, p)).expect("connect");
+        let mut b = [0u8; 64];
+        let mut rounds = 0u32;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            s.write_all(&[1u8; 64]).expect("send");
+            s.read_exact(&mut b).expect("echo back");
+            rounds += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        rounds
+    });
+    (client, server)
+}
+
+/// eBPF (socket counters, the default `tp_btf` variant), `rtt_per_peer`,
+/// `perch run --interval 1s`: a connection that stays open exchanging a
+/// message every 20 ms. Its RTT is sampled at every collection it was
+/// active in, while it is open: the per-peer sample count grows scrape
+/// after scrape, by about one per interval, before the connection closes.
 #[test]
 fn tcp_rtt_is_sampled_during_the_connection_ebpf() {
     require_root();
@@ -385,35 +419,101 @@ fn tcp_rtt_is_sampled_during_the_connection_ebpf() {
     let cfg = tempfile::NamedTempFile::new().expect("temp config");
     std::fs::write(cfg.path(), "[probes.tcp]\nrtt_per_peer = true\n").expect("write config");
     let cfg_path = cfg.path().to_str().expect("utf-8 path").to_owned();
+    let agent = perch_tests::perch::Agent::start(&[
+        "--interval",
+        "1s",
+        "--probe",
+        "tcp=ebpf",
+        "--config",
+        &cfg_path,
+    ]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (client, server) = echo_connection(&pair, l, p, stop.clone());
+    let (ip_b, port_s) = (pair.ip_b.to_string(), p.to_string());
+    // The peer's (count, sum) in a scrape.
+    let rtt = |scrape: &BTreeMap<String, f64>| {
+        let mut out = (0.0, 0.0);
+        for (series, v) in scrape {
+            let (name, labels) = prom_series(series);
+            let ours = labels.get("network_peer_address") == Some(&ip_b.as_str())
+                && labels.get("server_port") == Some(&port_s.as_str())
+                && labels.get("perch_tcp_role") == Some(&"client");
+            match name {
+                "perch_tcp_rtt_seconds_count" if ours => out.0 = *v,
+                "perch_tcp_rtt_seconds_sum" if ours => out.1 = *v,
+                _ => {}
+            }
+        }
+        out
+    };
+    let started = Instant::now();
+    let mut counts = Vec::new();
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_secs(1));
+        counts.push(rtt(&agent.scrape()).0);
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        !client.is_finished(),
+        "the connection closed before the last scrape"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = client.join().expect("client");
+    server.join().expect("server");
+    let last = agent.scrape();
+    assert!(agent.stop(), "perch run did not exit cleanly");
+    eprintln!(
+        "rtt samples per scrape while open: {counts:?} over {elapsed:?} ({rounds} round trips)"
+    );
+    assert!(
+        counts.windows(2).all(|w| w[0] <= w[1]),
+        "a cumulative count went down: {counts:?}"
+    );
+    let n = *counts.last().expect("scrapes");
+    // One per 1 s collection the connection was active in: about 5.
+    let intervals = elapsed.as_secs_f64().ceil();
+    assert!(
+        n >= 3.0,
+        "only {n} RTT samples while open over {elapsed:?}: {counts:?}"
+    );
+    assert!(
+        n <= intervals + 2.0,
+        "{n} RTT samples in {intervals} intervals: more than one per collection"
+    );
+    let (count, sum) = rtt(&last);
+    let mean = sum / count;
+    assert!(
+        mean > 0.0 && mean < 0.1,
+        "mean srtt {mean} s on a veth is implausible"
+    );
+}
+
+/// The per-I/O `raw_tp` variant samples while the connection sends or
+/// receives, at most every 100 ms per socket: about 30 samples over a 3 s
+/// `perch collect` window, all before the connection closes.
+#[test]
+fn tcp_rtt_is_sampled_during_the_connection_raw_tp() {
+    require_root();
+    let _g = serial();
+    let pair = NetnsPair::new();
+    let p = port(10);
+    let l = listen(&pair, p);
+    let cfg = tempfile::NamedTempFile::new().expect("temp config");
+    std::fs::write(cfg.path(), "[probes.tcp]\nrtt_per_peer = true\n").expect("write config");
+    let cfg_path = cfg.path().to_str().expect("utf-8 path").to_owned();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let window = Duration::from_secs(3);
     let (snap, (client, server)) = collect(
-        &["--probe", "tcp=ebpf", "--config", &cfg_path],
+        &[
+            "--probe",
+            "tcp=ebpf",
+            "--skip-hook",
+            "tp_btf",
+            "--config",
+            &cfg_path,
+        ],
         window,
-        || {
-            let server = pair.run_in(&pair.b, move || {
-                let (mut s, _) = l.accept().expect("accept");
-                let mut b = [0u8; 64];
-                while let Ok(n @ 1..) = s.read(&mut b) {
-                    s.write_all(&b[..n]).expect("echo");
-                }
-            });
-            let ip = pair.ip_b;
-            let stop2 = stop.clone();
-            let client = pair.run_in(&pair.a, move || {
-                let mut s = TcpStream::connect(SocketAddrV4::new(ip, p)).expect("connect");
-                let mut b = [0u8; 64];
-                let mut rounds = 0u32;
-                while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-                    s.write_all(&[1u8; 64]).expect("send");
-                    s.read_exact(&mut b).expect("echo back");
-                    rounds += 1;
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                rounds
-            });
-            (client, server)
-        },
+        || echo_connection(&pair, l, p, stop.clone()),
     );
     // perch has exited; the connection is still open.
     assert!(

@@ -14,6 +14,7 @@ pub mod sched;
 pub mod softirq;
 pub mod tcp;
 pub mod tcp_sockdiag;
+pub mod tcp_walk;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -40,6 +41,12 @@ pub enum CollectError {
     /// A BPF map could not be read.
     #[error("reading BPF map {map}: {message}")]
     Map { map: &'static str, message: String },
+    /// A BPF iterator could not be run, or wrote what it should not.
+    #[error("running BPF iterator {program}: {message}")]
+    Iter {
+        program: &'static str,
+        message: String,
+    },
 }
 
 impl CollectError {
@@ -50,6 +57,7 @@ impl CollectError {
             CollectError::Proc(ProcError::Malformed { .. }) => "malformed",
             CollectError::Proc(ProcError::Missing { .. }) => "missing",
             CollectError::Map { .. } => "bpf_map",
+            CollectError::Iter { .. } => "bpf_iter",
         }
     }
 

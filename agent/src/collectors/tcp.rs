@@ -1,28 +1,37 @@
 //! TCP family: per-peer payload bytes and retransmits, connection lifecycle,
 //! connect duration and smoothed RTT.
 //!
-//! - Hooks (kernel side `agent-ebpf/src/tcp.rs`): `inet_sock_set_state`,
-//!   `sock_send_length`, `sock_recv_length`, `tcp_retransmit_skb`, as
-//!   `tp_btf` or `raw_tp`; struct offsets from kernel BTF
-//!   ([`crate::probes::btf`]).
+//! - Hooks (kernel side `agent-ebpf/src/tcp/`), two designs:
+//!   - socket counters (`tp_btf`, preferred, 5.11+): `inet_sock_set_state`
+//!     and a walk of every open file (`iter/task_file`) that this collector
+//!     runs at each collection ([`super::tcp_walk`]). Nothing runs per I/O.
+//!   - per I/O (`raw_tp`, 6.3+): `inet_sock_set_state`, `sock_send_length`,
+//!     `sock_recv_length`, `tcp_retransmit_skb`.
+//!
+//!   Struct offsets come from kernel BTF ([`crate::probes::btf`]).
 //! - Metrics (eBPF):
 //!   - `perch.tcp.io{network.peer.address, server.port, perch.tcp.role,
-//!     network.io.direction}`: payload bytes as returned by the `sendmsg` /
-//!     `recvmsg` family of syscalls (`ret > 0`, `MSG_PEEK` excluded). No
-//!     headers, no retransmitted bytes; bytes still in a socket buffer when
-//!     the socket is torn down are not counted on the receive side.
+//!     network.io.direction}`: payload bytes. Socket counters: sent once
+//!     (`bytes_sent - bytes_retrans`) and received in order
+//!     (`bytes_received`, FIN taken out), from the kernel's per-socket
+//!     counters, closed sockets exactly and open ones as of the collection.
+//!     Per I/O: as returned by the `sendmsg` / `recvmsg` family of syscalls
+//!     (`ret > 0`, `MSG_PEEK` excluded). No headers, no retransmitted bytes.
 //!   - `perch.tcp.retransmits{network.peer.address, server.port,
 //!     perch.tcp.role}`: retransmitted segments, as `RetransSegs` counts.
 //!   - `perch.tcp.connections.opened{perch.tcp.role}`,
 //!     `perch.tcp.connections.failed{error.type = refused|timeout|reset}`.
 //!   - `perch.tcp.connect.duration` (SYN sent to established) and
-//!     `perch.tcp.rtt` (smoothed RTT sampled every 100 ms of activity per
-//!     socket), histograms in seconds; `perch.tcp.rtt` per peer with
-//!     `probes.tcp.rtt_per_peer`.
+//!     `perch.tcp.rtt` (smoothed RTT: socket counters, once per collection a
+//!     socket moved data in and once at its close; per I/O, every 100 ms of
+//!     activity per socket), histograms in seconds; `perch.tcp.rtt` per
+//!     peer with `probes.tcp.rtt_per_peer`.
 //!   - Self: `perch.bpf.map.full{perch.bpf.map}` (failed inserts: the bytes
 //!     of a peer that did not fit are in the `network.peer.address="_OTHER"`
 //!     series, never lost), `perch.bpf.map.entries{perch.bpf.map}`,
-//!     `perch.tcp.peers.evicted`, `perch.tcp.peers.forgotten`.
+//!     `perch.tcp.peers.evicted`, `perch.tcp.peers.forgotten`; socket
+//!     counters also `perch.tcp.sockets.adopted` and
+//!     `perch.tcp.sockets.untracked`.
 //! - Fallback (procfs): `/proc/net/snmp` `Tcp`, for the agent's network
 //!   namespace and host-wide within it: `RetransSegs` ->
 //!   `perch.tcp.retransmits{}`, `ActiveOpens`/`PassiveOpens` ->
@@ -34,8 +43,8 @@
 //!   `tcp_info` byte counters and `perch.tcp.rtt` from `tcpi_rtt`, sampled
 //!   once per interval (connections that open and close between two samples
 //!   are missed). No connect-duration histogram.
-//! - Oldest kernel: 6.3 for eBPF, any for procfs (4.1 for the sampler's
-//!   byte counters).
+//! - Oldest kernel: 5.11 for eBPF (6.3 for the per-I/O variant), any for
+//!   procfs (4.1 for the sampler's byte counters).
 //!
 //! Idle peers are evicted from `TCP_PEERS` so the bounded map keeps room for
 //! new peers: see [`PeerTable`].
@@ -54,12 +63,13 @@ use agent_common::{hist, tcp as c};
 use aya::maps::{MapData, MapError, PerCpuArray, PerCpuHashMap};
 use aya::sys::SyscallError;
 
-use crate::gate::{Family, Source};
+use crate::gate::{Family, Hook, Source};
 use crate::model::{Attributes, Data, HistogramPoint, Metric, Number, NumberPoint, StartTimes};
 use crate::probes::Probes;
 use crate::procfs::{snmp, ProcError, ProcRoot};
 
 use super::tcp_sockdiag::{self as sd, PeerSampler, Sampler};
+use super::tcp_walk::{self, Floor, Walk};
 use super::{online_cpus, CollectError, Collector};
 
 const IO: &str = "perch.tcp.io";
@@ -72,8 +82,10 @@ const MAP_FULL: &str = "perch.bpf.map.full";
 const MAP_ENTRIES: &str = "perch.bpf.map.entries";
 const EVICTED: &str = "perch.tcp.peers.evicted";
 const FORGOTTEN: &str = "perch.tcp.peers.forgotten";
-const RTT_DESC: &str = "Smoothed TCP round-trip time, sampled while a connection sends or \
-                        receives, over the connection's whole life.";
+const ADOPTED: &str = "perch.tcp.sockets.adopted";
+const UNTRACKED: &str = "perch.tcp.sockets.untracked";
+const RTT_DESC: &str = "Smoothed TCP round-trip time, sampled over each connection's whole life \
+                        (not only at close).";
 
 /// Collections in a row without any change after which a peer's entry is
 /// evicted from `TCP_PEERS` (its totals move to the userspace base table).
@@ -88,8 +100,11 @@ pub const EVICT_AFTER_INTERVALS: u32 = 6;
 /// the userspace table by the peers seen in the last hour.
 pub const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
-const IO_DESC: &str = "TCP payload bytes per peer, server port and role, as returned by \
-                       send/recv syscalls (no headers, no retransmissions).";
+const IO_DESC: &str = "TCP payload bytes per peer, server port and role: sent (each byte once, \
+                       retransmissions excluded) and received in order, from the kernel's \
+                       per-socket counters.";
+const IO_SYSCALL_DESC: &str = "TCP payload bytes per peer, server port and role, as returned by \
+                               send/recv syscalls (no headers, no retransmissions).";
 const IO_SAMPLED_DESC: &str = "TCP payload bytes per peer, server port and role: acknowledged by \
                                the peer (transmit) or received in order (receive), sampled from \
                                tcp_info once per interval (connections closed between samples \
@@ -109,6 +124,9 @@ struct Maps {
     rtt: PerCpuArray<MapData, u64>,
     rtt_peers: Option<PerCpuHashMap<MapData, c::RttKey, u64>>,
     max_peers: u32,
+    /// The socket-counter design's walk of live sockets; `None` for the
+    /// per-I/O design, where `TCP_PEERS` holds everything.
+    walk: Option<Walk>,
 }
 
 /// Reads the TCP maps, or `/proc/net/snmp` and the sock_diag sampler in
@@ -117,6 +135,8 @@ pub struct TcpCollector {
     proc: ProcRoot,
     maps: Option<Maps>,
     table: PeerTable<c::PeerKey, c::PeerValue>,
+    /// Exported per-peer totals never go down (see [`tcp_walk`]).
+    floor: Floor<Peer>,
     sampler: Option<Sampler>,
     starts: StartTimes,
     /// Start times of the sampler's series: it counts from its own start,
@@ -404,6 +424,10 @@ impl TcpCollector {
                 } else {
                     None
                 };
+                let walk = match probes.plan.get(Family::Tcp).and_then(|p| p.hook) {
+                    Some(Hook::TpBtf) => Some(Walk::new(probes.take_iter(tcp_walk::PROGRAM)?)),
+                    _ => None,
+                };
                 Some(Maps {
                     peers,
                     counters,
@@ -411,6 +435,7 @@ impl TcpCollector {
                     rtt,
                     rtt_peers,
                     max_peers,
+                    walk,
                 })
             }
         };
@@ -435,6 +460,7 @@ impl TcpCollector {
             proc,
             maps,
             table: PeerTable::new(EVICT_AFTER_INTERVALS, FORGET_AFTER),
+            floor: Floor::default(),
             sampler_starts: StartTimes::new(SystemTime::now()),
             sampler_errors: (SystemTime::now(), 0),
             sampler,
@@ -476,6 +502,22 @@ impl TcpCollector {
         let Some(maps) = self.maps.as_mut() else {
             return Ok(());
         };
+        // Closed sockets' totals (TCP_PEERS) first, then the walk of the
+        // live ones: in that order a socket closing meanwhile is never
+        // counted twice (see `tcp_walk`).
+        let mut kernel = Vec::new();
+        for item in maps.peers.iter() {
+            let (key, values) = item.map_err(|e| CollectError::map(c::MAP_PEERS, e))?;
+            let mut v = c::PeerValue::default();
+            for x in values.iter() {
+                v.add(x);
+            }
+            kernel.push((key, v));
+        }
+        let live = match maps.walk.as_mut() {
+            Some(w) => tcp_walk::by_key(&w.run()?),
+            None => HashMap::new(),
+        };
         let cpus = online_cpus();
         let slots = {
             let mut v = vec![0u64; c::COUNTER_SLOTS as usize];
@@ -508,16 +550,7 @@ impl TcpCollector {
         let rtt = read_hist(&maps.rtt, c::MAP_RTT_HIST)?;
 
         // Peers: summed over CPUs; idle ones evicted into the base table;
-        // v4-mapped folded into IPv4.
-        let mut kernel = Vec::new();
-        for item in maps.peers.iter() {
-            let (key, values) = item.map_err(|e| CollectError::map(c::MAP_PEERS, e))?;
-            let mut v = c::PeerValue::default();
-            for x in values.iter() {
-                v.add(x);
-            }
-            kernel.push((key, v));
-        }
+        // v4-mapped folded into IPv4; live sockets added.
         self.table.observe(kernel, now);
         let peers_map = &mut maps.peers;
         let mut failures = 0u32;
@@ -536,11 +569,14 @@ impl TcpCollector {
         let forgotten = self.table.forget(now);
         let peer_entries = self.table.in_kernel() as u64;
         let mut peers: BTreeMap<Peer, c::PeerValue> = BTreeMap::new();
-        for (key, v) in self.table.totals() {
+        for (key, v) in self.table.totals().chain(live.iter().map(|(k, v)| (k, *v))) {
             peers
                 .entry((peer_address(key), key.server_port, role_name(key.role)))
                 .or_default()
                 .add(&v);
+        }
+        if maps.walk.is_some() {
+            self.floor.apply(&mut peers);
         }
         let mut rtt_peers: BTreeMap<Peer, (Vec<u64>, u64)> = BTreeMap::new();
         let mut rtt_peer_entries = 0u64;
@@ -565,6 +601,7 @@ impl TcpCollector {
         }
         let max_peers = maps.max_peers;
         let has_rtt_peers = maps.rtt_peers.is_some();
+        let sockets = maps.walk.is_some();
 
         let io_peers: BTreeMap<Peer, (u64, u64)> = peers
             .iter()
@@ -607,7 +644,7 @@ impl TcpCollector {
         }
         out.push(Metric {
             name: IO,
-            description: IO_DESC,
+            description: if sockets { IO_DESC } else { IO_SYSCALL_DESC },
             unit: "By",
             data: Data::Sum {
                 monotonic: true,
@@ -704,9 +741,14 @@ impl TcpCollector {
         });
 
         let mut full = Vec::new();
+        let socks_map = if sockets {
+            c::MAP_TRACKED
+        } else {
+            c::MAP_SOCKS
+        };
         let mut maps_full = vec![
             (c::MAP_PEERS, c::SLOT_PEERS_FULL),
-            (c::MAP_SOCKS, c::SLOT_SOCKS_FULL),
+            (socks_map, c::SLOT_SOCKS_FULL),
         ];
         if has_rtt_peers {
             maps_full.push((c::MAP_RTT_PEERS, c::SLOT_RTT_PEERS_FULL));
@@ -741,6 +783,33 @@ impl TcpCollector {
         });
         let (evicted, forgotten_n) = (self.table.evicted(), self.table.forgotten());
         self.push_peer_churn(evicted, forgotten_n, now, out);
+        if sockets {
+            for (name, slot, description) in [
+                (
+                    ADOPTED,
+                    c::SLOT_ADOPTED,
+                    "Established TCP sockets older than the agent that it started counting \
+                     (from that moment; role inferred from the ports).",
+                ),
+                (
+                    UNTRACKED,
+                    c::SLOT_CLOSED_UNTRACKED,
+                    "Established TCP sockets that closed without having been counted (e.g. older \
+                     than the agent and already without an open file): their bytes are missing.",
+                ),
+            ] {
+                let p = self.sum(name, Vec::new(), slots[slot as usize], now);
+                out.push(Metric {
+                    name,
+                    description,
+                    unit: "{socket}",
+                    data: Data::Sum {
+                        monotonic: true,
+                        points: vec![p],
+                    },
+                });
+            }
+        }
         if !forgotten.is_empty() {
             let present: HashSet<String> =
                 peers.keys().map(|(a, p, r)| series_id(a, *p, r)).collect();
@@ -1423,6 +1492,7 @@ mod tests {
             proc: ProcRoot::new(dir),
             maps: None,
             table: PeerTable::new(EVICT_AFTER_INTERVALS, FORGET_AFTER),
+            floor: Floor::default(),
             sampler: None,
             starts: StartTimes::new(SystemTime::UNIX_EPOCH),
             sampler_starts: StartTimes::new(SystemTime::UNIX_EPOCH),

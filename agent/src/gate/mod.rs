@@ -223,7 +223,7 @@ fn plan_family(facts: &KernelFacts, rule: &Rule, requested: Mode) -> Result<Fami
                 out.hook = Some(v.hook);
                 out.reads = v
                     .programs_used(facts.sched_info)
-                    .map(|p| format!("{} {}", v.hook, p.target))
+                    .map(|p| p.describe(v.hook))
                     .collect::<Vec<_>>()
                     .join(", ");
                 out.reason = if failures.is_empty() {

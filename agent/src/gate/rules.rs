@@ -57,20 +57,43 @@ impl std::fmt::Display for Hook {
     }
 }
 
+/// How a program of a variant runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Run {
+    /// Attached to its target with the variant's hook, for the agent's life.
+    Hook,
+    /// A BPF iterator (`BPF_TRACE_ITER`, 5.8) over its target (`task_file`,
+    /// ...): linked and run once when the variant is attached, then run by
+    /// the family's collector at each collection.
+    Iter,
+}
+
 /// One program of a variant: its name in the object and what it attaches to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct ProgramSpec {
     /// Function name in `agent-ebpf`.
     pub program: &'static str,
-    /// Tracepoint name (`tp_btf`, `raw_tp`) or `category/name` (tracepoint).
+    /// Tracepoint name (`tp_btf`, `raw_tp`), `category/name` (tracepoint),
+    /// or the iterator's target (`task_file`).
     pub target: &'static str,
     /// Needed only when the run-queue latency is timed from wake-ups
     /// ([`KernelFacts::sched_info`](super::KernelFacts) false): left
     /// unattached where `sched_switch` reads the kernel's own stamps.
     pub wakeup_clock: bool,
+    /// Attached to a hook, or run as an iterator.
+    pub run: Run,
 }
 
 impl ProgramSpec {
+    /// `hook target` or `iter/target`, as the plan shows it.
+    pub fn describe(&self, hook: Hook) -> String {
+        match self.run {
+            Run::Hook => format!("{hook} {}", self.target),
+            Run::Iter => format!("iter/{}", self.target),
+        }
+    }
+
     /// Whether this program is attached, given whether `sched_switch` reads
     /// the kernel's `sched_info` stamps.
     pub fn used(&self, sched_info: bool) -> bool {
@@ -114,15 +137,23 @@ const fn p(program: &'static str, target: &'static str) -> ProgramSpec {
         program,
         target,
         wakeup_clock: false,
+        run: Run::Hook,
     }
 }
 
 /// A wake-up program of the `sched` family (see [`ProgramSpec::wakeup_clock`]).
 const fn w(program: &'static str, target: &'static str) -> ProgramSpec {
     ProgramSpec {
-        program,
-        target,
         wakeup_clock: true,
+        ..p(program, target)
+    }
+}
+
+/// An iterator program (see [`Run::Iter`]).
+const fn iter(program: &'static str, target: &'static str) -> ProgramSpec {
+    ProgramSpec {
+        run: Run::Iter,
+        ..p(program, target)
     }
 }
 
@@ -270,25 +301,28 @@ pub const RULES: &[Rule] = &[
     },
     Rule {
         family: Family::Tcp,
-        // Both variants attach to `sock_send_length`/`sock_recv_length`,
-        // added in 6.3 ("net: sock: add tracepoint for send recv length"),
-        // which is what makes payload bytes per peer possible without
-        // kprobes; `inet_sock_set_state` is 4.16 and `tcp_retransmit_skb`
-        // 4.15. Before 6.3 the family uses its fallback. The programs read
-        // `struct sock` at offsets from kernel BTF (probes/btf.rs), so even
-        // `raw_tp` needs BTF; `sk_protocol` became a plain field in 5.6.
+        // Both variants read `struct sock` and `tcp_sock` at offsets from
+        // kernel BTF (probes/btf.rs), so even `raw_tp` needs BTF.
         variants: &[
+            // Socket counters (agent-ebpf/src/tcp/sockets.rs): one program
+            // per state change and nothing per I/O, plus a walk of every
+            // open file at each collection. `bpf_sock_from_file` is 5.11
+            // (commit 4f19cab76136), `bpf_skc_to_tcp_sock` 5.9, the
+            // `task_file` iterator 5.8.
             Variant {
                 hook: Hook::TpBtf,
                 programs: &[
                     p("tcp_state_btf", "inet_sock_set_state"),
-                    p("tcp_send_btf", "sock_send_length"),
-                    p("tcp_recv_btf", "sock_recv_length"),
-                    p("tcp_retx_btf", "tcp_retransmit_skb"),
+                    iter("tcp_walk", "task_file"),
                 ],
-                min_kernel: (6, 3),
+                min_kernel: (5, 11),
                 needs_btf: true,
             },
+            // Per I/O (agent-ebpf/src/tcp/io.rs): `sock_send_length` and
+            // `sock_recv_length` are 6.3 ("net: sock: add tracepoint for
+            // send recv length"), `inet_sock_set_state` 4.16 and
+            // `tcp_retransmit_skb` 4.15; `sk_protocol` became a plain field
+            // in 5.6.
             Variant {
                 hook: Hook::RawTp,
                 programs: &[

@@ -451,8 +451,21 @@ pub fn tcp_offsets(
         ephemeral_lo: ephemeral.0,
         ephemeral_hi: ephemeral.1,
         rtt_interval_jiffies: agent_common::tcp::rtt_interval_jiffies(tick_ns),
-        _pad: 0,
+        tcp_total_retrans: btf.member_sized("tcp_sock", "total_retrans", 4)?,
+        tcp_bytes_sent: btf.member_sized("tcp_sock", "bytes_sent", 8)?,
+        tcp_bytes_retrans: btf.member_sized("tcp_sock", "bytes_retrans", 8)?,
+        tcp_bytes_received: btf.member_sized("tcp_sock", "bytes_received", 8)?,
+        sk_flags: sk_flags_offset(btf)?,
+        socket_sk: btf.member_sized("socket", "sk", 8)?,
     })
+}
+
+/// `sock.sk_flags` (`unsigned long`): a member of `sock_common` named
+/// `skc_flags` on recent kernels (`sk_flags` is a #define there), a plain
+/// member of `sock` before.
+fn sk_flags_offset(btf: &KernelBtf) -> Result<u32, BtfError> {
+    btf.member_sized("sock", "__sk_common.skc_flags", 8)
+        .or_else(|_| btf.member_sized("sock", "sk_flags", 8))
 }
 
 /// The kernel's tick (one jiffy) in ns: the resolution of the coarse
@@ -780,6 +793,34 @@ mod tests {
         );
         let e = sched_offsets(&task_btf(false)).unwrap_err().to_string();
         assert!(e.contains("sched_info.last_queued"), "{e}");
+    }
+
+    /// `sk_flags` where 6.x keeps it (`sock_common.skc_flags`) and where
+    /// older kernels did (`sock.sk_flags`).
+    #[test]
+    fn sk_flags_old_and_new() {
+        for (case, in_common, want) in [("6.x", true, 8), ("before", false, 16)] {
+            let mut b = Builder::new();
+            let ulong = b.int("unsigned long", 8);
+            let common_members: &[(&str, u32, u32, u32)] = if in_common {
+                &[("skc_flags", ulong, 64, 0)]
+            } else {
+                &[]
+            };
+            let common = b.composite(KIND_STRUCT, "sock_common", 16, common_members);
+            let mut members = vec![("__sk_common", common, 0, 0)];
+            if !in_common {
+                members.push(("sk_flags", ulong, 128, 0));
+            }
+            b.composite(KIND_STRUCT, "sock", 24, &members);
+            let btf = KernelBtf::parse(b.build(), case).expect("parses");
+            assert_eq!(sk_flags_offset(&btf).unwrap(), want, "{case}");
+        }
+        let e = sk_flags_offset(&sample()).unwrap_err().to_string();
+        assert!(
+            e.contains("sk_flags"),
+            "the 4-byte bitfield of sample(): {e}"
+        );
     }
 
     #[test]

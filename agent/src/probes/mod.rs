@@ -11,8 +11,10 @@
 //! detaches and unloads everything: nothing is pinned.
 
 pub mod btf;
+pub mod iter;
 
 use std::collections::BTreeMap;
+use std::os::fd::AsFd;
 use std::time::{Duration, SystemTime};
 
 use aya::programs::{Program, ProgramError};
@@ -20,6 +22,7 @@ use aya::{Btf, Ebpf, EbpfLoader};
 use tracing::{info, warn};
 
 use crate::config::{ProbesConfig, RunqueueClock};
+use crate::gate::rules::Run;
 use crate::gate::{self, Family, Hook, HookStatus, KernelFacts, Mode, Plan, Source, RULES};
 
 /// The eBPF object built from `agent-ebpf` by `build.rs`.
@@ -51,6 +54,9 @@ pub struct Probes {
     /// Families attached in the kernel, with the time they were attached
     /// (the start time of their cumulative counters).
     attached: BTreeMap<Family, (Hook, SystemTime)>,
+    /// Linked iterators ([`Run::Iter`]), by program name, until a collector
+    /// takes them.
+    iters: BTreeMap<&'static str, iter::IterLink>,
 }
 
 impl std::fmt::Debug for Probes {
@@ -202,6 +208,7 @@ impl Probes {
         }
 
         let mut attached = BTreeMap::new();
+        let mut iters = BTreeMap::new();
         let plan = loop {
             let plan = gate::plan(&facts, mode)?;
             let mut replan = false;
@@ -217,8 +224,9 @@ impl Probes {
                     .as_mut()
                     .expect("a variant loaded, so the object exists");
                 match attach_variant(ebpf, variant, facts.sched_info) {
-                    Ok(()) => {
+                    Ok(linked) => {
                         attached.insert(fp.family, (hook, SystemTime::now()));
+                        iters.extend(linked);
                     }
                     Err(e) => {
                         warn!(family = %fp.family, %hook, error = %e, "attach failed; planning the family again");
@@ -254,6 +262,7 @@ impl Probes {
             facts,
             plan,
             attached,
+            iters,
         })
     }
 
@@ -273,6 +282,12 @@ impl Probes {
     /// Takes a map out of the object for a collector to own.
     pub fn take_map(&mut self, name: &str) -> Option<aya::maps::Map> {
         self.ebpf.as_mut()?.take_map(name)
+    }
+
+    /// Takes the linked iterator of `program` (a [`Run::Iter`] program of an
+    /// attached variant) for a collector to run.
+    pub fn take_iter(&mut self, program: &str) -> Option<iter::IterLink> {
+        self.iters.remove(program)
     }
 
     /// Run time and count of every attached program. Zero unless
@@ -340,6 +355,10 @@ fn load_variant(ebpf: &mut Ebpf, v: &gate::rules::Variant, btf: Option<&Btf>) ->
             return HookStatus::Failed(format!("program {} missing from the object", p.program));
         };
         let r = match (v.hook, prog) {
+            (_, Program::Iter(prog)) if p.run == Run::Iter => match btf {
+                Some(btf) => prog.load(p.target, btf),
+                None => return HookStatus::NotTried("no kernel BTF".into()),
+            },
             (Hook::TpBtf, Program::BtfTracePoint(prog)) => match btf {
                 Some(btf) => prog.load(p.target, btf),
                 None => return HookStatus::NotTried("no kernel BTF".into()),
@@ -358,42 +377,55 @@ fn load_variant(ebpf: &mut Ebpf, v: &gate::rules::Variant, btf: Option<&Btf>) ->
 }
 
 /// Attaches every program of a variant the kernel needs (see
-/// [`gate::rules::ProgramSpec::used`]), or none: on failure the ones already
-/// attached are detached again.
+/// [`gate::rules::ProgramSpec::used`]), in the variant's order, or none: on
+/// failure the ones already attached are detached again. Returns the linked
+/// iterators, each already run once.
 fn attach_variant(
     ebpf: &mut Ebpf,
     v: &gate::rules::Variant,
     sched_info: bool,
-) -> Result<(), String> {
+) -> Result<Vec<(&'static str, iter::IterLink)>, String> {
     let mut done = Vec::new();
+    let mut linked = Vec::new();
     for p in v.programs_used(sched_info) {
-        let r = match ebpf.program_mut(p.program) {
-            Some(Program::BtfTracePoint(prog)) => prog.attach().map(|_| ()),
-            Some(Program::RawTracePoint(prog)) => prog.attach(p.target).map(|_| ()),
-            Some(Program::TracePoint(prog)) => {
-                let (cat, name) = p.target.split_once('/').unwrap_or(("", p.target));
-                prog.attach(cat, name).map(|_| ())
-            }
-            _ => Err(ProgramError::NotLoaded),
-        };
-        match r {
-            Ok(()) => done.push(p.program),
+        match attach_one(ebpf, p) {
+            Ok(Some(link)) => linked.push((p.program, link)),
+            Ok(None) => {}
             Err(e) => {
                 for name in done {
                     if let Some(prog) = ebpf.program_mut(name) {
                         let _ = unload(prog);
                     }
                 }
-                return Err(format!(
-                    "attach {} to {}: {}",
-                    p.program,
-                    p.target,
-                    program_error(&e)
-                ));
+                return Err(format!("attach {} to {}: {e}", p.program, p.target));
             }
         }
+        done.push(p.program);
     }
-    Ok(())
+    Ok(linked)
+}
+
+/// Attaches one program; an iterator is linked and run once (returned).
+fn attach_one(
+    ebpf: &mut Ebpf,
+    p: &gate::rules::ProgramSpec,
+) -> Result<Option<iter::IterLink>, String> {
+    let perr = |e: ProgramError| program_error(&e);
+    match ebpf.program_mut(p.program) {
+        Some(Program::BtfTracePoint(prog)) => prog.attach().map(|_| None).map_err(perr),
+        Some(Program::RawTracePoint(prog)) => prog.attach(p.target).map(|_| None).map_err(perr),
+        Some(Program::TracePoint(prog)) => {
+            let (cat, name) = p.target.split_once('/').unwrap_or(("", p.target));
+            prog.attach(cat, name).map(|_| None).map_err(perr)
+        }
+        Some(Program::Iter(prog)) => {
+            let fd = prog.fd().map_err(perr)?;
+            let link = iter::IterLink::link(fd.as_fd()).map_err(|e| e.to_string())?;
+            link.run(&mut Vec::new()).map_err(|e| e.to_string())?;
+            Ok(Some(link))
+        }
+        _ => Err(program_error(&ProgramError::NotLoaded)),
+    }
 }
 
 /// Unloading also detaches every link of the program.
@@ -402,6 +434,7 @@ fn unload(prog: &mut Program) -> Result<(), ProgramError> {
         Program::BtfTracePoint(p) => p.unload(),
         Program::RawTracePoint(p) => p.unload(),
         Program::TracePoint(p) => p.unload(),
+        Program::Iter(p) => p.unload(),
         _ => Ok(()),
     }
 }
