@@ -222,6 +222,110 @@ fn tcp_io_case(extra: &[&str], hook: &str, port_n: u16) {
     }
 }
 
+/// Moves exactly `n` bytes from `c` to `s` (written on a scoped thread,
+/// read here), leaving both open.
+fn transfer(c: &mut TcpStream, s: &mut TcpStream, n: usize) {
+    std::thread::scope(|scope| {
+        scope.spawn(|| c.write_all(&vec![0xa5u8; n]).expect("write"));
+        let mut buf = vec![0u8; n];
+        s.read_exact(&mut buf).expect("read");
+    });
+}
+
+/// eBPF, `perch run --interval 1s`: exact payload bytes of connections that
+/// are still open, and of one older than the agent.
+///
+/// Connection OLD (namespace `a` to `b`) moves M bytes before the agent
+/// starts, and N1 after; connection NEW, opened after the start, moves N2.
+/// While both are open, the client's `transmit` and the server's `receive`
+/// series for the port are exactly N1 + N2: the open sockets are counted as
+/// of the collection, and OLD counts from the agent's start, not from its
+/// own (it was adopted: `perch.tcp.sockets.adopted` >= 2, its two ends).
+/// After both close, the series still read N1 + N2: a socket's bytes are
+/// counted once, live or closed.
+#[test]
+fn tcp_io_counts_open_and_older_connections_ebpf() {
+    tcp_open_case(&[], 11);
+}
+
+/// The same on the per-I/O `raw_tp` variant, which adopts a socket at its
+/// first send or receive after the start.
+#[test]
+fn tcp_io_counts_open_and_older_connections_raw_tp() {
+    tcp_open_case(&["--skip-hook", "tp_btf"], 12);
+}
+
+fn tcp_open_case(extra: &[&str], port_n: u16) {
+    require_root();
+    let _g = serial();
+    const M: usize = 111_111;
+    const N1: usize = 222_223;
+    const N2: usize = 333_337;
+    let pair = NetnsPair::new();
+    let p = port(port_n);
+    let l = listen(&pair, p);
+    let ip = pair.ip_b;
+    let connect = || {
+        let c = pair
+            .run_in(&pair.a, move || {
+                TcpStream::connect(SocketAddrV4::new(ip, p)).expect("connect")
+            })
+            .join()
+            .expect("connect thread");
+        let (s, _) = l.accept().expect("accept");
+        (c, s)
+    };
+    let (mut old_c, mut old_s) = connect();
+    transfer(&mut old_c, &mut old_s, M);
+    let mut args = vec!["--interval", "1s", "--probe", "tcp=ebpf"];
+    args.extend_from_slice(extra);
+    let agent = perch_tests::perch::Agent::start(&args);
+    transfer(&mut old_c, &mut old_s, N1);
+    let (mut new_c, mut new_s) = connect();
+    transfer(&mut new_c, &mut new_s, N2);
+    let (ip_a, ip_b) = (pair.ip_a.to_string(), pair.ip_b.to_string());
+    let check = |when: &str, wait: Duration| {
+        std::thread::sleep(wait);
+        let scrape = agent.scrape();
+        let io = prom_io(&scrape, p);
+        let get = |peer: &str, role: &str, dir: &str| {
+            io.get(&(peer.to_owned(), role.to_owned(), dir.to_owned()))
+                .copied()
+                .unwrap_or(0.0)
+        };
+        let want = (N1 + N2) as f64;
+        assert_eq!(
+            get(&ip_b, "client", "transmit"),
+            want,
+            "{when}: client transmit, {io:?}"
+        );
+        assert_eq!(
+            get(&ip_a, "server", "receive"),
+            want,
+            "{when}: server receive, {io:?}"
+        );
+        assert_eq!(get(&ip_b, "client", "receive"), 0.0, "{when}: {io:?}");
+        assert_eq!(get(&ip_a, "server", "transmit"), 0.0, "{when}: {io:?}");
+        eprintln!("{when}: perch.tcp.io client transmit = server receive = {want} B (M = {M} B before the start not counted)");
+        scrape
+    };
+    // Two collections after the last byte moved.
+    let open = check("both connections open", Duration::from_millis(2500));
+    if extra.is_empty() {
+        let adopted = prom_value(&open, "perch_tcp_sockets_adopted_total");
+        assert!(adopted >= 2.0, "adopted {adopted}: OLD's two ends at least");
+    }
+    drop((old_c, new_c));
+    let mut b = [0u8; 1];
+    for mut s in [old_s, new_s] {
+        assert_eq!(s.read(&mut b).expect("read EOF"), 0, "EOF");
+    }
+    // Long enough that a series missing from the kernel's totals would no
+    // longer be carried at its last value (`tcp_walk::CARRY_COLLECTIONS`).
+    check("both closed", Duration::from_millis(4500));
+    assert!(agent.stop(), "perch run did not exit cleanly");
+}
+
 /// eBPF: K connections, R of them to a closed port. Opened client series,
 /// connect-duration count, and refused series against what the test did;
 /// the excess is bounded by what every namespace's own counters saw.
