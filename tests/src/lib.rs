@@ -50,6 +50,7 @@ pub fn perch_bin() -> PathBuf {
     );
 }
 
+pub mod bench;
 pub mod kernel;
 pub mod netns;
 pub mod netperch;

@@ -15,19 +15,8 @@
 use std::process::Command;
 use std::time::Duration;
 
+use perch_tests::bench::{arg, mean, process_cpu_rss};
 use perch_tests::perch::Agent;
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{name} takes a number"))
-        })
-        .unwrap_or(default)
-}
 
 /// Runs `stress-ng --switch` for `secs` and returns its bogo-ops per second.
 fn stress(secs: u64) -> f64 {
@@ -48,20 +37,6 @@ fn stress(secs: u64) -> f64 {
             f.get(i + 5)?.parse().ok()
         })
         .unwrap_or_else(|| panic!("no switch metrics line in stress-ng output:\n{text}"))
-}
-
-fn proc_stat(pid: u32) -> (f64, u64) {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("agent stat");
-    let rest = s.rsplit_once(')').expect("stat").1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let cpu = (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) as f64 / 100.0;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
-    let rss_kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    (cpu, rss_kb)
 }
 
 fn main() {
@@ -93,10 +68,10 @@ fn main() {
             let agent = Agent::start(&["--interval", &format!("{interval}s")]);
             let pid = agent.pid();
             std::thread::sleep(Duration::from_millis(1200));
-            let (cpu0, _) = proc_stat(pid);
+            let (cpu0, _) = process_cpu_rss(pid);
             with.push(stress(secs));
             std::thread::sleep(Duration::from_millis(1200 * interval));
-            let (cpu1, rss_kb) = proc_stat(pid);
+            let (cpu1, rss_kb) = process_cpu_rss(pid);
             rss = rss.max(rss_kb);
             per_collection.push((cpu1 - cpu0) / ((secs + 1) as f64 / interval as f64));
             assert!(agent.stop(), "agent did not stop cleanly");
@@ -129,7 +104,6 @@ fn main() {
     }
     drop(stats);
 
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let ratio = mean(&with) / mean(&without);
     println!("## bench cpu: stress-ng --switch 2, {pairs} alternating pairs of {secs} s, interval {interval} s\n");
     println!("ns/event: one more {secs} s run with kernel.bpf_stats_enabled=1\n");

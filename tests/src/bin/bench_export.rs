@@ -22,19 +22,8 @@ use perch::exporters::otlp::encode::Encoder;
 use perch::exporters::otlp::{resource, OtlpExporter};
 use perch::pipeline::memory::rss_bytes;
 use perch::selfmetrics::SelfMetrics;
+use perch_tests::bench::arg;
 use perch_tests::otlp_receiver::*;
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{name} takes a number"))
-        })
-        .unwrap_or(default)
-}
 
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {

@@ -1,44 +1,46 @@
 //! `cargo xtask bench net`: the TCP family's cost, printed as markdown.
 //!
-//! 1. Load: iperf3 between two network namespaces joined by a veth pair
-//!    (`NetnsPair`), for two write sizes: bulk (128 KiB, iperf3's default)
-//!    and small (1 KiB, many more `sendmsg`/`recvmsg` events per byte).
-//! 2. Throughput with vs without the agent: runs alternate (without, with,
-//!    without, with, ...) so drift in the machine hits both sides; the
-//!    ratio is mean(with) / mean(without). The agent is `perch run` with
-//!    only the TCP family on (`--probe tcp=ebpf`, the others off), so the
-//!    figure is this family's cost. Target ≥ 97 %.
-//!    These runs have BPF stats off, as users run the agent (the stats add
-//!    two clock reads per program run: the measurement's cost).
-//! 3. ns per event per program: one more run per write size with
+//! The agent is `perch run --interval 1s` with only the TCP family on
+//! (`--probe tcp=ebpf`), so every figure is this family's. `--raw-tp` runs
+//! the per-I/O `raw_tp` variant instead of the default socket-counter one.
+//! All traffic runs between two network namespaces joined by a veth pair
+//! (`NetnsPair`); the agent stays in the host's namespace.
+//!
+//! 1. Loads, each run alternately without and with the agent (without,
+//!    with, without, ...: drift hits both sides), with BPF stats off as
+//!    users run the agent (the stats add two clock reads per program run:
+//!    the measurement's cost); the ratio is mean(with) / mean(without).
+//!    Target ≥ 97 %.
+//!    - iperf3, bulk (128 KiB writes, its default) and small (1 KiB writes:
+//!      many more `sendmsg`/`recvmsg` per byte);
+//!    - connection churn: one client opening connections back to back
+//!      (connect, 100 bytes each way, close), the load on which a
+//!      per-connection program shows.
+//! 2. ns per event per program: one more run of each load with
 //!    `kernel.bpf_stats_enabled=1`, which makes the kernel account
 //!    `run_time_ns` / `run_cnt` per program (read with `bpftool prog show
 //!    --json` before the agent stops). Target ≤ 150 ns.
+//! 3. The walk (`tcp_walk`, socket counters only): `--sockets K` idle
+//!    connections held open (2K sockets), BPF stats on, 10 collections:
+//!    ns per file visited, time per walk, and the agent's CPU per
+//!    collection and RSS.
 //!
 //! Needs root, iperf3 and bpftool. The previous `bpf_stats_enabled` value is
 //! restored at the end, also on a panic.
 //!
-//! Usage: bench_net [--secs N] [--rounds N]
+//! Usage: bench_net [--secs N] [--rounds N] [--sockets K] [--raw-tp]
+//!                  [--no-iperf] [--no-churn] [--no-walk]
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddrV4, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use perch_tests::kernel::{require_root, sh};
+use perch_tests::bench::{arg, flag, mean, process_cpu_rss};
+use perch_tests::kernel::{require_root, sh, BpfStats};
 use perch_tests::netns::NetnsPair;
 use perch_tests::perch::Agent;
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{name} takes a number"))
-        })
-        .unwrap_or(default)
-}
 
 /// iperf3 server in namespace `b`; killed (by its own pid) on drop.
 struct Server(Child);
@@ -64,9 +66,58 @@ fn iperf(pair: &NetnsPair, port: u16, secs: u64, len: u64) -> f64 {
         .unwrap_or_else(|| panic!("no end.sum_received.bits_per_second in iperf3 output:\n{out}"))
 }
 
-/// `run_time_ns`, `run_cnt` of every loaded program whose name starts with
-/// `tcp_`, by name.
-fn tcp_prog_stats() -> BTreeMap<String, (u64, u64)> {
+/// Serves churn connections in `b` until the process ends: reads 100
+/// bytes, answers 100, closes first (the server side takes the TIME_WAIT,
+/// so the client never runs out of ports).
+fn churn_server(pair: &NetnsPair, port: u16) {
+    let addr = SocketAddrV4::new(pair.ip_b, port);
+    let l = pair
+        .run_in(&pair.b, move || {
+            TcpListener::bind(addr).expect("bind churn")
+        })
+        .join()
+        .expect("bind thread");
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut b = [0u8; 100];
+            if s.read_exact(&mut b).is_ok() {
+                let _ = s.write_all(&b);
+            }
+        }
+    });
+}
+
+/// Connections per second of one client in `a` over `secs`.
+fn churn(pair: &NetnsPair, port: u16, secs: u64) -> f64 {
+    let ip = pair.ip_b;
+    let n = pair
+        .run_in(&pair.a, move || {
+            let end = Instant::now() + Duration::from_secs(secs);
+            let start = Instant::now();
+            let mut n = 0u64;
+            while Instant::now() < end {
+                let mut s = TcpStream::connect(SocketAddrV4::new(ip, port)).expect("connect");
+                s.write_all(&[7u8; 100]).expect("write");
+                let mut b = [0u8; 100];
+                s.read_exact(&mut b).expect("read");
+                // The server's FIN.
+                let _ = s.read(&mut b);
+                n += 1;
+            }
+            n as f64 / start.elapsed().as_secs_f64()
+        })
+        .join()
+        .expect("churn client");
+    assert!(n > 0.0, "no connections");
+    n
+}
+
+/// `run_time_ns`, `run_cnt` per program name.
+type ProgStats = BTreeMap<String, (u64, u64)>;
+
+/// [`ProgStats`] of every loaded program whose name starts with `tcp_`.
+fn tcp_prog_stats() -> ProgStats {
     let out = sh("bpftool prog show --json");
     let v: serde_json::Value = serde_json::from_str(&out).expect("bpftool JSON");
     let mut m = BTreeMap::new();
@@ -82,33 +133,60 @@ fn tcp_prog_stats() -> BTreeMap<String, (u64, u64)> {
     m
 }
 
+/// `after - before`, per program.
+fn delta(after: &ProgStats, before: &ProgStats) -> ProgStats {
+    after
+        .iter()
+        .map(|(k, (t, n))| {
+            let (t0, n0) = before.get(k).copied().unwrap_or((0, 0));
+            (k.clone(), (t - t0, n - n0))
+        })
+        .collect()
+}
+
+/// Open file descriptors of every process (what the walk visits).
+fn open_files() -> usize {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| {
+            let e = e.ok()?;
+            e.file_name().to_str()?.parse::<u32>().ok()?;
+            Some(std::fs::read_dir(e.path().join("fd")).ok()?.count())
+        })
+        .sum()
+}
+
+/// A load: its label, its unit, and one run of it.
+struct Load<'a> {
+    label: &'static str,
+    unit: &'static str,
+    scale: f64,
+    run: Box<dyn Fn() -> f64 + 'a>,
+}
+
 fn main() {
     require_root();
     let secs = arg("--secs", 5);
-    let rounds = arg("--rounds", 3);
-    let stats = perch_tests::kernel::BpfStats::save();
+    let rounds = arg("--rounds", 3) as usize;
+    let sockets = arg("--sockets", 2000) as usize;
+    let raw = flag("--raw-tp");
+    let stats = BpfStats::save();
 
     let pair = NetnsPair::new();
-    let port = 5201;
-    let server = Server(
+    let (iperf_port, churn_port, idle_port) = (5201, 5301, 5401);
+    let _server = Server(
         Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &pair.b,
-                "iperf3",
-                "-s",
-                "-p",
-                &port.to_string(),
-            ])
+            .args(["netns", "exec", &pair.b, "iperf3", "-s", "-p"])
+            .arg(iperf_port.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("starting iperf3 -s (apt-get install iperf3)"),
     );
+    churn_server(&pair, churn_port);
     std::thread::sleep(Duration::from_millis(500));
 
-    let agent_args = [
+    let mut agent_args = vec![
         "--interval",
         "1s",
         "--probe",
@@ -126,60 +204,170 @@ fn main() {
         "--probe",
         "cpu=off",
     ];
-    let profiles = [
-        ("bulk, 128 KiB writes", 131_072u64),
-        ("small, 1 KiB writes", 1024),
+    if raw {
+        agent_args.extend(["--skip-hook", "tp_btf"]);
+    }
+    let loads = [
+        Load {
+            label: "iperf3, bulk (128 KiB writes)",
+            unit: "Gbit/s",
+            scale: 1e-9,
+            run: Box::new(|| iperf(&pair, iperf_port, secs, 131_072)),
+        },
+        Load {
+            label: "iperf3, small (1 KiB writes)",
+            unit: "Gbit/s",
+            scale: 1e-9,
+            run: Box::new(|| iperf(&pair, iperf_port, secs, 1024)),
+        },
+        Load {
+            label: "connection churn (connect, 100 B each way, close)",
+            unit: "conn/s",
+            scale: 1.0,
+            run: Box::new(|| churn(&pair, churn_port, secs)),
+        },
     ];
     let mut rows = Vec::new();
-    let mut progs: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for (label, len) in profiles {
+    let mut per_load: Vec<(&str, ProgStats)> = Vec::new();
+    let skip: Vec<&str> = [("--no-iperf", "iperf3"), ("--no-churn", "connection churn")]
+        .into_iter()
+        .filter(|(f, _)| flag(f))
+        .map(|(_, prefix)| prefix)
+        .collect();
+    for load in loads
+        .iter()
+        .filter(|l| !skip.iter().any(|p| l.label.starts_with(p)))
+    {
         let (mut without, mut with) = (Vec::new(), Vec::new());
         stats.set(false);
         for r in 0..rounds {
-            without.push(iperf(&pair, port, secs, len));
+            without.push((load.run)());
             let agent = Agent::start(&agent_args);
-            with.push(iperf(&pair, port, secs, len));
+            with.push((load.run)());
             assert!(agent.stop(), "perch run did not exit cleanly");
             eprintln!(
-                "{label} round {}: without {:.2} Gbit/s, with {:.2} Gbit/s",
+                "{} round {}: without {:.2} {u}, with {:.2} {u}",
+                load.label,
                 r + 1,
-                without[r as usize] / 1e9,
-                with[r as usize] / 1e9
+                without[r] * load.scale,
+                with[r] * load.scale,
+                u = load.unit
             );
         }
         stats.set(true);
         let agent = Agent::start(&agent_args);
-        let _ = iperf(&pair, port, secs, len);
-        for (name, (t, n)) in tcp_prog_stats() {
-            let e = progs.entry(name).or_insert((0, 0));
-            e.0 += t;
-            e.1 += n;
-        }
+        let before = tcp_prog_stats();
+        let _ = (load.run)();
+        let d = delta(&tcp_prog_stats(), &before);
         assert!(agent.stop(), "perch run did not exit cleanly");
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-        rows.push((label, mean(&without), mean(&with)));
+        per_load.push((load.label, d));
+        rows.push((load, mean(&without), mean(&with), without, with));
     }
-    drop(server);
+
+    // The walk: K idle connections, 10 collections, stats on.
+    let walk = (!raw && !flag("--no-walk")).then(|| {
+        let addr = SocketAddrV4::new(pair.ip_b, idle_port);
+        let l = pair
+            .run_in(&pair.b, move || TcpListener::bind(addr).expect("bind idle"))
+            .join()
+            .expect("bind thread");
+        let ip = pair.ip_b;
+        let accept = std::thread::spawn(move || {
+            (0..sockets)
+                .map(|_| l.accept().expect("accept").0)
+                .collect::<Vec<TcpStream>>()
+        });
+        let clients = pair
+            .run_in(&pair.a, move || {
+                (0..sockets)
+                    .map(|_| TcpStream::connect(SocketAddrV4::new(ip, idle_port)).expect("connect"))
+                    .collect::<Vec<_>>()
+            })
+            .join()
+            .expect("idle clients");
+        let servers = accept.join().expect("accept thread");
+        stats.set(true);
+        let agent = Agent::start(&agent_args);
+        std::thread::sleep(Duration::from_millis(1500));
+        let (cpu0, _) = process_cpu_rss(agent.pid());
+        let before = tcp_prog_stats();
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_secs(10));
+        let d = delta(&tcp_prog_stats(), &before);
+        let (cpu1, rss) = process_cpu_rss(agent.pid());
+        let elapsed = t0.elapsed().as_secs_f64();
+        assert!(agent.stop(), "perch run did not exit cleanly");
+        drop((clients, servers));
+        let (t, n) = d.get("tcp_walk").copied().unwrap_or((0, 0));
+        let files = open_files();
+        (t, n, (cpu1 - cpu0) / elapsed, rss, elapsed, files)
+    });
     drop(stats);
 
-    println!("### TCP family: ns per event (kernel BPF stats, under the iperf3 loads)\n");
-    println!("| program | events | ns/event | target |");
-    println!("|---|---:|---:|---:|");
-    for (name, (t, n)) in &progs {
-        let per = if *n > 0 { *t as f64 / *n as f64 } else { 0.0 };
-        println!("| `{name}` | {n} | {per:.0} | ≤ 150 |");
+    let variant = if raw {
+        "raw_tp (per I/O)"
+    } else {
+        "tp_btf (socket counters)"
+    };
+    println!("### TCP family, {variant}: ns per event (kernel BPF stats)\n");
+    println!("| load | program | events | ns/event | target |");
+    println!("|---|---|---:|---:|---:|");
+    for (label, progs) in &per_load {
+        for (name, (t, n)) in progs {
+            if name == "tcp_walk" {
+                continue;
+            }
+            let per = if *n > 0 {
+                format!("{:.0}", *t as f64 / *n as f64)
+            } else {
+                "-".into()
+            };
+            println!("| {label} | `{name}` | {n} | {per} | ≤ 150 |");
+        }
     }
     println!(
-        "\n### Throughput with vs without the agent (alternating runs, {rounds} × {secs} s each)\n"
+        "\n### Throughput with vs without the agent (alternating runs, {rounds} × {secs} s each, BPF stats off)\n"
     );
-    println!("| load | without (Gbit/s) | with (Gbit/s) | ratio | target |");
+    println!("| load | without | with | ratio | target |");
     println!("|---|---:|---:|---:|---:|");
-    for (label, wo, w) in rows {
+    for (load, wo, w, _, _) in &rows {
         println!(
-            "| iperf3 over veth, {label} | {:.2} | {:.2} | {:.1} % | ≥ 97 % |",
-            wo / 1e9,
-            w / 1e9,
-            100.0 * w / wo
+            "| {} | {:.2} {u} | {:.2} {u} | {:.1} % | ≥ 97 % |",
+            load.label,
+            wo * load.scale,
+            w * load.scale,
+            100.0 * w / wo,
+            u = load.unit
         );
+    }
+    println!();
+    for (load, _, _, wo, w) in &rows {
+        let f = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{:.2}", x * load.scale))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!("- {}: without {}; with {}", load.label, f(wo), f(w));
+    }
+    if let Some((t, n, cpu, rss, elapsed, files)) = walk {
+        let walks = elapsed.round();
+        println!(
+            "\n### The walk (`tcp_walk`, iter/task_file): {sockets} idle connections ({} sockets), {files} open files on the host, 1 s interval\n",
+            2 * sockets
+        );
+        println!("| figure | value |");
+        println!("|---|---:|");
+        println!("| files visited per walk | {:.0} |", n as f64 / walks);
+        println!(
+            "| ns per file visited | {:.0} |",
+            t as f64 / n.max(1) as f64
+        );
+        println!(
+            "| walk time per collection | {:.2} ms |",
+            t as f64 / walks / 1e6
+        );
+        println!("| agent CPU per collection | {:.2} ms |", cpu * 1e3);
+        println!("| agent RSS | {:.1} MB |", rss as f64 / 1024.0);
     }
 }
