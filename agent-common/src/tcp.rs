@@ -22,11 +22,18 @@ pub const MAP_PEERS: &str = "TCP_PEERS";
 /// TCP socket seen connecting, accepted, or doing I/O; removed when the
 /// socket closes.
 pub const MAP_SOCKS: &str = "TCP_SOCKS";
-/// Hash (socket-counter design): socket pointer -> [`SockAcct`], one entry
-/// per TCP socket seen connecting or accepted, or found established by the
-/// walk; removed when the socket closes. Sized like [`MAP_SOCKS`]
-/// ([`SOCKS_ENTRIES`]); a failed insert is counted in [`SLOT_SOCKS_FULL`].
+/// Array of [`TrackedSlot`] (socket-counter design), used as an
+/// open-addressed table keyed by socket pointer: one entry per TCP socket
+/// seen connecting or accepted, or found established by the walk; removed
+/// when the socket closes. The key is a pointer, not a small integer, and a
+/// BPF hash map insert (one per connection) costs about 300 ns on the
+/// reference VM against a few array loads. Sized from
+/// `probes.tcp.max_sockets`; a failed insert is counted in
+/// [`SLOT_SOCKS_FULL`].
 pub const MAP_TRACKED: &str = "TCP_TRACKED";
+/// Per-CPU array of one `u64`: scratch space the socket-counter programs use
+/// to turn a socket pointer into a number.
+pub const MAP_SCRATCH: &str = "TCP_SCRATCH";
 /// Per-CPU array of `u64` counters, indexed by the `SLOT_*` constants.
 pub const MAP_COUNTERS: &str = "TCP_COUNTERS";
 /// Per-CPU array of `u64` bucket counts of the connect duration in ns,
@@ -204,6 +211,23 @@ pub struct SockAcct {
 }
 const _: () = assert!(core::mem::size_of::<SockAcct>() == 88);
 
+/// One slot of [`MAP_TRACKED`] (an array used as an open-addressed table):
+/// `sk` is 0 (never used), 1 (freed) or the tracked socket's pointer;
+/// `owner` repeats the pointer, written with the value before `sk`, so a
+/// reader can tell a slot two CPUs raced for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrackedSlot {
+    pub sk: u64,
+    pub owner: u64,
+    pub acct: SockAcct,
+}
+const _: () = assert!(core::mem::size_of::<TrackedSlot>() == 104);
+
+/// Default number of [`MAP_TRACKED`] slots (a power of two); the loader sets
+/// it from `probes.tcp.max_sockets` (twice that, rounded up).
+pub const TRACKED_DEFAULT_SLOTS: u32 = 65536;
+
 /// One live socket's contribution, written by the walk (`bpf_seq_write`)
 /// for every tracked socket that is not closed and has a non-zero
 /// contribution.
@@ -289,10 +313,15 @@ pub struct TcpOffsets {
     /// `sock.sk_flags` (`unsigned long`): bit `SOCK_DONE` is set by
     /// `tcp_fin()` when the peer's FIN arrives.
     pub sk_flags: u32,
-    /// `socket.sk` (`struct sock *`), for the adoption iterator.
+    /// `socket.sk` (`struct sock *`), for the walk.
     pub socket_sk: u32,
+    /// [`MAP_TRACKED`]'s slot count minus one (a power of two minus one).
+    pub tracked_mask: u32,
+    /// `tcp_sock.tcp_mstamp` (`u64`, µs of `CLOCK_MONOTONIC`): the time the
+    /// kernel stamped the segment it is processing.
+    pub tcp_mstamp: u32,
 }
-const _: () = assert!(core::mem::size_of::<TcpOffsets>() == 88);
+const _: () = assert!(core::mem::size_of::<TcpOffsets>() == 96);
 
 /// [`RTT_SAMPLE_INTERVAL_NS`] in ticks of `tick_ns` ns (the kernel's
 /// jiffy, `1e9 / CONFIG_HZ`), rounded up, at least 1.
@@ -342,6 +371,7 @@ mod pod {
     unsafe impl aya::Pod for super::RttKey {}
     unsafe impl aya::Pod for super::TcpOffsets {}
     unsafe impl aya::Pod for super::SockAcct {}
+    unsafe impl aya::Pod for super::TrackedSlot {}
     unsafe impl aya::Pod for super::LiveRecord {}
 }
 

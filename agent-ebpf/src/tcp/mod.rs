@@ -28,6 +28,7 @@
 
 pub mod io;
 pub mod sockets;
+mod tracked;
 
 use crate::kmem::field;
 use agent_common::{
@@ -66,6 +67,8 @@ static TCP_OFFSETS: TcpOffsets = TcpOffsets {
     tcp_bytes_received: 0,
     sk_flags: 0,
     socket_sk: 0,
+    tracked_mask: 0,
+    tcp_mstamp: 0,
 };
 
 #[map(name = "TCP_PEERS")]

@@ -32,8 +32,8 @@
 //!     than the agent: role inferred from ports, counted from then on).
 //!     Userspace runs it once at attach time, so the sockets open at
 //!     start-up count from then.
-//! - Maps: `TCP_TRACKED` (hash keyed by socket pointer) here; the
-//!   aggregates are in [`super`].
+//! - Maps: `TCP_TRACKED` ([`super::tracked`], keyed by socket pointer);
+//!   the aggregates are in [`super`].
 //! - Oldest kernel: 5.11.
 //!
 //! Concurrency. The state program runs with the socket locked (owned, or
@@ -45,6 +45,7 @@
 
 use core::{ffi::c_void, mem::size_of, ptr};
 
+use super::tracked::{self, Put};
 use super::{
     add_peer, count, count_failed_connect, inferred_key, off, record_connect, record_rtt, sock_key,
     tcp_family, was_established, TCP_CLOSE, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_SYN_RECV,
@@ -53,13 +54,12 @@ use super::{
 use crate::kmem::field;
 use agent_common::tcp::{self as c, LiveRecord, PeerValue, SockAcct};
 use aya_ebpf::{
-    bindings::{seq_file, BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    bindings::seq_file,
     helpers::{
         bpf_ktime_get_ns,
         generated::{bpf_seq_write, bpf_skc_to_tcp_sock, bpf_sock_from_file},
     },
-    macros::{btf_tracepoint, map},
-    maps::HashMap,
+    macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
 
@@ -69,12 +69,6 @@ const BTF: bool = true;
 
 /// `enum sock_flags`: `SOCK_DEAD`, then `SOCK_DONE` (unchanged since 2.6).
 const SOCK_DONE_BIT: u64 = 1;
-
-/// Allocated as sockets are tracked (memory follows the socket count, up to
-/// the bound), not preallocated.
-#[map(name = "TCP_TRACKED")]
-static TCP_TRACKED: HashMap<u64, SockAcct> =
-    HashMap::with_max_entries(c::SOCKS_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// `sk` as a `struct tcp_sock *` (0 if it is not a full TCP socket): the
 /// counters lie past `struct sock`, where a load through `sk` is refused.
@@ -138,9 +132,9 @@ fn track(sk: u64, family: u16, role: u8, syn_sent_ns: u64) {
         base: PeerValue::default(),
         seen: PeerValue::default(),
     };
-    // Overwrites: a socket reused after `connect(AF_UNSPEC)`, or an address
+    // Replaces: a socket reused after `connect(AF_UNSPEC)`, or an address
     // reused by a new socket, starts over.
-    if TCP_TRACKED.insert(sk, st, 0).is_err() {
+    if tracked::put(sk, &st, true) == Put::Full {
         count(c::SLOT_SOCKS_FULL);
     }
 }
@@ -150,14 +144,12 @@ fn track(sk: u64, family: u16, role: u8, syn_sent_ns: u64) {
 /// it, and forgets the socket.
 #[inline(always)]
 fn close(sk: u64, old: i32) {
-    let Some(st) = TCP_TRACKED.get_ptr_mut(sk) else {
+    let Some(st) = tracked::get(sk) else {
         if was_established(old) {
             count(c::SLOT_CLOSED_UNTRACKED);
         }
         return;
     };
-    // SAFETY: a value of TCP_TRACKED, valid for the program's run.
-    let st = unsafe { &mut *st };
     // Closed first, then folded (module docs).
     st.flags |= c::SOCK_CLOSED;
     let tp = tcp_sock(sk);
@@ -174,12 +166,18 @@ fn close(sk: u64, old: i32) {
             );
         }
     }
-    let _ = TCP_TRACKED.remove(sk);
+    tracked::remove(sk);
 }
 
 /// `inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)`
 #[inline(always)]
 fn on_set_state(sk: u64, old: i32, new: i32) -> u32 {
+    // Half the transitions of a connection (to FIN_WAIT1, FIN_WAIT2,
+    // CLOSE_WAIT, LAST_ACK, CLOSING, and a child's first SYN_RECV) matter
+    // to nobody: leave before reading the socket.
+    if !matches!(new, TCP_ESTABLISHED | TCP_CLOSE | TCP_SYN_SENT) {
+        return 0;
+    }
     let Some(family) = tcp_family::<BTF>(sk) else {
         return 0;
     };
@@ -192,10 +190,15 @@ fn on_set_state(sk: u64, old: i32, new: i32) -> u32 {
         (TCP_CLOSE, TCP_ESTABLISHED) => track(sk, family, c::ROLE_CLIENT, 0),
         (TCP_SYN_SENT, TCP_ESTABLISHED) => {
             count(c::SLOT_OPENED_CLIENT);
-            if let Some(st) = TCP_TRACKED.get_ptr_mut(sk) {
-                // SAFETY: a value of TCP_TRACKED, valid for the program's run.
-                let st = unsafe { &mut *st };
-                record_connect(st.syn_sent_ns, unsafe { bpf_ktime_get_ns() });
+            if let Some(st) = tracked::get(sk) {
+                // `tcp_mstamp` (µs, CLOCK_MONOTONIC like bpf_ktime_get_ns)
+                // was refreshed for the SYN-ACK being processed: "now",
+                // without a clock read.
+                let tp = tcp_sock(sk);
+                if tp != 0 {
+                    let now_us = field::<u64, BTF>(tp, off!(tcp_mstamp)).unwrap_or(0);
+                    record_connect(st.syn_sent_ns, now_us * 1000);
+                }
                 st.syn_sent_ns = 0;
             }
         }
@@ -262,19 +265,17 @@ pub fn tcp_walk(ctx: *mut c_void) -> i32 {
         if state == TCP_CLOSE {
             // An entry the walk adopted while the socket was closing (the
             // state is stored after the tracepoint that removed it).
-            let _ = TCP_TRACKED.remove(sk);
+            tracked::remove(sk);
         }
         return 0;
     }
     // `bpf_iter_meta { seq; session_id; seq_num; }`
     let session = field::<u64, BTF>(meta, 8).unwrap_or(0);
     let cur = counters::<false>(sk);
-    let Some(st) = TCP_TRACKED.get_ptr_mut(sk) else {
+    let Some(st) = tracked::get(sk) else {
         adopt(sk, family, session, cur);
         return 0;
     };
-    // SAFETY: a value of TCP_TRACKED, valid for the program's run.
-    let st = unsafe { &mut *st };
     // Closed, or already reported through another descriptor of this walk.
     if st.flags & c::SOCK_CLOSED != 0 || st.session == session {
         return 0;
@@ -322,10 +323,10 @@ fn adopt(sk: u64, family: u16, session: u64, now: PeerValue) {
         base: now,
         seen: now,
     };
-    // NOEXIST: the state program may have started tracking it meanwhile.
-    match TCP_TRACKED.insert(sk, st, BPF_NOEXIST as u64) {
-        Ok(()) => count(c::SLOT_ADOPTED),
-        Err(_) if TCP_TRACKED.get_ptr(sk).is_some() => {}
-        Err(_) => count(c::SLOT_SOCKS_FULL),
+    // Keeps an entry the state program may have made meanwhile.
+    match tracked::put(sk, &st, false) {
+        Put::Added => count(c::SLOT_ADOPTED),
+        Put::Found => {}
+        Put::Full => count(c::SLOT_SOCKS_FULL),
     }
 }

@@ -429,6 +429,7 @@ pub fn tcp_offsets(
     rtt_per_peer: bool,
     ephemeral: (u32, u32),
     tick_ns: u64,
+    tracked_slots: u32,
 ) -> Result<TcpOffsets, BtfError> {
     let cb = btf.member("sk_buff", "cb")?.offset;
     let gso = btf.member_sized("tcp_skb_cb", "tcp_gso_segs", 2)?;
@@ -457,6 +458,8 @@ pub fn tcp_offsets(
         tcp_bytes_received: btf.member_sized("tcp_sock", "bytes_received", 8)?,
         sk_flags: sk_flags_offset(btf)?,
         socket_sk: btf.member_sized("socket", "sk", 8)?,
+        tracked_mask: tracked_slots.saturating_sub(1),
+        tcp_mstamp: btf.member_sized("tcp_sock", "tcp_mstamp", 8)?,
     })
 }
 

@@ -105,6 +105,7 @@ impl Probes {
                 cfg.tcp.rtt_per_peer,
                 btf::ephemeral_range(std::path::Path::new("/proc")),
                 btf::tick_ns(),
+                agent_common::tcp::TRACKED_DEFAULT_SLOTS,
             )
             .map_err(|e| format!("struct offsets from kernel BTF: {e}")),
             Ok(_) => Err(format!("mode = {}", mode_name(mode(Family::Tcp)))),
