@@ -36,6 +36,7 @@ use super::{
 use crate::kmem::field;
 use agent_common::tcp::{self as c, PeerKey, SockState};
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     helpers::{bpf_jiffies64, bpf_ktime_get_ns},
     macros::{map, raw_tracepoint},
     maps::HashMap,
@@ -46,8 +47,11 @@ use aya_ebpf::{
 /// `bpf_probe_read_kernel` ([`crate::kmem::field`] with `BTF = false`).
 const RAW: bool = false;
 
+/// Allocated as sockets are seen, not preallocated: it holds nothing while
+/// the socket-counter variant runs instead.
 #[map(name = "TCP_SOCKS")]
-static TCP_SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(c::SOCKS_ENTRIES, 0);
+static TCP_SOCKS: HashMap<u64, SockState> =
+    HashMap::with_max_entries(c::SOCKS_ENTRIES, BPF_F_NO_PREALLOC);
 
 const MSG_PEEK: u64 = 2;
 

@@ -68,6 +68,13 @@ pub const INTERVAL_SECS_RANGE: RangeInclusive<u64> = 1..=3600;
 /// hold.
 pub const MAX_PEERS_RANGE: RangeInclusive<u32> = 16..=1_000_000;
 
+/// Allowed values of `probes.tcp.max_sockets`: the TCP sockets the
+/// socket-counter design tracks at once. Its table has twice as many slots
+/// (rounded up to a power of two) of 104 bytes each, preallocated: 65536
+/// sockets take 13.6 MiB of kernel memory, charged to the agent's memory
+/// cgroup; 4 million would be over 800 MiB.
+pub const MAX_SOCKETS_RANGE: RangeInclusive<u32> = 1024..=4_194_304;
+
 /// The variable that overrides `probes.<family>.mode`, e.g.
 /// `PERCH_PROBES_SCHED_MODE` for [`Family::Sched`].
 pub fn env_mode_var(family: Family) -> String {
@@ -285,6 +292,19 @@ pub struct TcpProbeConfig {
     /// Entries of the kernel's per-peer map; peers beyond it are folded
     /// into an overflow series. Range 16..=1000000, default 4096.
     pub max_peers: u32,
+    /// TCP sockets the socket-counter design (`tp_btf` variant) tracks at
+    /// once, host-wide; a socket beyond it is not counted, and the failed
+    /// insert is (`perch.bpf.map.full{perch.bpf.map="TCP_TRACKED"}`).
+    /// Range 1024..=4194304, default 32768 (6.8 MiB of kernel memory).
+    pub max_sockets: u32,
+}
+
+impl TcpProbeConfig {
+    /// Slots of the socket-counter design's table: twice `max_sockets`,
+    /// rounded up to a power of two (the programs mask the hash with it).
+    pub fn tracked_slots(&self) -> u32 {
+        self.max_sockets.saturating_mul(2).next_power_of_two()
+    }
 }
 
 impl Default for TcpProbeConfig {
@@ -293,6 +313,7 @@ impl Default for TcpProbeConfig {
             mode: Mode::Auto,
             rtt_per_peer: false,
             max_peers: 4096,
+            max_sockets: 32768,
         }
     }
 }
@@ -635,6 +656,8 @@ impl Config {
         }
         check_range(self.probes.tcp.max_peers, &MAX_PEERS_RANGE)
             .map_err(|m| ConfigError::invalid("probes.tcp.max_peers", m))?;
+        check_range(self.probes.tcp.max_sockets, &MAX_SOCKETS_RANGE)
+            .map_err(|m| ConfigError::invalid("probes.tcp.max_sockets", m))?;
         // `[export]` and `[pipeline]` own their checks; their range errors
         // carry a dotted key, so they get a line like every other key.
         self.export.validate().map_err(from_export_error)?;
@@ -1156,6 +1179,7 @@ mod tests {
                     mode: Mode::Ebpf,
                     rtt_per_peer: true,
                     max_peers: 65536,
+                    max_sockets: 32768,
                 },
                 drops: ProbeConfig { mode: Mode::Procfs },
             },
@@ -1288,6 +1312,14 @@ mod tests {
                 key: Some("probes.tcp.max_peers"),
                 line: Some(3),
                 contains: "must be between 16 and 1000000 (got 8)",
+            },
+            Case {
+                name: "max_sockets out of range",
+                text: "[probes.tcp]\nmax_peers = 64\nmax_sockets = 100\n",
+                kind: "invalid",
+                key: Some("probes.tcp.max_sockets"),
+                line: Some(3),
+                contains: "must be between 1024 and 4194304 (got 100)",
             },
             Case {
                 name: "bad listen address",
@@ -1459,6 +1491,14 @@ mod tests {
             (
                 "max_peers upper bound",
                 "[probes.tcp]\nmax_peers = 1000000\n",
+            ),
+            (
+                "max_sockets lower bound",
+                "[probes.tcp]\nmax_sockets = 1024\n",
+            ),
+            (
+                "max_sockets upper bound",
+                "[probes.tcp]\nmax_sockets = 4194304\n",
             ),
             ("ipv6 listen", "[agent]\nlisten = \"[::]:9464\"\n"),
             (

@@ -99,13 +99,20 @@ impl Probes {
         };
         // The TCP programs read kernel structs at offsets found in BTF; without
         // them its variants are not tried.
+        // The socket-counter table is preallocated: full size only when its
+        // variant may run.
+        let tracked_slots = if wants(Family::Tcp) && !cfg.skip_hooks.contains(&Hook::TpBtf) {
+            cfg.tcp.tracked_slots()
+        } else {
+            1
+        };
         let tcp_offsets = match &kernel_btf {
             Ok(k) if wants(Family::Tcp) => btf::tcp_offsets(
                 k,
                 cfg.tcp.rtt_per_peer,
                 btf::ephemeral_range(std::path::Path::new("/proc")),
                 btf::tick_ns(),
-                agent_common::tcp::TRACKED_DEFAULT_SLOTS,
+                tracked_slots,
             )
             .map_err(|e| format!("struct offsets from kernel BTF: {e}")),
             Ok(_) => Err(format!("mode = {}", mode_name(mode(Family::Tcp)))),
@@ -155,6 +162,7 @@ impl Probes {
                 loader.override_global(agent_common::sched::GLOBAL_OFFSETS, offsets, true);
             }
             loader.map_max_entries(agent_common::tcp::MAP_PEERS, cfg.tcp.max_peers);
+            loader.map_max_entries(agent_common::tcp::MAP_TRACKED, tracked_slots);
             loader.map_max_entries(
                 agent_common::tcp::MAP_RTT_PEERS,
                 if cfg.tcp.rtt_per_peer {
