@@ -433,17 +433,30 @@ fn require_iptables() {
 
 /// eBPF: with 5 % of the data segments dropped on the server's input,
 /// retransmits counted for peer `ip_b` match namespace `a`'s own
-/// `RetransSegs` delta within 2 %.
+/// `RetransSegs` delta within 2 %. Socket counters (`tcp_sock.total_retrans`,
+/// the default variant).
 #[test]
 fn tcp_retransmits_match_netns_snmp_ebpf() {
+    tcp_retransmits_case(&[], 4);
+}
+
+/// The same on the per-I/O `raw_tp` variant (`tcp_retransmit_skb`).
+#[test]
+fn tcp_retransmits_match_netns_snmp_raw_tp() {
+    tcp_retransmits_case(&["--skip-hook", "tp_btf"], 13);
+}
+
+fn tcp_retransmits_case(extra: &[&str], port_n: u16) {
     require_root();
     require_iptables();
     let _g = serial();
     let pair = NetnsPair::new();
-    let p = port(4);
+    let p = port(port_n);
     add_loss(&pair, &pair.b, p);
     let l = listen(&pair, p);
-    let (snap, delta) = collect(&["--probe", "tcp=ebpf"], Duration::from_secs(8), || {
+    let mut args = vec!["--probe", "tcp=ebpf"];
+    args.extend_from_slice(extra);
+    let (snap, delta) = collect(&args, Duration::from_secs(8), || {
         let before = snmp(&pair.a, "snmp", "Tcp", "RetransSegs");
         let server = serve(&pair, l, 1);
         let t = Instant::now();
@@ -463,7 +476,11 @@ fn tcp_retransmits_match_netns_snmp_ebpf() {
         &[("network.peer.address", &ip_b)],
     );
     let delta = delta as f64;
-    eprintln!("retransmits: perch {counted}, netns a RetransSegs delta {delta}");
+    let hook = perch::plan_entry(&snap, "tcp")["hook"]
+        .as_str()
+        .unwrap_or("none")
+        .to_owned();
+    eprintln!("retransmits ({hook}): perch {counted}, netns a RetransSegs delta {delta}");
     assert!(
         delta > 20.0,
         "the loss rule caused too few retransmits ({delta}) to compare"
