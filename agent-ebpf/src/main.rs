@@ -1,7 +1,9 @@
 //! Perch's kernel programs. One module per probe family; each module's header
-//! names its hooks, maps and the oldest kernel it supports. Every program
-//! aggregates in per-CPU maps: userspace reads the maps once per interval and
-//! never receives one record per event.
+//! names its hooks, maps and the oldest kernel it supports. Every event
+//! program aggregates in maps: userspace reads the maps once per interval and
+//! never receives one record per event. The one iterator (`tcp_walk`) runs
+//! when userspace reads it, once per interval, and writes a record per live
+//! socket: a snapshot, like a `sock_diag` dump.
 #![no_std]
 #![no_main]
 

@@ -144,12 +144,13 @@ fn track(sk: u64, family: u16, role: u8, syn_sent_ns: u64) {
 /// it, and forgets the socket.
 #[inline(always)]
 fn close(sk: u64, old: i32) {
-    let Some(st) = tracked::get(sk) else {
+    let Some(slot) = tracked::get(sk) else {
         if was_established(old) {
             count(c::SLOT_CLOSED_UNTRACKED);
         }
         return;
     };
+    let st = &mut slot.acct;
     // Closed first, then folded (module docs).
     st.flags |= c::SOCK_CLOSED;
     let tp = tcp_sock(sk);
@@ -166,7 +167,7 @@ fn close(sk: u64, old: i32) {
             );
         }
     }
-    tracked::remove(sk);
+    tracked::free(slot);
 }
 
 /// `inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)`
@@ -190,7 +191,7 @@ fn on_set_state(sk: u64, old: i32, new: i32) -> u32 {
         (TCP_CLOSE, TCP_ESTABLISHED) => track(sk, family, c::ROLE_CLIENT, 0),
         (TCP_SYN_SENT, TCP_ESTABLISHED) => {
             count(c::SLOT_OPENED_CLIENT);
-            if let Some(st) = tracked::get(sk) {
+            if let Some(st) = tracked::get(sk).map(|s| &mut s.acct) {
                 // `tcp_mstamp` (µs, CLOCK_MONOTONIC like bpf_ktime_get_ns)
                 // was refreshed for the SYN-ACK being processed: "now",
                 // without a clock read.
@@ -265,14 +266,16 @@ pub fn tcp_walk(ctx: *mut c_void) -> i32 {
         if state == TCP_CLOSE {
             // An entry the walk adopted while the socket was closing (the
             // state is stored after the tracepoint that removed it).
-            tracked::remove(sk);
+            if let Some(slot) = tracked::get(sk) {
+                tracked::free(slot);
+            }
         }
         return 0;
     }
     // `bpf_iter_meta { seq; session_id; seq_num; }`
     let session = field::<u64, BTF>(meta, 8).unwrap_or(0);
     let cur = counters::<false>(sk);
-    let Some(st) = tracked::get(sk) else {
+    let Some(st) = tracked::get(sk).map(|s| &mut s.acct) else {
         adopt(sk, family, session, cur);
         return 0;
     };

@@ -3,19 +3,19 @@
 //!
 //! A BPF hash map insert costs about 300 ns on the reference VM (bucket
 //! lock, element allocation), and every connection needs one; an array
-//! slot costs a lookup. A socket lives in one of [`PROBES`] consecutive
-//! slots from its hash; a freed slot becomes a tombstone, reused by later
-//! inserts. A lookup stops at an empty slot and never probes more than
-//! [`PROBES`] slots, so a miss is bounded too.
+//! slot costs a lookup. A socket lives in one of the [`c::TRACKED_PROBES`]
+//! slots [`c::tracked_slot`] names for it, tried in order; a freed slot
+//! becomes a tombstone, reused by later inserts, and never empty again, so
+//! a lookup can stop at the first empty slot: a socket is never stored past
+//! a slot that was empty when it was inserted.
 //!
 //! Without a compare-and-swap (Rust has none on the BPF target), two CPUs
 //! may claim the same free slot at once. Each writer stores the value (with
 //! its socket as `owner`) before the key and reads the key back; a reader
 //! accepts a slot only if key and owner both name its socket. A lost race
-//! leaves the loser's socket untracked (it tries the next slot first; if it
-//! still loses, the socket is counted in `SLOT_SOCKS_FULL`), never a slot
-//! whose value belongs to another socket, except for a value torn between
-//! two writers within the same few nanoseconds.
+//! leaves the loser's socket on its next slot, or, if it loses there too,
+//! untracked and counted (`SLOT_SOCKS_FULL`); what it cannot rule out is a
+//! value torn between two writers within the same few nanoseconds.
 
 use agent_common::tcp::{self as c, SockAcct, TrackedSlot};
 use aya_ebpf::{
@@ -25,8 +25,6 @@ use aya_ebpf::{
 
 use super::off;
 
-/// Slots probed from a socket's hash.
-const PROBES: u32 = 8;
 /// A slot that held a socket that closed.
 const TOMBSTONE: u64 = 1;
 
@@ -53,40 +51,47 @@ pub fn id(sk: u64) -> u64 {
     }
 }
 
-/// The first slot of socket `id`'s probe sequence.
+/// The `i`-th slot socket `id` may occupy ([`c::tracked_slot`]).
 #[inline(always)]
-fn home(id: u64) -> u32 {
-    // Sockets are cache-line aligned slab objects: drop the low bits, mix.
-    let h = (id >> 6).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (h >> 32) as u32 & off!(tracked_mask)
-}
-
-#[inline(always)]
-fn slot(i: u32) -> Option<&'static mut TrackedSlot> {
+fn slot(id: u64, i: u32) -> Option<&'static mut TrackedSlot> {
+    let n = c::tracked_slot(id, off!(tracked_mask), i);
     // SAFETY: a value of TCP_TRACKED, valid for the program's run.
-    TCP_TRACKED.get_ptr_mut(i).map(|p| unsafe { &mut *p })
+    TCP_TRACKED.get_ptr_mut(n).map(|p| unsafe { &mut *p })
 }
 
-/// The socket's entry, if tracked.
+/// The socket's slot, if it is tracked.
 #[inline(always)]
-pub fn get(sk: u64) -> Option<&'static mut SockAcct> {
-    let sk = id(sk);
-    if sk <= TOMBSTONE {
+pub fn get(sk: u64) -> Option<&'static mut TrackedSlot> {
+    let id = id(sk);
+    if id <= TOMBSTONE {
         return None;
     }
-    let h = home(sk);
-    let mask = off!(tracked_mask);
-    for i in 0..PROBES {
-        let s = slot((h + i) & mask)?;
+    find(id)
+}
+
+/// The slot of socket `id` (from [`id`]), looked for up to the first empty
+/// slot.
+#[inline(always)]
+fn find(id: u64) -> Option<&'static mut TrackedSlot> {
+    for i in 0..c::TRACKED_PROBES {
+        let s = slot(id, i)?;
+        // SAFETY: this slot of TCP_TRACKED.
         let key = unsafe { core::ptr::read_volatile(&s.sk) };
-        if key == sk && s.owner == sk {
-            return Some(&mut s.acct);
+        if key == id && s.owner == id {
+            return Some(s);
         }
         if key == 0 {
             return None;
         }
     }
     None
+}
+
+/// Frees a slot [`get`] returned: the socket is no longer tracked.
+#[inline(always)]
+pub fn free(s: &mut TrackedSlot) {
+    // SAFETY: a slot of TCP_TRACKED.
+    unsafe { core::ptr::write_volatile(&mut s.sk, TOMBSTONE) };
 }
 
 /// What [`put`] did.
@@ -101,60 +106,38 @@ pub enum Put {
 }
 
 /// Tracks `sk` with `acct`: replaces its entry when `replace`, else keeps
-/// an existing one.
+/// an existing one. An existing entry is looked for along the whole probe
+/// sequence first (it may lie past a tombstone), then the first free slot
+/// is claimed.
 #[inline(always)]
 pub fn put(sk: u64, acct: &SockAcct, replace: bool) -> Put {
-    let sk = id(sk);
-    if sk <= TOMBSTONE {
+    let id = id(sk);
+    if id <= TOMBSTONE {
         return Put::Full;
     }
-    let h = home(sk);
-    let mask = off!(tracked_mask);
-    for i in 0..PROBES {
-        let Some(s) = slot((h + i) & mask) else {
+    if let Some(s) = find(id) {
+        if replace {
+            s.acct = *acct;
+        }
+        return Put::Found;
+    }
+    for i in 0..c::TRACKED_PROBES {
+        let Some(s) = slot(id, i) else {
             return Put::Full;
         };
         let key = unsafe { core::ptr::read_volatile(&s.sk) };
-        if key == sk && s.owner == sk {
-            if replace {
-                s.acct = *acct;
-            }
-            return Put::Found;
-        }
         if key == 0 || key == TOMBSTONE {
             s.acct = *acct;
-            s.owner = sk;
+            s.owner = id;
+            // SAFETY: this slot of TCP_TRACKED; the read back tells whether
+            // another CPU claimed it at the same time.
             unsafe {
-                core::ptr::write_volatile(&mut s.sk, sk);
-                if core::ptr::read_volatile(&s.sk) == sk {
+                core::ptr::write_volatile(&mut s.sk, id);
+                if core::ptr::read_volatile(&s.sk) == id {
                     return Put::Added;
                 }
             }
         }
     }
     Put::Full
-}
-
-/// Forgets `sk`.
-#[inline(always)]
-pub fn remove(sk: u64) {
-    let sk = id(sk);
-    if sk <= TOMBSTONE {
-        return;
-    }
-    let h = home(sk);
-    let mask = off!(tracked_mask);
-    for i in 0..PROBES {
-        let Some(s) = slot((h + i) & mask) else {
-            return;
-        };
-        let key = unsafe { core::ptr::read_volatile(&s.sk) };
-        if key == sk {
-            unsafe { core::ptr::write_volatile(&mut s.sk, TOMBSTONE) };
-            return;
-        }
-        if key == 0 {
-            return;
-        }
-    }
 }
