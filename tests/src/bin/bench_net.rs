@@ -11,8 +11,11 @@
 //!    users run the agent (the stats add two clock reads per program run:
 //!    the measurement's cost); the ratio is mean(with) / mean(without).
 //!    Target ≥ 97 %.
-//!    - iperf3, bulk (128 KiB writes, its default) and small (1 KiB writes:
-//!      many more `sendmsg`/`recvmsg` per byte);
+//!    - iperf3 over the veth, bulk (128 KiB writes, its default), and over
+//!      namespace `a`'s loopback, bulk and small (1 KiB writes: many more
+//!      `sendmsg`/`recvmsg` per byte; over the veth this load flips between
+//!      two scheduling regimes with or without the agent, so its ratio says
+//!      little);
 //!    - connection churn: one client opening connections back to back
 //!      (connect, 100 bytes each way, close), the load on which a
 //!      per-connection program shows.
@@ -52,12 +55,12 @@ impl Drop for Server {
     }
 }
 
-/// One iperf3 run from `a`: received throughput in bit/s.
-fn iperf(pair: &NetnsPair, port: u16, secs: u64, len: u64) -> f64 {
+/// One iperf3 run from `a` to `ip` (its loopback, or `b` over the veth):
+/// received throughput in bit/s.
+fn iperf(pair: &NetnsPair, ip: &str, port: u16, secs: u64, len: u64) -> f64 {
     let out = sh(&format!(
         "ip netns exec {a} iperf3 -c {ip} -p {port} -t {secs} -l {len} -J",
         a = pair.a,
-        ip = pair.ip_b
     ));
     let v: serde_json::Value =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("iperf3 JSON: {e}\n{out}"));
@@ -174,15 +177,19 @@ fn main() {
 
     let pair = NetnsPair::new();
     let (iperf_port, churn_port, idle_port) = (5201, 5301, 5401);
-    let _server = Server(
-        Command::new("ip")
-            .args(["netns", "exec", &pair.b, "iperf3", "-s", "-p"])
-            .arg(iperf_port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting iperf3 -s (apt-get install iperf3)"),
-    );
+    // iperf3 servers: in `b` (over the veth) and in `a` (its loopback).
+    let _servers = [&pair.b, &pair.a].map(|ns| {
+        Server(
+            Command::new("ip")
+                .args(["netns", "exec", ns, "iperf3", "-s", "-p"])
+                .arg(iperf_port.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("starting iperf3 -s (apt-get install iperf3)"),
+        )
+    });
+    let veth = pair.ip_b.to_string();
     churn_server(&pair, churn_port);
     std::thread::sleep(Duration::from_millis(500));
 
@@ -209,16 +216,22 @@ fn main() {
     }
     let loads = [
         Load {
-            label: "iperf3, bulk (128 KiB writes)",
+            label: "iperf3 over veth, bulk (128 KiB writes)",
             unit: "Gbit/s",
             scale: 1e-9,
-            run: Box::new(|| iperf(&pair, iperf_port, secs, 131_072)),
+            run: Box::new(|| iperf(&pair, &veth, iperf_port, secs, 131_072)),
         },
         Load {
-            label: "iperf3, small (1 KiB writes)",
+            label: "iperf3 over loopback, bulk (128 KiB writes)",
             unit: "Gbit/s",
             scale: 1e-9,
-            run: Box::new(|| iperf(&pair, iperf_port, secs, 1024)),
+            run: Box::new(|| iperf(&pair, "127.0.0.1", iperf_port, secs, 131_072)),
+        },
+        Load {
+            label: "iperf3 over loopback, small (1 KiB writes)",
+            unit: "Gbit/s",
+            scale: 1e-9,
+            run: Box::new(|| iperf(&pair, "127.0.0.1", iperf_port, secs, 1024)),
         },
         Load {
             label: "connection churn (connect, 100 B each way, close)",
