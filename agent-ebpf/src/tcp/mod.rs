@@ -199,13 +199,16 @@ fn inferred_key<const BTF: bool>(sk: u64, family: u16) -> Option<PeerKey> {
 /// Adds to the peer's counters, or to the overflow slots when the map is full.
 #[inline(always)]
 fn add_peer(key: &PeerKey, tx: u64, rx: u64, retrans: u64) {
-    if let Some(v) = TCP_PEERS.get_ptr_mut(key) {
-        // Per-CPU value: only this CPU writes it.
+    let bump = |v: *mut PeerValue| {
+        // SAFETY: a per-CPU value of TCP_PEERS: only this CPU writes it.
         unsafe {
             (*v).tx_bytes += tx;
             (*v).rx_bytes += rx;
             (*v).retrans_segs += retrans;
         }
+    };
+    if let Some(v) = TCP_PEERS.get_ptr_mut(key) {
+        bump(v);
         return;
     }
     let val = PeerValue {
@@ -218,11 +221,7 @@ fn add_peer(key: &PeerKey, tx: u64, rx: u64, retrans: u64) {
     }
     // Another CPU may have inserted the key meanwhile.
     if let Some(v) = TCP_PEERS.get_ptr_mut(key) {
-        unsafe {
-            (*v).tx_bytes += tx;
-            (*v).rx_bytes += rx;
-            (*v).retrans_segs += retrans;
-        }
+        bump(v);
         return;
     }
     count(c::SLOT_PEERS_FULL);

@@ -63,7 +63,7 @@ use agent_common::{hist, tcp as c};
 use aya::maps::{MapData, MapError, PerCpuArray, PerCpuHashMap};
 use aya::sys::SyscallError;
 
-use crate::gate::{Family, Hook, Source};
+use crate::gate::{Family, Source};
 use crate::model::{Attributes, Data, HistogramPoint, Metric, Number, NumberPoint, StartTimes};
 use crate::probes::Probes;
 use crate::procfs::{snmp, ProcError, ProcRoot};
@@ -424,10 +424,8 @@ impl TcpCollector {
                 } else {
                     None
                 };
-                let walk = match probes.plan.get(Family::Tcp).and_then(|p| p.hook) {
-                    Some(Hook::TpBtf) => Some(Walk::new(probes.take_iter(tcp_walk::PROGRAM)?)),
-                    _ => None,
-                };
+                // Linked only when the socket-counter variant is attached.
+                let walk = probes.take_iter(tcp_walk::PROGRAM).map(Walk::new);
                 Some(Maps {
                     peers,
                     counters,

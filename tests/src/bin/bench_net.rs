@@ -6,8 +6,8 @@
 //! All traffic runs between two network namespaces joined by a veth pair
 //! (`NetnsPair`); the agent stays in the host's namespace.
 //!
-//! 1. Loads, each run alternately without and with the agent (without,
-//!    with, without, ...: drift hits both sides), with BPF stats off as
+//! 1. Loads, each run alternately without and with the agent (in ABBA
+//!    order: drift hits both sides), with BPF stats off as
 //!    users run the agent (the stats add two clock reads per program run:
 //!    the measurement's cost); the ratio is mean(with) / mean(without).
 //!    Target ≥ 97 %.
@@ -32,7 +32,10 @@
 //! restored at the end, also on a panic.
 //!
 //! Usage: bench_net [--secs N] [--rounds N] [--sockets K] [--raw-tp]
-//!                  [--no-iperf] [--no-churn] [--no-walk]
+//!                  [--no-iperf] [--no-churn] [--no-walk] [--only TEXT]
+//!
+//! `--only TEXT` runs only the loads whose label contains TEXT (e.g.
+//! `--only "1 KiB"`).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -40,7 +43,7 @@ use std::net::{SocketAddrV4, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use perch_tests::bench::{arg, flag, mean, process_cpu_rss};
+use perch_tests::bench::{arg, arg_str, flag, mean, process_cpu_rss};
 use perch_tests::kernel::{require_root, sh, BpfStats};
 use perch_tests::netns::NetnsPair;
 use perch_tests::perch::Agent;
@@ -247,17 +250,27 @@ fn main() {
         .filter(|(f, _)| flag(f))
         .map(|(_, prefix)| prefix)
         .collect();
-    for load in loads
-        .iter()
-        .filter(|l| !skip.iter().any(|p| l.label.starts_with(p)))
-    {
+    let only = arg_str("--only");
+    for load in loads.iter().filter(|l| {
+        !skip.iter().any(|p| l.label.starts_with(p))
+            && only.as_deref().is_none_or(|o| l.label.contains(o))
+    }) {
         let (mut without, mut with) = (Vec::new(), Vec::new());
         stats.set(false);
         for r in 0..rounds {
-            without.push((load.run)());
-            let agent = Agent::start(&agent_args);
-            with.push((load.run)());
-            assert!(agent.stop(), "perch run did not exit cleanly");
+            // ABBA: the order alternates, so a drift within a pair (caches,
+            // the host's other guests) does not always favour one side.
+            for with_agent in [r % 2 == 1, r % 2 == 0] {
+                if !with_agent {
+                    without.push((load.run)());
+                    continue;
+                }
+                let agent = Agent::start(&agent_args);
+                // Past start-up (BTF parsing, loading, the first walk).
+                std::thread::sleep(Duration::from_secs(1));
+                with.push((load.run)());
+                assert!(agent.stop(), "perch run did not exit cleanly");
+            }
             eprintln!(
                 "{} round {}: without {:.2} {u}, with {:.2} {u}",
                 load.label,
