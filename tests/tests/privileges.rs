@@ -86,6 +86,16 @@ fn cap_bpf_and_cap_perfmon_are_enough() {
             source, "ebpf",
             "{family} as nobody+CAP_BPF+CAP_PERFMON: {reason}"
         );
+        // The preferred variant, not a fallback one: for tcp that is the
+        // socket-counter design, whose walk reads every process's files.
+        let hook = perch_tests::perch::plan_entry(&v, family)["hook"]
+            .as_str()
+            .unwrap_or("none")
+            .to_owned();
+        assert_eq!(
+            hook, "tp_btf",
+            "{family} as nobody+CAP_BPF+CAP_PERFMON: {reason}"
+        );
     }
 }
 
@@ -136,5 +146,65 @@ fn forced_ebpf_without_capabilities_is_a_startup_error() {
     assert!(
         err.contains("probes.sched.mode = \"ebpf\"") && err.contains("Operation not permitted"),
         "the error should name the family and the kernel's reason: {err}"
+    );
+}
+
+/// As `nobody` with CAP_BPF and CAP_PERFMON, the TCP walk still sees every
+/// process's sockets: a loopback connection held by this (root) test
+/// process, older than the agent, is adopted, and exactly the N bytes it
+/// moves during `perch collect` are counted on both ends.
+#[test]
+fn the_tcp_walk_counts_other_users_sockets_as_nobody() {
+    use std::io::{Read, Write};
+    let _serial = perch_tests::kernel::privileged();
+    const N: usize = 77_777;
+    // Below the ephemeral range: the role of a socket older than the agent
+    // is inferred from which end is on an ephemeral port.
+    let (l, port) = (20_000..32_000)
+        .find_map(|p| Some((std::net::TcpListener::bind(("127.0.0.1", p)).ok()?, p)))
+        .expect("a free port below the ephemeral range");
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let (mut s, _) = l.accept().expect("accept");
+    let mover = std::thread::spawn(move || {
+        // Past the agent's start-up, when the walk has adopted both ends.
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let w = std::thread::spawn(move || c.write_all(&[1u8; N]).map(|_| c));
+        let mut buf = vec![0u8; N];
+        s.read_exact(&mut buf).expect("read");
+        (w.join().expect("writer").expect("write"), s)
+    });
+    let out = perch_as_nobody(
+        &["bpf", "perfmon"],
+        &[
+            "collect",
+            "--duration",
+            "3s",
+            "--format",
+            "json",
+            "--probe",
+            "tcp=ebpf",
+        ],
+    );
+    let v = plan(&out);
+    let _ends = mover.join().expect("mover");
+    let port = port.to_string();
+    let io = |role: &str, dir: &str| {
+        perch_tests::perch::sum(
+            &v,
+            "perch.tcp.io",
+            &[
+                ("network.peer.address", "127.0.0.1"),
+                ("server.port", &port),
+                ("perch.tcp.role", role),
+                ("network.io.direction", dir),
+            ],
+        )
+    };
+    assert_eq!(io("client", "transmit"), N as f64, "client transmit");
+    assert_eq!(io("server", "receive"), N as f64, "server receive");
+    let adopted = perch_tests::perch::sum(&v, "perch.tcp.sockets.adopted", &[]);
+    assert!(
+        adopted >= 2.0,
+        "adopted {adopted}: the connection's two ends at least"
     );
 }
