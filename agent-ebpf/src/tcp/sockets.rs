@@ -87,13 +87,25 @@ fn tcp_sock(sk: u64) -> u64 {
 /// fields are plain loads; without, it is an address read through
 /// `bpf_probe_read_kernel` (the walk's socket pointer is untrusted, and the
 /// counters lie past `struct sock`).
+///
+/// The walk reads a socket the kernel may be updating on another CPU, so
+/// the order of the reads matters: each pair is read so that a concurrent
+/// update can only make the value low for one collection, never high (the
+/// collector never lets an exported total go down, so a high one would
+/// stay). The kernel adds to `bytes_retrans` before it transmits (and adds
+/// to `bytes_sent`): `bytes_sent` is read first. It adds the FIN to
+/// `bytes_received` before `tcp_fin()` sets `SOCK_DONE`: `bytes_received`
+/// is read first.
 #[inline(always)]
 fn counters<const T: bool>(tp: u64) -> PeerValue {
     let ld64 = |o: u32| field::<u64, T>(tp, o).unwrap_or(0);
+    let sent = ld64(off!(tcp_bytes_sent));
+    let retrans = ld64(off!(tcp_bytes_retrans));
+    let received = ld64(off!(tcp_bytes_received));
     let fin = (ld64(off!(sk_flags)) >> SOCK_DONE_BIT) & 1;
     PeerValue {
-        tx_bytes: ld64(off!(tcp_bytes_sent)).saturating_sub(ld64(off!(tcp_bytes_retrans))),
-        rx_bytes: ld64(off!(tcp_bytes_received)).saturating_sub(fin),
+        tx_bytes: sent.saturating_sub(retrans),
+        rx_bytes: received.saturating_sub(fin),
         retrans_segs: field::<u32, T>(tp, off!(tcp_total_retrans)).unwrap_or(0) as u64,
     }
 }
@@ -264,10 +276,15 @@ pub fn tcp_walk(ctx: *mut c_void) -> i32 {
     let state = field::<u8, BTF>(sk, off!(sk_state)).unwrap_or(0) as i32;
     if !was_established(state) {
         if state == TCP_CLOSE {
-            // An entry the walk adopted while the socket was closing (the
-            // state is stored after the tracepoint that removed it).
+            // An entry a walk adopted while the socket was closing: the new
+            // state is stored after the tracepoint, so a walk in between saw
+            // an established socket the state program had just forgotten.
+            // Only adopted entries: a fresh one from `track` sees CLOSE for
+            // the same reason until `SYN_SENT` is stored.
             if let Some(slot) = tracked::get(sk) {
-                tracked::free(slot);
+                if slot.acct.flags & c::SOCK_ADOPTED != 0 {
+                    tracked::free(slot);
+                }
             }
         }
         return 0;
@@ -275,10 +292,11 @@ pub fn tcp_walk(ctx: *mut c_void) -> i32 {
     // `bpf_iter_meta { seq; session_id; seq_num; }`
     let session = field::<u64, BTF>(meta, 8).unwrap_or(0);
     let cur = counters::<false>(sk);
-    let Some(st) = tracked::get(sk).map(|s| &mut s.acct) else {
+    let Some(slot) = tracked::get(sk) else {
         adopt(sk, family, session, cur);
         return 0;
     };
+    let st = &mut slot.acct;
     // Closed, or already reported through another descriptor of this walk.
     if st.flags & c::SOCK_CLOSED != 0 || st.session == session {
         return 0;
@@ -295,7 +313,9 @@ pub fn tcp_walk(ctx: *mut c_void) -> i32 {
         _pad: 0,
         value: minus(&cur, &st.base),
     };
-    if is_zero(&rec.value) {
+    // Closed (and the slot reused) while this ran: the next walk, or the
+    // fold, counts it.
+    if is_zero(&rec.value) || !tracked::holds(slot, sk) {
         return 0;
     }
     // `bpf_iter_meta.seq` is its first member.

@@ -87,6 +87,16 @@ fn find(id: u64) -> Option<&'static mut TrackedSlot> {
     None
 }
 
+/// Whether `s` (from [`get`]) still holds socket `sk`: the state program
+/// on another CPU may have freed it, and another socket taken it, while a
+/// walk read it.
+#[inline(always)]
+pub fn holds(s: &TrackedSlot, sk: u64) -> bool {
+    let id = id(sk);
+    // SAFETY: a slot of TCP_TRACKED.
+    unsafe { core::ptr::read_volatile(&s.sk) == id && core::ptr::read_volatile(&s.owner) == id }
+}
+
 /// Frees a slot [`get`] returned: the socket is no longer tracked.
 #[inline(always)]
 pub fn free(s: &mut TrackedSlot) {
