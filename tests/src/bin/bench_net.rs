@@ -16,9 +16,9 @@
 //!      `sendmsg`/`recvmsg` per byte; over the veth this load flips between
 //!      two scheduling regimes with or without the agent, so its ratio says
 //!      little);
-//!    - connection churn: one client opening connections back to back
-//!      (connect, 100 bytes each way, close), the load on which a
-//!      per-connection program shows.
+//!    - connection churn, over the veth and over the loopback: one client
+//!      opening connections back to back (connect, 100 bytes each way,
+//!      close), the load on which a per-connection program shows.
 //! 2. ns per event per program: one more run of each load with
 //!    `kernel.bpf_stats_enabled=1`, which makes the kernel account
 //!    `run_time_ns` / `run_cnt` per program (read with `bpftool prog show
@@ -39,7 +39,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -72,15 +72,13 @@ fn iperf(pair: &NetnsPair, ip: &str, port: u16, secs: u64, len: u64) -> f64 {
         .unwrap_or_else(|| panic!("no end.sum_received.bits_per_second in iperf3 output:\n{out}"))
 }
 
-/// Serves churn connections in `b` until the process ends: reads 100
-/// bytes, answers 100, closes first (the server side takes the TIME_WAIT,
-/// so the client never runs out of ports).
-fn churn_server(pair: &NetnsPair, port: u16) {
-    let addr = SocketAddrV4::new(pair.ip_b, port);
+/// Serves churn connections on `ip:port` in namespace `ns` until the
+/// process ends: reads 100 bytes, answers 100, closes first (the server
+/// side takes the TIME_WAIT, so the client never runs out of ports).
+fn churn_server(pair: &NetnsPair, ns: &str, ip: Ipv4Addr, port: u16) {
+    let addr = SocketAddrV4::new(ip, port);
     let l = pair
-        .run_in(&pair.b, move || {
-            TcpListener::bind(addr).expect("bind churn")
-        })
+        .run_in(ns, move || TcpListener::bind(addr).expect("bind churn"))
         .join()
         .expect("bind thread");
     std::thread::spawn(move || {
@@ -94,9 +92,8 @@ fn churn_server(pair: &NetnsPair, port: u16) {
     });
 }
 
-/// Connections per second of one client in `a` over `secs`.
-fn churn(pair: &NetnsPair, port: u16, secs: u64) -> f64 {
-    let ip = pair.ip_b;
+/// Connections per second of one client in `a` to `ip:port` over `secs`.
+fn churn(pair: &NetnsPair, ip: Ipv4Addr, port: u16, secs: u64) -> f64 {
     let n = pair
         .run_in(&pair.a, move || {
             let end = Instant::now() + Duration::from_secs(secs);
@@ -193,7 +190,8 @@ fn main() {
         )
     });
     let veth = pair.ip_b.to_string();
-    churn_server(&pair, churn_port);
+    churn_server(&pair, &pair.b, pair.ip_b, churn_port);
+    churn_server(&pair, &pair.a, Ipv4Addr::LOCALHOST, churn_port);
     std::thread::sleep(Duration::from_millis(500));
 
     let mut agent_args = vec![
@@ -237,10 +235,16 @@ fn main() {
             run: Box::new(|| iperf(&pair, "127.0.0.1", iperf_port, secs, 1024)),
         },
         Load {
-            label: "connection churn (connect, 100 B each way, close)",
+            label: "connection churn over veth (connect, 100 B each way, close)",
             unit: "conn/s",
             scale: 1.0,
-            run: Box::new(|| churn(&pair, churn_port, secs)),
+            run: Box::new(|| churn(&pair, pair.ip_b, churn_port, secs)),
+        },
+        Load {
+            label: "connection churn over loopback (connect, 100 B each way, close)",
+            unit: "conn/s",
+            scale: 1.0,
+            run: Box::new(|| churn(&pair, Ipv4Addr::LOCALHOST, churn_port, secs)),
         },
     ];
     let mut rows = Vec::new();
