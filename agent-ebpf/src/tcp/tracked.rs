@@ -12,10 +12,13 @@
 //! Without a compare-and-swap (Rust has none on the BPF target), two CPUs
 //! may claim the same free slot at once. Each writer stores the value (with
 //! its socket as `owner`) before the key and reads the key back; a reader
-//! accepts a slot only if key and owner both name its socket. A lost race
-//! leaves the loser's socket on its next slot, or, if it loses there too,
-//! untracked and counted (`SLOT_SOCKS_FULL`); what it cannot rule out is a
-//! value torn between two writers within the same few nanoseconds.
+//! accepts a slot only if key and owner both name its socket. The loser of
+//! such a race either sees the other key and takes its next slot, or does
+//! not see it and is left untracked: counted when it closes
+//! (`SLOT_CLOSED_UNTRACKED`), its bytes missing. What the scheme cannot rule
+//! out is a value torn between two writers within the same few nanoseconds.
+//! Both need two sockets whose probe sequences meet, starting within
+//! nanoseconds of each other.
 
 use agent_common::tcp::{self as c, SockAcct, TrackedSlot};
 use aya_ebpf::{
@@ -135,6 +138,7 @@ pub fn put(sk: u64, acct: &SockAcct, replace: bool) -> Put {
         let Some(s) = slot(id, i) else {
             return Put::Full;
         };
+        // SAFETY: this slot of TCP_TRACKED.
         let key = unsafe { core::ptr::read_volatile(&s.sk) };
         if key == 0 || key == TOMBSTONE {
             s.acct = *acct;

@@ -23,8 +23,9 @@ use super::CollectError;
 /// The walk's program, as named in `gate/rules.rs`.
 pub const PROGRAM: &str = "tcp_walk";
 
-/// Collections a series may miss before [`Floor`] lets it end: one is the
-/// close race above; two more cover a walk that failed once.
+/// Collections a series may miss before [`Floor`] lets it end: the close
+/// race above makes one miss at most; the rest is margin. A series missing
+/// for longer has really ended (its peer was forgotten).
 pub const CARRY_COLLECTIONS: u32 = 3;
 
 /// The linked walk and its read buffer (kept between collections).

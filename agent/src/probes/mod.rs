@@ -97,8 +97,6 @@ impl Probes {
         } else {
             Err(format!("no kernel BTF at {}", gate::kernel::BTF_PATH))
         };
-        // The TCP programs read kernel structs at offsets found in BTF; without
-        // them its variants are not tried.
         // The socket-counter table is preallocated: full size only when its
         // variant may run.
         let tracked_slots = if wants(Family::Tcp) && !cfg.skip_hooks.contains(&Hook::TpBtf) {
@@ -106,6 +104,8 @@ impl Probes {
         } else {
             1
         };
+        // The TCP programs read kernel structs at offsets found in BTF; without
+        // them its variants are not tried.
         let tcp_offsets = match &kernel_btf {
             Ok(k) if wants(Family::Tcp) => btf::tcp_offsets(
                 k,
