@@ -512,6 +512,7 @@ impl TcpCollector {
             }
             kernel.push((key, v));
         }
+        let sockets = maps.walk.is_some();
         let live = match maps.walk.as_mut() {
             Some(w) => tcp_walk::by_key(&w.run()?),
             None => HashMap::new(),
@@ -573,7 +574,7 @@ impl TcpCollector {
                 .or_default()
                 .add(&v);
         }
-        if maps.walk.is_some() {
+        if sockets {
             self.floor.apply(&mut peers);
         }
         let mut rtt_peers: BTreeMap<Peer, (Vec<u64>, u64)> = BTreeMap::new();
@@ -599,7 +600,6 @@ impl TcpCollector {
         }
         let max_peers = maps.max_peers;
         let has_rtt_peers = maps.rtt_peers.is_some();
-        let sockets = maps.walk.is_some();
 
         let io_peers: BTreeMap<Peer, (u64, u64)> = peers
             .iter()
@@ -796,16 +796,14 @@ impl TcpCollector {
                      than the agent and already without an open file): their bytes are missing.",
                 ),
             ] {
-                let p = self.sum(name, Vec::new(), slots[slot as usize], now);
-                out.push(Metric {
+                self.push_count(
                     name,
                     description,
-                    unit: "{socket}",
-                    data: Data::Sum {
-                        monotonic: true,
-                        points: vec![p],
-                    },
-                });
+                    "{socket}",
+                    slots[slot as usize],
+                    now,
+                    out,
+                );
             }
         }
         if !forgotten.is_empty() {
@@ -824,22 +822,40 @@ impl TcpCollector {
         now: SystemTime,
         out: &mut Vec<Metric>,
     ) {
-        let p = self.sum(EVICTED, Vec::new(), evicted, now);
+        self.push_count(
+            EVICTED,
+            "Idle peers whose kernel entry was deleted to make room; their totals \
+             are kept and their series go on.",
+            "{peer}",
+            evicted,
+            now,
+            out,
+        );
+        self.push_count(
+            FORGOTTEN,
+            "Peers idle for an hour whose totals were dropped: their series ended.",
+            "{peer}",
+            forgotten,
+            now,
+            out,
+        );
+    }
+
+    /// A monotonic counter of one series without attributes.
+    fn push_count(
+        &mut self,
+        name: &'static str,
+        description: &'static str,
+        unit: &'static str,
+        v: u64,
+        now: SystemTime,
+        out: &mut Vec<Metric>,
+    ) {
+        let p = self.sum(name, Vec::new(), v, now);
         out.push(Metric {
-            name: EVICTED,
-            description: "Idle peers whose kernel entry was deleted to make room; their totals \
-                          are kept and their series go on.",
-            unit: "{peer}",
-            data: Data::Sum {
-                monotonic: true,
-                points: vec![p],
-            },
-        });
-        let p = self.sum(FORGOTTEN, Vec::new(), forgotten, now);
-        out.push(Metric {
-            name: FORGOTTEN,
-            description: "Peers idle for an hour whose totals were dropped: their series ended.",
-            unit: "{peer}",
+            name,
+            description,
+            unit,
             data: Data::Sum {
                 monotonic: true,
                 points: vec![p],

@@ -18,6 +18,7 @@ use agent_common::tcp::{LiveRecord, PeerKey, PeerValue};
 
 use crate::probes::iter::IterLink;
 
+use super::tcp::Counters;
 use super::CollectError;
 
 /// The walk's program, as named in `gate/rules.rs`.
@@ -81,10 +82,7 @@ pub fn parse(buf: &[u8]) -> Result<Vec<LiveRecord>, String> {
 pub fn by_key(records: &[LiveRecord]) -> HashMap<PeerKey, PeerValue> {
     let mut out: HashMap<PeerKey, PeerValue> = HashMap::new();
     for r in records {
-        let v = out.entry(r.key).or_default();
-        v.tx_bytes += r.value.tx_bytes;
-        v.rx_bytes += r.value.rx_bytes;
-        v.retrans_segs += r.value.retrans_segs;
+        out.entry(r.key).or_default().add(&r.value);
     }
     out
 }

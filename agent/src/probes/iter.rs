@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// `BPF_LINK_CREATE` and `BPF_ITER_CREATE` (include/uapi/linux/bpf.h).
 const BPF_LINK_CREATE: libc::c_long = 28;
@@ -81,23 +81,14 @@ impl IterLink {
     }
 
     /// Runs the program over its target and appends what it wrote
-    /// (`bpf_seq_write`) to `out`.
+    /// (`bpf_seq_write`) to `out`: reading the iterator's file to the end
+    /// is what runs it.
     pub fn run(&self, out: &mut Vec<u8>) -> Result<(), IterError> {
-        run_link(self.link.as_fd(), out)
+        let mut attr = [0u8; ATTR_SIZE];
+        // iter_create: link_fd @0, flags @4.
+        attr[0..4].copy_from_slice(&(self.link.as_raw_fd() as u32).to_ne_bytes());
+        let fd = bpf_fd(BPF_ITER_CREATE, &mut attr, "BPF_ITER_CREATE")?;
+        File::from(fd).read_to_end(out).map_err(IterError::Read)?;
+        Ok(())
     }
-}
-
-/// Runs the iterator behind `link` once, appending its output to `out`.
-pub fn run_link(link: BorrowedFd<'_>, out: &mut Vec<u8>) -> Result<(), IterError> {
-    let mut attr = [0u8; ATTR_SIZE];
-    // iter_create: link_fd @0, flags @4.
-    attr[0..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
-    let fd = bpf_fd(BPF_ITER_CREATE, &mut attr, "BPF_ITER_CREATE")?;
-    run_file(File::from(fd), out)
-}
-
-/// Reads an iterator's file to the end: the read is what runs the program.
-pub fn run_file(mut file: File, out: &mut Vec<u8>) -> Result<(), IterError> {
-    file.read_to_end(out).map_err(IterError::Read)?;
-    Ok(())
 }
