@@ -234,26 +234,33 @@ pub const TRACKED_PROBES: u32 = 2 * TRACKED_RUN;
 /// Consecutive slots probed at each of a socket's two places.
 pub const TRACKED_RUN: u32 = 16;
 
-/// The `i`-th slot (`i < TRACKED_PROBES`) a socket at address `sk` may
-/// occupy in a [`MAP_TRACKED`] of `mask + 1` slots: `TRACKED_RUN` slots from
-/// one hash of the address, then as many from another. One run of linear
-/// probing at half load overflows for about one socket in 200 (clusters);
-/// two independent runs both overflow about as often as the square of that.
+/// The hash [`tracked_slot`] places the socket at address `sk` by.
 /// Sockets are slab objects at least 64-byte aligned, so the low bits say
-/// nothing; MurmurHash3's 64-bit finalizer mixes the rest, and its two
-/// halves give the two places.
+/// nothing; MurmurHash3's 64-bit finalizer mixes the rest. Computed once
+/// per lookup, not per probe.
 #[inline(always)]
-pub const fn tracked_slot(sk: u64, mask: u32, i: u32) -> u32 {
+pub const fn tracked_hash(sk: u64) -> u64 {
     let mut h = sk >> 6;
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;
     h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     h ^= h >> 33;
+    h
+}
+
+/// The `i`-th slot (`i < TRACKED_PROBES`) a socket of [`tracked_hash`]
+/// `hash` may occupy in a [`MAP_TRACKED`] of `mask + 1` slots:
+/// `TRACKED_RUN` slots from the hash's low half, then as many from its high
+/// half. One run of linear probing at half load overflows for about one
+/// socket in 200 (clusters); two independent runs both overflow about as
+/// often as the square of that.
+#[inline(always)]
+pub const fn tracked_slot(hash: u64, mask: u32, i: u32) -> u32 {
     let (run, step) = if i < TRACKED_RUN {
-        (h as u32, i)
+        (hash as u32, i)
     } else {
-        ((h >> 32) as u32, i - TRACKED_RUN)
+        ((hash >> 32) as u32, i - TRACKED_RUN)
     };
     run.wrapping_add(step) & mask
 }
@@ -438,8 +445,9 @@ mod tests {
             let slab = 0xffff_8880_0000_0000u64 + (x % (1 << 22)) * 32768;
             for obj in 0..13u64 {
                 let sk = slab + obj * 2432;
+                let hash = tracked_hash(sk);
                 match (0..TRACKED_PROBES)
-                    .map(|i| tracked_slot(sk, mask, i) as usize)
+                    .map(|i| tracked_slot(hash, mask, i) as usize)
                     .find(|&s| !used[s])
                 {
                     Some(s) => {

@@ -54,12 +54,30 @@ pub fn id(sk: u64) -> u64 {
     }
 }
 
-/// The `i`-th slot socket `id` may occupy ([`c::tracked_slot`]).
-#[inline(always)]
-fn slot(id: u64, i: u32) -> Option<&'static mut TrackedSlot> {
-    let n = c::tracked_slot(id, off!(tracked_mask), i);
-    // SAFETY: a value of TCP_TRACKED, valid for the program's run.
-    TCP_TRACKED.get_ptr_mut(n).map(|p| unsafe { &mut *p })
+/// The slots socket `id` may occupy, in probe order: its hash and the
+/// table's mask, read once per lookup.
+#[derive(Clone, Copy)]
+struct Probe {
+    hash: u64,
+    mask: u32,
+}
+
+impl Probe {
+    #[inline(always)]
+    fn of(id: u64) -> Self {
+        Probe {
+            hash: c::tracked_hash(id),
+            mask: off!(tracked_mask),
+        }
+    }
+
+    /// The `i`-th slot ([`c::tracked_slot`]).
+    #[inline(always)]
+    fn slot(self, i: u32) -> Option<&'static mut TrackedSlot> {
+        let n = c::tracked_slot(self.hash, self.mask, i);
+        // SAFETY: a value of TCP_TRACKED, valid for the program's run.
+        TCP_TRACKED.get_ptr_mut(n).map(|p| unsafe { &mut *p })
+    }
 }
 
 /// The socket's slot, if it is tracked.
@@ -76,8 +94,9 @@ pub fn get(sk: u64) -> Option<&'static mut TrackedSlot> {
 /// slot.
 #[inline(always)]
 fn find(id: u64) -> Option<&'static mut TrackedSlot> {
+    let probe = Probe::of(id);
     for i in 0..c::TRACKED_PROBES {
-        let s = slot(id, i)?;
+        let s = probe.slot(i)?;
         // SAFETY: this slot of TCP_TRACKED.
         let key = unsafe { core::ptr::read_volatile(&s.sk) };
         if key == id && s.owner == id {
@@ -134,8 +153,9 @@ pub fn put(sk: u64, acct: &SockAcct, replace: bool) -> Put {
         }
         return Put::Found;
     }
+    let probe = Probe::of(id);
     for i in 0..c::TRACKED_PROBES {
-        let Some(s) = slot(id, i) else {
+        let Some(s) = probe.slot(i) else {
             return Put::Full;
         };
         // SAFETY: this slot of TCP_TRACKED.
