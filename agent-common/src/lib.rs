@@ -12,4 +12,3 @@ pub mod hist;
 pub mod sched;
 pub mod softirq;
 pub mod tcp;
-pub mod tracepoint;

@@ -12,6 +12,8 @@ pub const MAP_RUNQ_START: &str = "SCHED_RUNQ_START";
 pub const MAP_ARRIVAL: &str = "SCHED_ARRIVAL";
 /// Global (`.rodata`) holding [`SchedOffsets`].
 pub const GLOBAL_OFFSETS: &str = "SCHED_OFFSETS";
+/// Global (`.rodata`) holding [`TpOffsets`].
+pub const GLOBAL_TP_OFFSETS: &str = "SCHED_TP_OFFSETS";
 
 /// Switches where the previous task gave up the CPU (it blocked).
 pub const SLOT_VOLUNTARY: u32 = 0;
@@ -71,8 +73,31 @@ pub struct Arrival {
 }
 const _: () = assert!(core::mem::size_of::<Arrival>() == 16);
 
+/// Byte offsets into the classic `sched:sched_switch` and
+/// `sched:sched_wakeup[_new]` records, read at start-up from tracefs
+/// (`events/sched/<name>/format`) and handed to the tracepoint variant as a
+/// read-only global: the record layout is the kernel's own description,
+/// never a constant compiled in. Zero means unknown: the variant is tried
+/// only when every offset was found.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TpOffsets {
+    /// `sched_switch` `prev_pid` (pid_t).
+    pub switch_prev_pid: u32,
+    /// `sched_switch` `prev_state` (long; the report state, with the
+    /// preempted case encoded above the low byte).
+    pub switch_prev_state: u32,
+    /// `sched_switch` `next_pid` (pid_t).
+    pub switch_next_pid: u32,
+    /// `sched_wakeup` and `sched_wakeup_new` `pid` (pid_t).
+    pub wakeup_pid: u32,
+}
+const _: () = assert!(core::mem::size_of::<TpOffsets>() == 16);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: repr(C), only integer fields, no implicit padding.
     unsafe impl aya::Pod for super::SchedOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TpOffsets {}
 }

@@ -13,3 +13,23 @@ pub const NR_SOFTIRQS: u32 = 10;
 pub const VECTOR_NAMES: [&str; NR_SOFTIRQS as usize] = [
     "hi", "timer", "net_tx", "net_rx", "block", "irq_poll", "tasklet", "sched", "hrtimer", "rcu",
 ];
+
+/// Global (`.rodata`) holding [`TpOffsets`].
+pub const GLOBAL_TP_OFFSETS: &str = "SOFTIRQ_TP_OFFSETS";
+
+/// Byte offsets into the classic `irq:softirq_entry`/`irq:softirq_exit`
+/// records, from tracefs at start-up (see `sched::TpOffsets`). Zero means
+/// unknown: the tracepoint variant is tried only when it was found.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TpOffsets {
+    /// `vec` (unsigned int), the same in both records.
+    pub vec: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<TpOffsets>() == 8);
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), only u32 fields, no implicit padding.
+unsafe impl aya::Pod for TpOffsets {}

@@ -47,7 +47,7 @@
 
 use agent_common::{
     hist,
-    sched::{self as c, Arrival, SchedOffsets},
+    sched::{self as c, Arrival, SchedOffsets, TpOffsets},
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
@@ -66,6 +66,15 @@ static SCHED_OFFSETS: SchedOffsets = SchedOffsets {
     last_queued: 0,
     last_arrival: 0,
     _pad: 0,
+};
+
+/// Classic tracepoint record offsets, from tracefs (see `tracepoint.rs`).
+#[unsafe(no_mangle)]
+static SCHED_TP_OFFSETS: TpOffsets = TpOffsets {
+    switch_prev_pid: 0,
+    switch_prev_state: 0,
+    switch_next_pid: 0,
+    wakeup_pid: 0,
 };
 
 /// One field of [`SCHED_OFFSETS`], read so the compiler cannot fold the
@@ -253,9 +262,9 @@ pub fn sched_wakeup_new_raw(ctx: RawTracePointContext) -> u32 {
 #[tracepoint(category = "sched", name = "sched_switch")]
 pub fn sched_switch_tp(ctx: TracePointContext) -> u32 {
     let (o_prev, o_next, o_state) = (
-        tp_offset!(switch_prev_pid),
-        tp_offset!(switch_next_pid),
-        tp_offset!(switch_prev_state),
+        tp_offset!(SCHED_TP_OFFSETS, switch_prev_pid),
+        tp_offset!(SCHED_TP_OFFSETS, switch_next_pid),
+        tp_offset!(SCHED_TP_OFFSETS, switch_prev_state),
     );
     // SAFETY: offsets come from this kernel's own format file, and
     // read_at goes through bpf_probe_read (a bad offset reads an error).
@@ -278,7 +287,7 @@ pub fn sched_switch_tp(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn on_wakeup_tp(ctx: &TracePointContext) -> u32 {
-    let offset = tp_offset!(wakeup_pid);
+    let offset = tp_offset!(SCHED_TP_OFFSETS, wakeup_pid);
     // SAFETY: offset from this kernel's own format file.
     if let Ok(pid) = unsafe { ctx.read_at::<i32>(offset) } {
         if pid > 0 {

@@ -23,6 +23,10 @@ use aya_ebpf::{
 
 use crate::tracepoint::tp_offset;
 
+/// Classic tracepoint record offsets, from tracefs (see `tracepoint.rs`).
+#[unsafe(no_mangle)]
+static SOFTIRQ_TP_OFFSETS: c::TpOffsets = c::TpOffsets { vec: 0, _pad: 0 };
+
 #[map(name = "SOFTIRQ_START")]
 static SOFTIRQ_START: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
@@ -83,7 +87,7 @@ pub fn softirq_entry_tp(_ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "irq", name = "softirq_exit")]
 pub fn softirq_exit_tp(ctx: TracePointContext) -> u32 {
-    let offset = tp_offset!(softirq_vec);
+    let offset = tp_offset!(SOFTIRQ_TP_OFFSETS, vec);
     // SAFETY: offset from this kernel's own format file.
     match unsafe { ctx.read_at::<u32>(offset) } {
         Ok(vec) => on_exit(u64::from(vec)),

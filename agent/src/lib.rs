@@ -3,6 +3,9 @@
 //! The data path, stage by stage:
 //!
 //! ```text
+//! families (one folder each: rule, config, preparation, collector)
+//!    │ registry
+//!    ▼
 //! gate ──plan──▶ probes (kernel programs, per family)
 //!                  │ maps
 //!                  ▼
@@ -15,14 +18,17 @@
 //!          exporters (Prometheus `/metrics`, OTLP push) + selfmetrics
 //! ```
 
+pub mod catalogue;
 pub mod collectors;
 pub mod config;
 pub mod exporters;
+pub mod families;
 pub mod gate;
 pub mod model;
 pub mod pipeline;
 pub mod probes;
-pub mod procfs;
 pub mod runtime;
 pub mod selfmetrics;
 pub mod server;
+pub mod sources;
+pub mod state;

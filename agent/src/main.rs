@@ -119,15 +119,12 @@ fn load_config(common: &Common) -> Result<Config> {
         let (fam, mode) = p
             .split_once('=')
             .with_context(|| format!("--probe {p}: expected FAMILY=MODE"))?;
-        let family = Family::ALL
-            .into_iter()
-            .find(|f| f.name() == fam)
-            .with_context(|| {
-                format!(
-                    "--probe {p}: unknown family `{fam}` (one of {})",
-                    perch::runtime::family_names()
-                )
-            })?;
+        let family = Family::from_name(fam).with_context(|| {
+            format!(
+                "--probe {p}: unknown family `{fam}` (one of {})",
+                perch::runtime::family_names()
+            )
+        })?;
         let mode: Mode = mode
             .parse()
             .map_err(|e: String| anyhow::anyhow!("--probe {p}: {e}"))?;

@@ -10,30 +10,13 @@ use tracing::{error, info};
 
 use crate::collectors::{self, Collector};
 use crate::config::Config;
-use crate::gate::{Family, KernelFacts, Plan};
+use crate::gate::{Family, Plan};
 use crate::model::{Metric, Snapshot};
+use crate::pipeline::memory::MemoryGauge;
 use crate::pipeline::Pipeline;
 use crate::probes::Probes;
 use crate::selfmetrics::SelfMetrics;
-
-/// State shared between the collection thread and the HTTP server.
-#[derive(Debug)]
-pub struct Shared {
-    pub selfm: Arc<SelfMetrics>,
-    pub plan: Plan,
-    pub facts: KernelFacts,
-    pub interval: Duration,
-    /// The last snapshot, after the pipeline.
-    pub last: Mutex<Option<(Instant, Arc<Snapshot>)>>,
-}
-
-impl Shared {
-    /// The last snapshot and its age.
-    pub fn last(&self) -> Option<(Duration, Arc<Snapshot>)> {
-        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        last.as_ref().map(|(t, s)| (t.elapsed(), s.clone()))
-    }
-}
+use crate::state::Shared;
 
 /// Probes, collectors and pipeline: everything one collection needs.
 pub struct Agent {
@@ -43,19 +26,25 @@ pub struct Agent {
     /// Collectors whose last collection failed (logged once per episode).
     failing: std::collections::BTreeSet<&'static str>,
     pub shared: Arc<Shared>,
+    /// The memory limiter's state: the pipeline writes it, the exporter
+    /// reads it.
+    pub memory: MemoryGauge,
 }
 
 impl Agent {
     /// Probes the kernel, plans, attaches and builds the collectors. Fails
     /// only when a configured mode cannot be honoured or `/proc` is unreadable.
     pub fn start(cfg: &Config) -> anyhow::Result<Agent> {
-        let mut probes = Probes::start(&cfg.probes)?;
-        let collectors = collectors::build(cfg, &mut probes)
+        let mut probes = Probes::start(cfg)?;
+        let proc = crate::sources::Root::new(&cfg.agent.proc_root);
+        let boot = collectors::boot_time(&proc)
             .with_context(|| format!("reading {}", cfg.agent.proc_root.display()))?;
+        let collectors = crate::families::build_collectors(cfg, &mut probes, boot)?;
+        probes.finish();
         let selfm = Arc::new(SelfMetrics::new());
         for fp in &probes.plan.families {
             selfm.set(
-                "perch.probe.state",
+                crate::catalogue::PROBE_STATE,
                 "1 for the source each metric family uses (ebpf, procfs or off), with the eBPF hook.",
                 "",
                 vec![
@@ -66,7 +55,8 @@ impl Agent {
                 1.0,
             );
         }
-        let pipeline = Pipeline::new(&cfg.pipeline, selfm.clone());
+        let memory = MemoryGauge::default();
+        let pipeline = Pipeline::new(&cfg.pipeline, selfm.clone(), memory.clone());
         let shared = Arc::new(Shared {
             selfm,
             plan: probes.plan.clone(),
@@ -80,6 +70,7 @@ impl Agent {
             pipeline,
             failing: Default::default(),
             shared,
+            memory,
         })
     }
 
@@ -108,7 +99,7 @@ impl Agent {
                         self.failing.insert(c.name());
                     }
                     selfm.add(
-                        "perch.collector.errors",
+                        crate::catalogue::COLLECTOR_ERRORS,
                         "Collections a collector could not complete, by component and error type.",
                         "{error}",
                         vec![
@@ -122,7 +113,7 @@ impl Agent {
         }
         self.record_probe_stats();
         selfm.set(
-            "perch.collection.duration",
+            crate::catalogue::COLLECTION_DURATION,
             "Wall time of the last collection (all collectors).",
             "s",
             Vec::new(),
@@ -145,14 +136,14 @@ impl Agent {
                 ("perch.bpf.program", s.program.into()),
             ];
             selfm.set_total(
-                "perch.bpf.program.run.count",
+                crate::catalogue::BPF_PROGRAM_RUN_COUNT,
                 "Runs of each attached BPF program (needs sysctl kernel.bpf_stats_enabled=1).",
                 "{run}",
                 attrs.clone(),
                 s.run_count,
             );
             selfm.set(
-                "perch.bpf.program.run.time",
+                crate::catalogue::BPF_PROGRAM_RUN_TIME,
                 "Total run time of each attached BPF program (needs kernel.bpf_stats_enabled=1).",
                 "s",
                 attrs,
@@ -178,9 +169,9 @@ fn record_process(selfm: &SelfMetrics) {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    let ticks = crate::procfs::stat::USER_HZ as f64;
+    let ticks = crate::sources::stat::USER_HZ as f64;
     selfm.set(
-        "perch.process.cpu.time",
+        crate::catalogue::PROCESS_CPU_TIME,
         "CPU time used by the agent since it started (user + system).",
         "s",
         Vec::new(),
@@ -189,7 +180,7 @@ fn record_process(selfm: &SelfMetrics) {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
     selfm.set(
-        "perch.process.memory.rss",
+        crate::catalogue::PROCESS_MEMORY_RSS,
         "Resident set size of the agent.",
         "By",
         Vec::new(),
@@ -205,7 +196,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // SAFETY: malloc_trim only releases free memory held by glibc's malloc.
     unsafe { libc::malloc_trim(0) };
     let shared = agent.shared.clone();
-    let exporter = crate::exporters::otlp::OtlpExporter::start(&cfg.export, shared.selfm.clone())?;
+    let exporter = crate::exporters::otlp::OtlpExporter::start(
+        &cfg.export,
+        shared.selfm.clone(),
+        agent.memory.clone(),
+    )?;
     let exporter = exporter.map(Arc::new);
 
     let listener = tokio::net::TcpListener::bind(cfg.agent.listen)

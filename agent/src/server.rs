@@ -10,7 +10,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
-use crate::runtime::Shared;
+use crate::state::Shared;
 
 pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     let app = Router::new()

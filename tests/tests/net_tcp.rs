@@ -832,12 +832,12 @@ fn prom_value(scrape: &BTreeMap<String, f64>, name: &str) -> f64 {
 
 /// eBPF, `max_peers = 16`, `perch run --interval 1s`: idle peers are evicted
 /// from the kernel map after 6 unchanged intervals, so peers that come later
-/// get their own series instead of `_OTHER`.
+/// get their own series instead of `other`.
 ///
 /// 10 destination addresses in `b` get a transfer each (10 client-side peers
 /// plus the server side's peer `ip_a`: 11 entries), then nothing for 9+ s
 /// (they are evicted), then 10 other addresses (11 entries again: without
-/// eviction 21 > 16 and five would fold into `_OTHER`), then the first
+/// eviction 21 > 16 and five would fold into `other`), then the first
 /// address again. Shows: (a) every address has its own series; (b) the
 /// series' totals equal the bytes sent, exactly, per address and in all;
 /// (c) an evicted peer that returns (the first address, and `ip_a` on the
@@ -961,7 +961,7 @@ fn tcp_idle_peers_are_evicted_ebpf() {
         .copied()
         .expect("server-side series for ip_a");
     assert_eq!(server_rx, total as f64, "server side, across its eviction");
-    let other_ours = io.keys().filter(|(a, _, _)| a == "_OTHER").count();
+    let other_ours = io.keys().filter(|(a, _, _)| a == "other").count();
     assert_eq!(other_ours, 0, "no overflow series for this port");
     // (c) monotonic in every scrape, for every series of this port.
     let mut prev: BTreeMap<(String, String, String), f64> = BTreeMap::new();

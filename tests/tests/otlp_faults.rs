@@ -21,8 +21,9 @@ const INTERVAL: Duration = Duration::from_millis(600);
 
 fn start(cfg: &ExportConfig) -> (OtlpExporter, Arc<SelfMetrics>, QueueWatch) {
     let selfm = Arc::new(SelfMetrics::new());
+    let memory = perch::pipeline::memory::MemoryGauge::default();
     let watch = QueueWatch::start(selfm.clone());
-    let e = OtlpExporter::start_with_resource(cfg, selfm.clone(), test_resource())
+    let e = OtlpExporter::start_with_resource(cfg, selfm.clone(), memory.clone(), test_resource())
         .expect("start")
         .expect("endpoint");
     (e, selfm, watch)
@@ -436,7 +437,7 @@ async fn cardinality_attack_100k_peers() {
     let (exporter, selfm, watch) = start(&cfg);
     let pcfg = PipelineConfig::default();
     let cap = pcfg.max_series_per_metric;
-    let mut pipeline = Pipeline::new(&pcfg, selfm.clone());
+    let mut pipeline = Pipeline::new(&pcfg, selfm.clone(), Default::default());
     let peers = 100_000;
     let mut prev_total_out = 0.0;
     let mut prev_total_in = 0.0;

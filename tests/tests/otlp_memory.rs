@@ -16,10 +16,12 @@ async fn hard_limit_refuses_new_data_and_recovers() {
     let _serial = perch_tests::serial_async().await;
     let rx = Receiver::start().await;
     let selfm = Arc::new(SelfMetrics::new());
+    let memory = perch::pipeline::memory::MemoryGauge::default();
     let cfg = test_config(rx.grpc_url(), Protocol::Grpc);
-    let exporter = OtlpExporter::start_with_resource(&cfg, selfm.clone(), test_resource())
-        .unwrap()
-        .unwrap();
+    let exporter =
+        OtlpExporter::start_with_resource(&cfg, selfm.clone(), memory.clone(), test_resource())
+            .unwrap()
+            .unwrap();
     let pcfg = PipelineConfig {
         memory_soft_limit_bytes: 100 << 20,
         memory_hard_limit_bytes: 200 << 20,
@@ -27,7 +29,7 @@ async fn hard_limit_refuses_new_data_and_recovers() {
     };
     let rss = Arc::new(AtomicU64::new(300 << 20));
     let r = rss.clone();
-    let mut pipeline = Pipeline::new(&pcfg, selfm.clone())
+    let mut pipeline = Pipeline::new(&pcfg, selfm.clone(), memory.clone())
         .with_rss_source(move || Some(r.load(Ordering::Relaxed)));
     let s = pipeline.process(synthetic_snapshot(1, 3));
     let n = points_in(&s) as f64;

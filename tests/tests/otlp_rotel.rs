@@ -21,11 +21,13 @@ async fn run_through_rotel(protocol: Protocol) {
         Protocol::HttpProtobuf => rotel.http_url(),
     };
     let selfm = Arc::new(SelfMetrics::new());
+    let memory = perch::pipeline::memory::MemoryGauge::default();
     let cfg = test_config(endpoint, protocol);
-    let exporter = OtlpExporter::start_with_resource(&cfg, selfm.clone(), test_resource())
-        .expect("start")
-        .expect("endpoint configured");
-    let mut pipeline = Pipeline::new(&PipelineConfig::default(), selfm.clone());
+    let exporter =
+        OtlpExporter::start_with_resource(&cfg, selfm.clone(), memory.clone(), test_resource())
+            .expect("start")
+            .expect("endpoint configured");
+    let mut pipeline = Pipeline::new(&PipelineConfig::default(), selfm.clone(), memory.clone());
     let rounds = 3u64;
     let mut sent_points = 0;
     for round in 1..=rounds {
@@ -154,13 +156,15 @@ async fn rotel_killed_and_restarted() {
     let sink = Receiver::start().await;
     let mut rotel = Rotel::start(sink.grpc);
     let selfm = Arc::new(SelfMetrics::new());
+    let memory = perch::pipeline::memory::MemoryGauge::default();
     let cfg = test_config(rotel.grpc_url(), Protocol::Grpc);
     let bound = cfg.queue.max_bytes as f64;
     let watch = QueueWatch::start(selfm.clone());
-    let exporter = OtlpExporter::start_with_resource(&cfg, selfm.clone(), test_resource())
-        .unwrap()
-        .unwrap();
-    let mut pipeline = Pipeline::new(&PipelineConfig::default(), selfm.clone());
+    let exporter =
+        OtlpExporter::start_with_resource(&cfg, selfm.clone(), memory.clone(), test_resource())
+            .unwrap()
+            .unwrap();
+    let mut pipeline = Pipeline::new(&PipelineConfig::default(), selfm.clone(), memory.clone());
     let mut round = 0;
     let mut submit = |exporter: &OtlpExporter, pipeline: &mut Pipeline| {
         round += 1;

@@ -1,28 +1,16 @@
 //! Collectors: turn maps and procfs files into model metrics, once per
-//! interval. One module per probe family, registered in [`build`].
+//! interval. Each family's collector lives in its folder
+//! (`agent/src/families/<name>/`) and is built by
+//! [`crate::families::build_collectors`]; this module holds what they share.
 //!
 //! A failing collector never stops a collection: its error is logged with
 //! fields and counted in `perch.collector.errors{perch.component,error.type}`,
 //! and the other collectors go on.
 
-pub mod connections;
-pub mod cpu;
-pub mod drops;
-pub mod interfaces;
-pub mod netlink;
-pub mod sched;
-pub mod softirq;
-pub mod tcp;
-pub mod tcp_sockdiag;
-pub mod tcp_walk;
-
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::Config;
-use crate::gate::Family;
 use crate::model::Metric;
-use crate::probes::Probes;
-use crate::procfs::{ProcError, ProcRoot, SysRoot};
+use crate::sources::{ProcError, Root};
 
 /// A source of metrics, read once per interval.
 pub trait Collector: Send {
@@ -71,79 +59,9 @@ impl CollectError {
 
 /// The boot time, from `/proc/stat` `btime`: the start of every counter the
 /// kernel keeps since boot.
-pub fn boot_time(proc: &ProcRoot) -> Result<SystemTime, ProcError> {
-    let stat = crate::procfs::stat::parse_stat(&proc.read("stat")?)?;
+pub fn boot_time(proc: &Root) -> Result<SystemTime, ProcError> {
+    let stat = crate::sources::stat::parse_stat(&proc.read("stat")?)?;
     Ok(UNIX_EPOCH + Duration::from_secs(stat.btime))
-}
-
-/// Builds the collectors for the plan: the one place families are registered.
-pub fn build(cfg: &Config, probes: &mut Probes) -> Result<Vec<Box<dyn Collector>>, ProcError> {
-    let proc = ProcRoot::new(&cfg.agent.proc_root);
-    let boot = boot_time(&proc)?;
-    let mut out: Vec<Box<dyn Collector>> = Vec::new();
-    for fp in probes.plan.families.clone() {
-        match fp.family {
-            Family::Cpu => {
-                if let Some(c) = cpu::CpuCollector::new(proc.clone(), boot, fp.source) {
-                    out.push(Box::new(c));
-                }
-            }
-            Family::Sched => {
-                if let Some(c) = sched::SchedCollector::new(
-                    proc.clone(),
-                    boot,
-                    fp.source,
-                    cfg.probes.sched.runqueue_per_cpu,
-                    probes,
-                ) {
-                    out.push(Box::new(c));
-                }
-            }
-            Family::Softirq => {
-                if let Some(c) =
-                    softirq::SoftirqCollector::new(proc.clone(), boot, fp.source, probes)
-                {
-                    out.push(Box::new(c));
-                }
-            }
-            Family::Interfaces => {
-                if let Some(c) = interfaces::InterfacesCollector::new(
-                    proc.clone(),
-                    SysRoot::new(&cfg.agent.sys_root),
-                    boot,
-                    fp.source,
-                    cfg.probes.interfaces.clone(),
-                ) {
-                    out.push(Box::new(c));
-                }
-            }
-            Family::Connections => {
-                if let Some(c) =
-                    connections::ConnectionsCollector::new(proc.clone(), fp.source, fp.requested)
-                {
-                    out.push(Box::new(c));
-                }
-            }
-            Family::Tcp => {
-                if let Some(c) = tcp::TcpCollector::new(
-                    proc.clone(),
-                    boot,
-                    fp.source,
-                    cfg.probes.tcp.rtt_per_peer,
-                    cfg.probes.tcp.max_peers,
-                    probes,
-                ) {
-                    out.push(Box::new(c));
-                }
-            }
-            Family::Drops => {
-                if let Some(c) = drops::DropsCollector::new(proc.clone(), boot, fp.source, probes) {
-                    out.push(Box::new(c));
-                }
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// `perch.bpf.map.insert_failures{perch.bpf.map}`: inserts a bounded kernel
@@ -155,7 +73,7 @@ pub fn map_insert_failures(
     now: SystemTime,
 ) -> Metric {
     Metric {
-        name: "perch.bpf.map.insert_failures",
+        name: crate::catalogue::BPF_MAP_INSERT_FAILURES,
         description: "Kernel-side inserts refused because a bounded BPF map was full.",
         unit: "{insert}",
         data: crate::model::Data::Sum {
@@ -196,6 +114,37 @@ pub fn merge_same_name(metrics: Vec<Metric>) -> Vec<Metric> {
 /// Online CPUs, for per-CPU map reads: the maps have a slot per possible CPU.
 pub(crate) fn online_cpus() -> Vec<u32> {
     aya::util::online_cpus().unwrap_or_default()
+}
+
+/// `cpu`'s value in one read of a per-CPU map slot (0 past its end).
+pub(crate) fn cpu_value(values: &[u64], cpu: u32) -> u64 {
+    values.get(cpu as usize).copied().unwrap_or(0)
+}
+
+/// The sum over `cpus` of one read of a per-CPU map slot.
+pub(crate) fn cpu_sum(values: &[u64], cpus: &[u32]) -> u64 {
+    cpus.iter().map(|&c| cpu_value(values, c)).sum()
+}
+
+/// Reads slot `index` of per-CPU array `map` (named `name` in errors).
+pub(crate) fn read_slot(
+    map: &aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    index: u32,
+    name: &'static str,
+) -> Result<aya::maps::PerCpuValues<u64>, CollectError> {
+    map.get(&index, 0).map_err(|e| CollectError::map(name, e))
+}
+
+/// Slots `0..len` of per-CPU array `map`, each summed over `cpus`.
+pub(crate) fn read_summed(
+    map: &aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    len: u32,
+    name: &'static str,
+    cpus: &[u32],
+) -> Result<Vec<u64>, CollectError> {
+    (0..len)
+        .map(|i| read_slot(map, i, name).map(|v| cpu_sum(&v, cpus)))
+        .collect()
 }
 
 #[cfg(test)]

@@ -37,6 +37,7 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
+pub use crate::families::{ProbeConfig, ProbesConfig};
 use crate::gate::{Family, Mode};
 
 /// The config file read when `--config` is not given, if it exists.
@@ -61,19 +62,6 @@ pub const ENV_SKIP_HOOKS: &str = "PERCH_PROBES_SKIP_HOOKS";
 /// the in-kernel histograms are read at; an hour is the coarsest interval at
 /// which cumulative counters still make sense to a backend's rate().
 pub const INTERVAL_SECS_RANGE: RangeInclusive<u64> = 1..=3600;
-
-/// Allowed values of `probes.tcp.max_peers`: the number of entries of the
-/// kernel's per-peer hash map. Below 16 the map is useless; above a million
-/// its pre-allocated memory (tens of MiB) outweighs what a host agent should
-/// hold.
-pub const MAX_PEERS_RANGE: RangeInclusive<u32> = 16..=1_000_000;
-
-/// Allowed values of `probes.tcp.max_sockets`: the TCP sockets the
-/// socket-counter design tracks at once. Its table has twice as many slots
-/// (rounded up to a power of two) of 104 bytes each, preallocated: 65536
-/// sockets take 13.6 MiB of kernel memory, charged to the agent's memory
-/// cgroup; 4 million would be over 800 MiB.
-pub const MAX_SOCKETS_RANGE: RangeInclusive<u32> = 1024..=4_194_304;
 
 /// The variable that overrides `probes.<family>.mode`, e.g.
 /// `PERCH_PROBES_SCHED_MODE` for [`Family::Sched`].
@@ -152,204 +140,6 @@ impl FromStr for LogFormat {
             )),
         }
     }
-}
-
-/// `[probes]`: one table per metric family, named as [`Family::name`].
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ProbesConfig {
-    /// Hook types never to use, e.g. `["tp_btf"]` to run every family on its
-    /// `raw_tp` variant (a workaround for a kernel whose BTF tracepoints
-    /// misbehave, and how the tests exercise every variant). A family left
-    /// with no variant falls back to procfs, and the plan says why.
-    pub skip_hooks: Vec<crate::gate::Hook>,
-    /// `[probes.cpu]`: CPU time and load average (always from /proc).
-    pub cpu: ProbeConfig,
-    /// `[probes.sched]`: context switches and run-queue latency.
-    pub sched: SchedProbeConfig,
-    /// `[probes.softirq]`: softirq time and counts.
-    pub softirq: ProbeConfig,
-    /// `[probes.interfaces]`: per-interface byte, packet, error and drop counters.
-    pub interfaces: InterfacesProbeConfig,
-    /// `[probes.connections]`: socket counts by state.
-    pub connections: ProbeConfig,
-    /// `[probes.tcp]`: per-peer TCP bytes, retransmits and RTT.
-    pub tcp: TcpProbeConfig,
-    /// `[probes.drops]`: packet drops by kernel drop reason.
-    pub drops: ProbeConfig,
-}
-
-impl ProbesConfig {
-    /// The mode configured for `family`.
-    pub fn mode(&self, family: Family) -> Mode {
-        match family {
-            Family::Cpu => self.cpu.mode,
-            Family::Sched => self.sched.mode,
-            Family::Softirq => self.softirq.mode,
-            Family::Interfaces => self.interfaces.mode,
-            Family::Connections => self.connections.mode,
-            Family::Tcp => self.tcp.mode,
-            Family::Drops => self.drops.mode,
-        }
-    }
-
-    /// Sets the mode of `family` (CLI and env overrides). Not validated
-    /// here; call [`Config::validate`] afterwards.
-    pub fn set_mode(&mut self, family: Family, mode: Mode) {
-        let slot = match family {
-            Family::Cpu => &mut self.cpu.mode,
-            Family::Sched => &mut self.sched.mode,
-            Family::Softirq => &mut self.softirq.mode,
-            Family::Interfaces => &mut self.interfaces.mode,
-            Family::Connections => &mut self.connections.mode,
-            Family::Tcp => &mut self.tcp.mode,
-            Family::Drops => &mut self.drops.mode,
-        };
-        *slot = mode;
-    }
-}
-
-/// A family with no options besides its mode.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ProbeConfig {
-    /// `auto` (eBPF where it loads, else procfs), `ebpf` (eBPF or a start-up
-    /// error), `procfs` (fallback source only) or `off`. Default `auto`.
-    pub mode: Mode,
-}
-
-/// `[probes.sched]`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SchedProbeConfig {
-    /// `auto`, `ebpf`, `procfs` or `off`. Default `auto`.
-    pub mode: Mode,
-    /// Export the run-queue latency histogram per CPU instead of one
-    /// host-wide histogram. Multiplies that metric's series by the CPU
-    /// count, so it is opt-in. Default `false`.
-    pub runqueue_per_cpu: bool,
-    /// How run-queue waits are timed. Default `auto`.
-    pub runqueue_clock: RunqueueClock,
-}
-
-/// `probes.sched.runqueue_clock`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RunqueueClock {
-    /// The kernel's own stamps (`task_struct.sched_info`) where the kernel
-    /// keeps them (`CONFIG_SCHED_INFO`): one program per context switch.
-    /// Else the wake-up clock.
-    #[default]
-    Auto,
-    /// `sched_wakeup` programs stamp every wake-up with a clock read: a
-    /// second program per wake-up, and a wait that spans a load-balancer
-    /// migration counts whole rather than from the last enqueue.
-    Wakeup,
-}
-
-/// `[probes.interfaces]`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct InterfacesProbeConfig {
-    /// `auto`, `ebpf`, `procfs` or `off`. Default `auto`.
-    pub mode: Mode,
-    /// Interfaces to report, as glob patterns (`*` any run of characters,
-    /// `?` one character). Default `["*"]`.
-    pub include: Vec<String>,
-    /// Interfaces never to report, as glob patterns; wins over `include`.
-    /// Default `[]`.
-    pub exclude: Vec<String>,
-}
-
-impl Default for InterfacesProbeConfig {
-    fn default() -> Self {
-        InterfacesProbeConfig {
-            mode: Mode::Auto,
-            include: vec!["*".to_owned()],
-            exclude: Vec::new(),
-        }
-    }
-}
-
-impl InterfacesProbeConfig {
-    /// Whether interface `ifname` is reported: it matches an `include`
-    /// pattern and no `exclude` pattern.
-    pub fn matches(&self, ifname: &str) -> bool {
-        self.include.iter().any(|p| glob_match(p, ifname))
-            && !self.exclude.iter().any(|p| glob_match(p, ifname))
-    }
-}
-
-/// `[probes.tcp]`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TcpProbeConfig {
-    /// `auto`, `ebpf`, `procfs` or `off`. Default `auto`.
-    pub mode: Mode,
-    /// Export the RTT histogram per remote peer instead of host-wide. One
-    /// series set per peer, so it is opt-in. Default `false`.
-    pub rtt_per_peer: bool,
-    /// Entries of the kernel's per-peer map; peers beyond it are folded
-    /// into an overflow series. Range 16..=1000000, default 4096.
-    pub max_peers: u32,
-    /// TCP sockets the socket-counter design (`tp_btf` variant) tracks at
-    /// once, host-wide; a socket beyond it is not counted, and the failed
-    /// insert is (`perch.bpf.map.full{perch.bpf.map="TCP_TRACKED"}`).
-    /// Range 1024..=4194304, default 32768 (6.8 MiB of kernel memory).
-    pub max_sockets: u32,
-}
-
-impl TcpProbeConfig {
-    /// Slots of the socket-counter design's table: twice `max_sockets`,
-    /// rounded up to a power of two (the programs mask the hash with it).
-    pub fn tracked_slots(&self) -> u32 {
-        self.max_sockets.saturating_mul(2).next_power_of_two()
-    }
-}
-
-impl Default for TcpProbeConfig {
-    fn default() -> Self {
-        TcpProbeConfig {
-            mode: Mode::Auto,
-            rtt_per_peer: false,
-            max_peers: 4096,
-            max_sockets: 32768,
-        }
-    }
-}
-
-/// Matches `name` against a glob `pattern` where `*` matches any run of
-/// characters (including none) and `?` exactly one; every other character
-/// matches itself. Linear backtracking over the last `*`, so no pattern can
-/// blow up.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let n: Vec<char> = name.chars().collect();
-    let (mut pi, mut ni) = (0, 0);
-    // Position of the last `*` seen and the name position it was tried at.
-    let mut star: Option<(usize, usize)> = None;
-    while ni < n.len() {
-        match p.get(pi) {
-            Some('*') => {
-                star = Some((pi, ni));
-                pi += 1;
-            }
-            Some(&c) if c == '?' || c == n[ni] => {
-                pi += 1;
-                ni += 1;
-            }
-            _ => match star {
-                // Let the last `*` swallow one more character and retry.
-                Some((sp, sn)) => {
-                    pi = sp + 1;
-                    ni = sn + 1;
-                    star = Some((sp, sn + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
 }
 
 /// What went wrong while loading or checking the configuration.
@@ -612,7 +402,7 @@ impl Config {
                 .collect::<Result<_, String>>()
                 .map_err(|m| env_error(ENV_SKIP_HOOKS, m))?;
         }
-        for family in Family::ALL {
+        for &family in Family::ALL {
             let var = env_mode_var(family);
             if let Some(v) = get(&var)? {
                 let mode: Mode = v.parse().map_err(|m| env_error(&var, m))?;
@@ -634,30 +424,14 @@ impl Config {
         check_root(&a.sys_root).map_err(|m| ConfigError::invalid("agent.sys_root", m))?;
         check_log_level(&a.log_level).map_err(|m| ConfigError::invalid("agent.log_level", m))?;
 
-        for family in Family::ALL {
-            check_mode(family, self.probes.mode(family))
+        for &family in Family::ALL {
+            let section = self.probes.section(family);
+            check_mode(family, section.mode())
                 .map_err(|m| ConfigError::invalid(format!("probes.{family}.mode"), m))?;
+            section
+                .validate()
+                .map_err(|(key, m)| ConfigError::invalid(format!("probes.{family}.{key}"), m))?;
         }
-        let ifaces = &self.probes.interfaces;
-        if ifaces.include.is_empty() {
-            return Err(ConfigError::invalid(
-                "probes.interfaces.include",
-                "must list at least one pattern; to report no interfaces set \
-                 probes.interfaces.mode = \"off\"",
-            ));
-        }
-        for (list, name) in [(&ifaces.include, "include"), (&ifaces.exclude, "exclude")] {
-            if let Some(i) = list.iter().position(String::is_empty) {
-                return Err(ConfigError::invalid(
-                    format!("probes.interfaces.{name}[{i}]"),
-                    "empty pattern; use \"*\" to match every interface",
-                ));
-            }
-        }
-        check_range(self.probes.tcp.max_peers, &MAX_PEERS_RANGE)
-            .map_err(|m| ConfigError::invalid("probes.tcp.max_peers", m))?;
-        check_range(self.probes.tcp.max_sockets, &MAX_SOCKETS_RANGE)
-            .map_err(|m| ConfigError::invalid("probes.tcp.max_sockets", m))?;
         // `[export]` and `[pipeline]` own their checks; their range errors
         // carry a dotted key, so they get a line like every other key.
         self.export.validate().map_err(from_export_error)?;
@@ -692,7 +466,10 @@ fn env_error(var: &str, message: impl Into<String>) -> ConfigError {
 const LISTEN_EXPECTED: &str =
     "an IP address and port such as \"127.0.0.1:9464\" or \"[::1]:9464\" (host names are not resolved)";
 
-fn check_range<T: PartialOrd + Display>(v: T, range: &RangeInclusive<T>) -> Result<(), String> {
+pub(crate) fn check_range<T: PartialOrd + Display>(
+    v: T,
+    range: &RangeInclusive<T>,
+) -> Result<(), String> {
     if range.contains(&v) {
         Ok(())
     } else {
@@ -721,13 +498,20 @@ fn check_root(root: &Path) -> Result<(), String> {
     }
 }
 
+/// A mode the family's rule can serve: `ebpf` needs an eBPF variant,
+/// `procfs` a fallback.
 fn check_mode(family: Family, mode: Mode) -> Result<(), String> {
-    if family == Family::Cpu && mode == Mode::Ebpf {
-        return Err(
-            "cpu metrics come from /proc/stat in every mode; use auto, procfs or off".to_owned(),
-        );
+    let rule = family.rule();
+    match mode {
+        Mode::Ebpf if rule.variants.is_empty() => Err(format!(
+            "the {family} family has no eBPF source ({}); use auto, procfs or off",
+            rule.fallback.unwrap_or("none")
+        )),
+        Mode::Procfs if rule.fallback.is_none() => Err(format!(
+            "the {family} family has no procfs fallback; use auto, ebpf or off"
+        )),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Levels `tracing` accepts on their own in a filter.
@@ -1093,11 +877,18 @@ impl fmt::Display for LogFormat {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::families::interfaces::Config as InterfacesProbeConfig;
+    use crate::families::sched::{Config as SchedProbeConfig, RunqueueClock};
+    use crate::families::tcp::Config as TcpProbeConfig;
     use std::collections::HashMap;
 
     macro_rules! fixture {
         ($name:literal) => {
-            include_str!(concat!("../../tests/fixtures/config/", $name))
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/config/",
+                $name
+            ))
         };
     }
 
@@ -1136,7 +927,7 @@ mod tests {
         assert_eq!(c.agent.sys_root, Path::new("/sys"));
         assert_eq!(c.agent.log_level, "info");
         assert_eq!(c.agent.log_format, LogFormat::Text);
-        for f in Family::ALL {
+        for &f in Family::ALL {
             assert_eq!(c.probes.mode(f), Mode::Auto, "{f}");
         }
         assert!(!c.probes.sched.runqueue_per_cpu);
@@ -1369,8 +1160,8 @@ mod tests {
                 kind: "invalid",
                 key: Some("probes.cpu.mode"),
                 line: Some(3),
-                contains: "probes.cpu.mode: cpu metrics come from /proc/stat in every mode; \
-                           use auto, procfs or off",
+                contains: "probes.cpu.mode: the cpu family has no eBPF source \
+                           (/proc/stat, /proc/loadavg); use auto, procfs or off",
             },
             Case {
                 name: "empty pattern",
@@ -1667,7 +1458,17 @@ include = [
             (
                 "PERCH_PROBES_CPU_MODE",
                 "ebpf",
-                "cpu metrics come from /proc/stat",
+                "the cpu family has no eBPF source",
+            ),
+            (
+                "PERCH_PROBES_INTERFACES_MODE",
+                "ebpf",
+                "the interfaces family has no eBPF source",
+            ),
+            (
+                "PERCH_PROBES_CONNECTIONS_MODE",
+                "ebpf",
+                "the connections family has no eBPF source",
             ),
         ];
         for (var, value, fragment) in cases {
@@ -1710,10 +1511,10 @@ include = [
 
     #[test]
     fn set_mode_and_mode_agree_for_every_family() {
-        for family in Family::ALL {
+        for &family in Family::ALL {
             let mut p = ProbesConfig::default();
             p.set_mode(family, Mode::Off);
-            for other in Family::ALL {
+            for &other in Family::ALL {
                 let want = if other == family {
                     Mode::Off
                 } else {
@@ -1740,58 +1541,6 @@ include = [
             c.validate().expect_err("cpu ebpf").key().as_deref(),
             Some("probes.cpu.mode")
         );
-    }
-
-    #[test]
-    fn glob_patterns() {
-        let cases = [
-            ("*", "eth0", true),
-            ("*", "", true),
-            ("", "", true),
-            ("", "eth0", false),
-            ("eth*", "eth0", true),
-            ("eth*", "eth", true),
-            ("eth*", "veth0", false),
-            ("*eth*", "veth0", true),
-            ("eth?", "eth0", true),
-            ("eth?", "eth10", false),
-            ("eth??", "eth10", true),
-            ("en?s*", "enp0s3", false),
-            ("en?s*", "ens3", false),
-            ("en??s*", "enp0s3", true),
-            ("*.100", "eth0.100", true),
-            ("*.100", "eth0.1000", false),
-            ("a*b*c", "aXbYc", true),
-            ("a*b*c", "aXbYcZ", false),
-            ("a*b*c", "abcbc", true),
-            ("**", "x", true),
-            ("lo", "lo", true),
-            ("lo", "lo0", false),
-            ("br-*", "br-1a2b", true),
-        ];
-        for (pattern, name, want) in cases {
-            assert_eq!(glob_match(pattern, name), want, "{pattern:?} vs {name:?}");
-        }
-    }
-
-    #[test]
-    fn interface_filter_exclude_wins() {
-        let f = InterfacesProbeConfig {
-            mode: Mode::Auto,
-            include: vec!["eth*".into(), "veth1".into(), "lo".into()],
-            exclude: vec!["veth*".into(), "lo".into()],
-        };
-        for (ifname, want) in [
-            ("eth0", true),
-            ("eth1", true),
-            ("veth1", false),
-            ("lo", false),
-            ("wlan0", false),
-        ] {
-            assert_eq!(f.matches(ifname), want, "{ifname}");
-        }
-        let all = InterfacesProbeConfig::default();
-        assert!(all.matches("lo") && all.matches("docker0"));
     }
 
     #[test]

@@ -160,37 +160,37 @@ mod tests {
     fn names() {
         for (name, unit, counter, want) in [
             (
-                "system.cpu.time",
+                crate::catalogue::CPU_TIME,
                 "s",
                 true,
                 "system_cpu_time_seconds_total",
             ),
             (
-                "system.network.io",
+                crate::catalogue::NETWORK_IO,
                 "By",
                 true,
                 "system_network_io_bytes_total",
             ),
             (
-                "perch.cpu.context_switches",
+                crate::catalogue::CONTEXT_SWITCHES,
                 "{switch}",
                 true,
                 "perch_cpu_context_switches_total",
             ),
             (
-                "system.cpu.load_average.1m",
+                crate::catalogue::LOAD_1M,
                 "{thread}",
                 false,
                 "system_cpu_load_average_1m",
             ),
             (
-                "perch.scheduler.runqueue.latency",
+                crate::catalogue::RUNQUEUE_LATENCY,
                 "s",
                 false,
                 "perch_scheduler_runqueue_latency_seconds",
             ),
             (
-                "perch.export.queue.bytes",
+                crate::catalogue::EXPORT_QUEUE_BYTES,
                 "By",
                 false,
                 "perch_export_queue_bytes",
@@ -206,7 +206,7 @@ mod tests {
         let now = SystemTime::now();
         let metrics = vec![
             Metric {
-                name: "system.cpu.time",
+                name: crate::catalogue::CPU_TIME,
                 description: "d",
                 unit: "s",
                 data: Data::Sum {

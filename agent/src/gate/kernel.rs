@@ -10,9 +10,6 @@ use aya::programs::ProgramType;
 
 use super::{HookStatus, KernelFacts};
 
-/// Where kernel BTF lives.
-pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
-
 /// Reads the facts that do not depend on Perch's own programs.
 pub fn detect() -> KernelFacts {
     let release = nix::sys::utsname::uname()
@@ -42,14 +39,14 @@ pub fn detect() -> KernelFacts {
     KernelFacts {
         version: parse_release(&release),
         release,
-        btf: Path::new(BTF_PATH).exists(),
+        btf: Path::new(crate::sources::btf::VMLINUX).exists(),
         tracefs: tracefs_mounted(),
         program_types,
         map_types,
         object_error: None,
         hooks: BTreeMap::new(),
-        sched_info: false,
-        runqueue_clock: String::new(),
+        unused_programs: Default::default(),
+        notes: BTreeMap::new(),
     }
 }
 
@@ -62,12 +59,7 @@ fn status<E: std::fmt::Display>(r: Result<bool, E>) -> HookStatus {
 }
 
 fn tracefs_mounted() -> bool {
-    [
-        "/sys/kernel/tracing/events",
-        "/sys/kernel/debug/tracing/events",
-    ]
-    .iter()
-    .any(|p| Path::new(p).is_dir())
+    crate::sources::tracefs::mount().is_some()
 }
 
 /// `6.18.0-1-amd64` -> `(6, 18, 0)`. For display: decisions never use it.

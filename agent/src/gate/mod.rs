@@ -7,16 +7,17 @@
 //! tests it. When an attach later fails, the failure is recorded in the facts
 //! and the family is planned again, so one rule decides everything.
 
-mod family;
 pub mod kernel;
+mod mode;
 pub mod rules;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-pub use family::{Family, Mode};
-pub use rules::{Hook, Rule, RULES};
+pub use crate::families::Family;
+pub use mode::Mode;
+pub use rules::{Hook, Rule};
 
 /// What the kernel said about one eBPF variant of one family.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -50,12 +51,35 @@ pub struct KernelFacts {
     /// Per family and variant: did its programs load (and attach)?
     #[serde(serialize_with = "ser_hooks")]
     pub hooks: BTreeMap<(Family, Hook), HookStatus>,
-    /// `sched_switch` (`tp_btf`, `raw_tp`) reads the kernel's own run-queue
-    /// stamps (`task_struct.sched_info`, `CONFIG_SCHED_INFO`), so the
-    /// `sched_wakeup` programs are not attached.
-    pub sched_info: bool,
-    /// How those variants time run-queue waits, and why, in words.
-    pub runqueue_clock: String,
+    /// Programs the families' preparation leaves unattached on this
+    /// kernel ([`crate::families::Prepared::unused_programs`]).
+    pub unused_programs: BTreeSet<&'static str>,
+    /// Per family and variant, a note the plan appends to its reason
+    /// ([`crate::families::Prepared::notes`]).
+    #[serde(serialize_with = "ser_notes")]
+    pub notes: BTreeMap<(Family, Hook), String>,
+}
+
+fn ser_notes<S: serde::Serializer>(
+    notes: &BTreeMap<(Family, Hook), String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = s.serialize_seq(Some(notes.len()))?;
+    for ((family, hook), note) in notes {
+        #[derive(Serialize)]
+        struct Row<'a> {
+            family: Family,
+            hook: Hook,
+            note: &'a str,
+        }
+        seq.serialize_element(&Row {
+            family: *family,
+            hook: *hook,
+            note,
+        })?;
+    }
+    seq.end()
 }
 
 fn ser_hooks<S: serde::Serializer>(
@@ -115,7 +139,7 @@ pub struct FamilyPlan {
     pub reason: String,
 }
 
-/// The decision for every family, in `Family::ALL` order.
+/// The decision for every family, in [`Family::ALL`] order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Plan {
     pub families: Vec<FamilyPlan>,
@@ -158,15 +182,19 @@ pub enum PlanError {
 
 /// Decides, per family, the source to use.
 pub fn plan(facts: &KernelFacts, mode: impl Fn(Family) -> Mode) -> Result<Plan, PlanError> {
-    let families = RULES
+    let families = Family::ALL
         .iter()
-        .map(|rule| plan_family(facts, rule, mode(rule.family)))
+        .map(|&family| plan_family(facts, family, mode(family)))
         .collect::<Result<_, _>>()?;
     Ok(Plan { families })
 }
 
-fn plan_family(facts: &KernelFacts, rule: &Rule, requested: Mode) -> Result<FamilyPlan, PlanError> {
-    let family = rule.family;
+fn plan_family(
+    facts: &KernelFacts,
+    family: Family,
+    requested: Mode,
+) -> Result<FamilyPlan, PlanError> {
+    let rule = family.rule();
     let mut out = FamilyPlan {
         family,
         requested,
@@ -222,7 +250,7 @@ fn plan_family(facts: &KernelFacts, rule: &Rule, requested: Mode) -> Result<Fami
                 out.source = Source::Ebpf;
                 out.hook = Some(v.hook);
                 out.reads = v
-                    .programs_used(facts.sched_info)
+                    .programs_used(&facts.unused_programs)
                     .map(|p| p.describe(v.hook))
                     .collect::<Vec<_>>()
                     .join(", ");
@@ -231,15 +259,8 @@ fn plan_family(facts: &KernelFacts, rule: &Rule, requested: Mode) -> Result<Fami
                 } else {
                     format!("{} programs load and attach (skipped {failures})", v.hook)
                 };
-                if family == Family::Sched {
-                    let clock = if v.programs.iter().any(|p| p.wakeup_clock) {
-                        facts.runqueue_clock.as_str()
-                    } else {
-                        "run-queue waits timed from sched_wakeup (a classic tracepoint sees pids, not tasks)"
-                    };
-                    if !clock.is_empty() {
-                        out.reason = format!("{}; {clock}", out.reason);
-                    }
+                if let Some(note) = facts.notes.get(&(family, v.hook)) {
+                    out.reason = format!("{}; {note}", out.reason);
                 }
             }
             None if requested == Mode::Ebpf => {
@@ -586,57 +607,5 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("probes.sched.mode"), "{msg}");
         assert!(msg.contains("EPERM"), "{msg}");
-    }
-
-    #[test]
-    fn every_family_with_a_rule_is_planned_once() {
-        let p = plan(&KernelFacts::default(), |_| Mode::Auto).unwrap();
-        for rule in RULES {
-            assert_eq!(
-                p.families
-                    .iter()
-                    .filter(|f| f.family == rule.family)
-                    .count(),
-                1
-            );
-        }
-    }
-
-    /// With the kernel's sched_info stamps the wake-up programs are not
-    /// read, and the reason says which clock times run-queue waits; the
-    /// classic tracepoint always times wake-ups.
-    #[test]
-    fn sched_reads_follow_the_runqueue_clock() {
-        let ok = |hook| facts(&[(Family::Sched, hook, HookStatus::Ok)]);
-        let mut stamped = ok(Hook::TpBtf);
-        stamped.sched_info = true;
-        stamped.runqueue_clock = "from stamps".into();
-        let p = plan(&stamped, |_| Mode::Auto).unwrap();
-        let sched = p.get(Family::Sched).unwrap();
-        assert_eq!(sched.reads, "tp_btf sched_switch");
-        assert!(sched.reason.ends_with("; from stamps"), "{}", sched.reason);
-
-        let mut wakeup = ok(Hook::RawTp);
-        wakeup.runqueue_clock = "timed from sched_wakeup".into();
-        let p = plan(&wakeup, |_| Mode::Auto).unwrap();
-        assert_eq!(
-            p.get(Family::Sched).unwrap().reads,
-            "raw_tp sched_switch, raw_tp sched_wakeup, raw_tp sched_wakeup_new"
-        );
-
-        let mut tp = ok(Hook::Tracepoint);
-        tp.sched_info = true;
-        let p = plan(&tp, |_| Mode::Auto).unwrap();
-        let sched = p.get(Family::Sched).unwrap();
-        assert!(
-            sched.reads.contains("sched/sched_wakeup_new"),
-            "{}",
-            sched.reads
-        );
-        assert!(
-            sched.reason.contains("classic tracepoint sees pids"),
-            "{}",
-            sched.reason
-        );
     }
 }

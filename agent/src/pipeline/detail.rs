@@ -24,13 +24,13 @@ use crate::model::{Data, Snapshot};
 /// The attribute that identifies a peer in per-peer series.
 pub const PEER_ATTRIBUTE: &str = "network.peer.address";
 /// The value of the folded series of the peers left out.
-pub const OTHER_PEER: &str = "other";
+pub const OTHER_PEER: &str = crate::catalogue::OTHER_PEER;
 
-const RETRANSMITS: &str = "perch.tcp.retransmits";
-const CONN_OPENED: &str = "perch.tcp.connections.opened";
-const CONN_FAILED: &str = "perch.tcp.connections.failed";
-const DROPS: &str = "perch.network.packet.drops";
-const PACKETS: &str = "system.network.packet.count";
+const RETRANSMITS: &str = crate::catalogue::TCP_RETRANSMITS;
+const CONN_OPENED: &str = crate::catalogue::TCP_OPENED;
+const CONN_FAILED: &str = crate::catalogue::TCP_FAILED;
+const DROPS: &str = crate::catalogue::PACKET_DROPS;
+const PACKETS: &str = crate::catalogue::NETWORK_PACKETS;
 const DIRECTION: &str = "network.io.direction";
 
 /// Detail level of per-peer series.

@@ -2,10 +2,12 @@
 //!
 //! Past the soft limit the pipeline sheds per-peer detail (folds it into the
 //! `other` series); past the hard limit the OTLP exporter refuses new data.
-//! The state is process-wide (memory is), so the exporter reads what the
-//! pipeline measured at the last interval without a handle between them.
+//! The run loop creates one [`MemoryGauge`] and hands it to both: the
+//! pipeline writes what it measured at the last interval, the exporter reads
+//! it.
 
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 
 /// Where resident memory stands against the limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -18,19 +20,24 @@ pub enum MemoryState {
     Hard = 2,
 }
 
-static STATE: AtomicU8 = AtomicU8::new(MemoryState::Normal as u8);
+/// The limiter's state, shared by the pipeline (which measures) and the
+/// exporter (which refuses data at [`MemoryState::Hard`]).
+#[derive(Debug, Clone, Default)]
+pub struct MemoryGauge(Arc<AtomicU8>);
 
-/// The state measured at the last pipeline interval.
-pub fn state() -> MemoryState {
-    match STATE.load(Ordering::Relaxed) {
-        2 => MemoryState::Hard,
-        1 => MemoryState::Soft,
-        _ => MemoryState::Normal,
+impl MemoryGauge {
+    /// The state measured at the last pipeline interval.
+    pub fn get(&self) -> MemoryState {
+        match self.0.load(Ordering::Relaxed) {
+            2 => MemoryState::Hard,
+            1 => MemoryState::Soft,
+            _ => MemoryState::Normal,
+        }
     }
-}
 
-pub(crate) fn publish(s: MemoryState) {
-    STATE.store(s as u8, Ordering::Relaxed);
+    pub(crate) fn set(&self, s: MemoryState) {
+        self.0.store(s as u8, Ordering::Relaxed);
+    }
 }
 
 /// Classifies `rss` bytes against the limits.

@@ -33,7 +33,7 @@ use crate::selfmetrics::SelfMetrics;
 use cardinality::{Kind, Limits, MetricState, Val, P};
 use clock::ClockGuard;
 use detail::{DetailController, DetailMode, ErrorRatio};
-use memory::MemoryState;
+use memory::{MemoryGauge, MemoryState};
 
 /// Transforms snapshots between collection and export.
 pub struct Pipeline {
@@ -45,6 +45,7 @@ pub struct Pipeline {
     states: HashMap<&'static str, MetricState>,
     interval: u64,
     rss: Box<dyn Fn() -> Option<u64> + Send>,
+    memory: MemoryGauge,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -58,8 +59,9 @@ impl std::fmt::Debug for Pipeline {
 }
 
 impl Pipeline {
-    /// A pipeline with `cfg`; it records into `selfm`.
-    pub fn new(cfg: &PipelineConfig, selfm: Arc<SelfMetrics>) -> Self {
+    /// A pipeline with `cfg`; it records into `selfm` and publishes the
+    /// memory limiter's state in `memory`.
+    pub fn new(cfg: &PipelineConfig, selfm: Arc<SelfMetrics>, memory: MemoryGauge) -> Self {
         Self {
             detail: DetailController::new(
                 cfg.detail_enter_ratio,
@@ -73,6 +75,7 @@ impl Pipeline {
             states: HashMap::new(),
             interval: 0,
             rss: Box::new(memory::rss_bytes),
+            memory,
         }
     }
 
@@ -95,7 +98,7 @@ impl Pipeline {
         let adj = self.clock.adjust(snapshot.time, Instant::now());
         if adj.jumped_back {
             self.selfm.add(
-                "perch.clock.jumps",
+                crate::catalogue::CLOCK_JUMPS,
                 "Times the wall clock went backwards between two collections",
                 "{jump}",
                 vec![],
@@ -111,10 +114,10 @@ impl Pipeline {
         // 3. Error ratio and detail mode (on the raw counters).
         let ratio = self.ratio.observe(&snapshot);
         let mode = self.detail.update(ratio);
-        self.selfm.clear("perch.pipeline.detail.mode");
+        self.selfm.clear(crate::catalogue::DETAIL_MODE);
         for m in [DetailMode::Reduced, DetailMode::Full] {
             self.selfm.set(
-                "perch.pipeline.detail.mode",
+                crate::catalogue::DETAIL_MODE,
                 "Per-peer detail mode: 1 for the current mode",
                 "1",
                 vec![("mode", m.as_str().into())],
@@ -123,7 +126,7 @@ impl Pipeline {
         }
         if let Some(r) = ratio {
             self.selfm.set(
-                "perch.pipeline.detail.ratio",
+                crate::catalogue::DETAIL_RATIO,
                 "Host error ratio of the last interval that drives adaptive detail",
                 "1",
                 vec![],
@@ -135,7 +138,7 @@ impl Pipeline {
         let mem = match (self.rss)() {
             Some(rss) => {
                 self.selfm.set(
-                    "perch.memory.rss",
+                    crate::catalogue::MEMORY_RSS,
                     "Resident memory of the agent",
                     "By",
                     vec![],
@@ -149,12 +152,12 @@ impl Pipeline {
             }
             None => MemoryState::Normal,
         };
-        if mem != memory::state() {
+        if mem != self.memory.get() {
             tracing::warn!(state = ?mem, "memory limiter state changed");
         }
-        memory::publish(mem);
+        self.memory.set(mem);
         self.selfm.set(
-            "perch.memory.state",
+            crate::catalogue::MEMORY_STATE,
             "Memory limiter: 0 normal, 1 over the soft limit (shedding detail), 2 over the hard limit (refusing data)",
             "1",
             vec![],
@@ -225,7 +228,7 @@ impl Pipeline {
         let (points, outcome) = state.process(kind, points, lim, now);
         if outcome.overflowed > 0 {
             self.selfm.add(
-                "perch.pipeline.series.overflowed",
+                crate::catalogue::SERIES_OVERFLOWED,
                 "Points folded into the otel.metric.overflow series because the metric hit its series cap",
                 "{point}",
                 vec![("metric", name.into())],
@@ -235,12 +238,12 @@ impl Pipeline {
         if outcome.folded > 0 {
             let (counter, description) = if mem >= MemoryState::Soft {
                 (
-                    "perch.memory.shed",
+                    crate::catalogue::MEMORY_SHED,
                     "Per-peer points folded into network.peer.address=other because memory is over the soft limit",
                 )
             } else {
                 (
-                    "perch.pipeline.detail.folded",
+                    crate::catalogue::DETAIL_FOLDED,
                     "Per-peer points folded into network.peer.address=other by adaptive detail",
                 )
             };

@@ -1,6 +1,7 @@
 //! Pipeline unit tests: deny list, series cap, adaptive detail, folding
 //! with exact and monotonic totals, memory shedding, clock jumps.
 
+use super::memory::{MemoryGauge, MemoryState};
 use super::*;
 use crate::model::Number;
 use std::time::Duration;
@@ -95,7 +96,7 @@ fn full_detail_cfg(cap: usize) -> PipelineConfig {
 
 fn pipeline(cfg: PipelineConfig) -> (Pipeline, Arc<SelfMetrics>) {
     let selfm = Arc::new(SelfMetrics::new());
-    let p = Pipeline::new(&cfg, selfm.clone()).with_rss_source(|| Some(1));
+    let p = Pipeline::new(&cfg, selfm.clone(), MemoryGauge::default()).with_rss_source(|| Some(1));
     (p, selfm)
 }
 
@@ -210,7 +211,7 @@ fn series_cap_holds_and_totals_stay_exact() {
         assert_eq!(total(&out.metrics[0]), want_total, "cap {cap} n {n}: total");
         let over = selfm
             .value(
-                "perch.pipeline.series.overflowed",
+                crate::catalogue::SERIES_OVERFLOWED,
                 &vec![("metric", "m".into())],
             )
             .unwrap_or(0.0);
@@ -275,8 +276,12 @@ fn gauges_fold_by_adding_current_values() {
 
 fn feed(at: u64, packets: i64, drops: i64) -> Vec<Metric> {
     vec![
-        counter("system.network.packet.count", at, vec![(vec![], packets)]),
-        counter("perch.network.packet.drops", at, vec![(vec![], drops)]),
+        counter(
+            crate::catalogue::NETWORK_PACKETS,
+            at,
+            vec![(vec![], packets)],
+        ),
+        counter(crate::catalogue::PACKET_DROPS, at, vec![(vec![], drops)]),
     ]
 }
 
@@ -324,14 +329,14 @@ fn reduced_detail_keeps_top_k_and_totals() {
     }
     assert_eq!(
         selfm.value(
-            "perch.pipeline.detail.folded",
+            crate::catalogue::DETAIL_FOLDED,
             &vec![("metric", "perch.tcp.bytes".into())]
         ),
         Some(21.0)
     );
     assert_eq!(
         selfm.value(
-            "perch.pipeline.detail.mode",
+            crate::catalogue::DETAIL_MODE,
             &vec![("mode", "reduced".into())]
         ),
         Some(1.0)
@@ -396,7 +401,7 @@ fn errors_switch_to_full_detail_without_double_counting() {
         assert_eq!(increase, 15.0, "round {round}: increase");
     }
     assert_eq!(
-        selfm.value("perch.pipeline.detail.ratio", &vec![]),
+        selfm.value(crate::catalogue::DETAIL_RATIO, &vec![]),
         Some(0.0)
     );
 }
@@ -411,7 +416,8 @@ fn memory_soft_limit_sheds_detail_and_hard_limit_is_published() {
     let rss = Arc::new(std::sync::atomic::AtomicU64::new(50));
     let r = rss.clone();
     let selfm = Arc::new(SelfMetrics::new());
-    let mut p = Pipeline::new(&cfg, selfm.clone())
+    let gauge = MemoryGauge::default();
+    let mut p = Pipeline::new(&cfg, selfm.clone(), gauge.clone())
         .with_rss_source(move || Some(r.load(std::sync::atomic::Ordering::Relaxed)));
     // Each peer sends 10 bytes per interval.
     let run = |p: &mut Pipeline, at: u64| {
@@ -434,21 +440,31 @@ fn memory_soft_limit_sheds_detail_and_hard_limit_is_published() {
     assert_eq!(total(&m), 50.0);
     assert_eq!(
         selfm.value(
-            "perch.memory.shed",
+            crate::catalogue::MEMORY_SHED,
             &vec![("metric", "perch.tcp.bytes".into())]
         ),
         Some(5.0)
     );
-    assert_eq!(selfm.value("perch.memory.state", &vec![]), Some(1.0));
+    assert_eq!(
+        selfm.value(crate::catalogue::MEMORY_STATE, &vec![]),
+        Some(1.0)
+    );
+    assert_eq!(gauge.get(), MemoryState::Soft);
     rss.store(250, std::sync::atomic::Ordering::Relaxed);
     run(&mut p, 40);
-    assert_eq!(selfm.value("perch.memory.state", &vec![]), Some(2.0));
+    assert_eq!(
+        selfm.value(crate::catalogue::MEMORY_STATE, &vec![]),
+        Some(2.0)
+    );
+    // What the exporter reads.
+    assert_eq!(gauge.get(), MemoryState::Hard);
     rss.store(50, std::sync::atomic::Ordering::Relaxed);
     run(&mut p, 50);
-    assert_eq!(selfm.value("perch.memory.state", &vec![]), Some(0.0));
-    // The process-wide state the exporter reads (`memory::state()`) is also
-    // written by every other pipeline these unit tests run in parallel, so
-    // it is asserted in its own process: tests/tests/otlp_memory.rs.
+    assert_eq!(
+        selfm.value(crate::catalogue::MEMORY_STATE, &vec![]),
+        Some(0.0)
+    );
+    assert_eq!(gauge.get(), MemoryState::Normal);
 }
 
 #[test]
@@ -466,7 +482,10 @@ fn clock_jump_back_never_emits_older_points() {
     assert!(tb > ta, "point went back in time");
     assert!(b.time > a.time);
     assert!(sb <= tb);
-    assert_eq!(selfm.value("perch.clock.jumps", &vec![]), Some(1.0));
+    assert_eq!(
+        selfm.value(crate::catalogue::CLOCK_JUMPS, &vec![]),
+        Some(1.0)
+    );
 }
 
 #[test]

@@ -10,7 +10,6 @@
 //! Programs of variants that are not used are unloaded. Dropping [`Probes`]
 //! detaches and unloads everything: nothing is pinned.
 
-pub mod btf;
 pub mod iter;
 
 use std::collections::BTreeMap;
@@ -21,9 +20,11 @@ use aya::programs::{Program, ProgramError};
 use aya::{Btf, Ebpf, EbpfLoader};
 use tracing::{info, warn};
 
-use crate::config::{ProbesConfig, RunqueueClock};
-use crate::gate::rules::Run;
-use crate::gate::{self, Family, Hook, HookStatus, KernelFacts, Mode, Plan, Source, RULES};
+use crate::config::Config;
+use crate::families::{BtfCell, PrepareCtx, Prepared};
+use crate::gate::rules::{Run, Variant};
+use crate::gate::{self, Family, Hook, HookStatus, KernelFacts, Mode, Plan, Source};
+use crate::sources::btf::VMLINUX;
 
 /// The eBPF object built from `agent-ebpf` by `build.rs`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/perch.bpf.o"));
@@ -57,6 +58,11 @@ pub struct Probes {
     /// Linked iterators ([`Run::Iter`]), by program name, until a collector
     /// takes them.
     iters: BTreeMap<&'static str, iter::IterLink>,
+    /// Kernel BTF, parsed at most once, shared by the families' preparation
+    /// and collectors; dropped by [`Probes::finish`].
+    pub(crate) btf: BtfCell,
+    /// The configured mode of each family.
+    modes: BTreeMap<Family, Mode>,
 }
 
 impl std::fmt::Debug for Probes {
@@ -70,109 +76,70 @@ impl std::fmt::Debug for Probes {
 
 impl Probes {
     /// Probes the kernel, plans, and attaches. Fails only when a family's
-    /// configured mode cannot be honoured (e.g. `mode = "ebpf"` and nothing loads).
-    pub fn start(cfg: &ProbesConfig) -> Result<Probes, ProbeError> {
-        let mode = |f: Family| cfg.mode(f);
+    /// configured mode cannot be honoured (e.g. `mode = "ebpf"` and nothing
+    /// loads). Call [`Probes::finish`] once the collectors are built.
+    pub fn start(config: &Config) -> Result<Probes, ProbeError> {
+        let cfg = &config.probes;
+        let modes: BTreeMap<Family, Mode> = Family::ALL.iter().map(|&f| (f, cfg.mode(f))).collect();
         let mut facts = gate::kernel::detect();
-        let needs_ebpf = RULES.iter().any(|r| {
-            r.variants.iter().any(|v| !cfg.skip_hooks.contains(&v.hook))
-                && matches!(mode(r.family), Mode::Auto | Mode::Ebpf)
+        let needs_ebpf = Family::ALL.iter().any(|&f| {
+            cfg.wants_ebpf(f)
+                && f.rule()
+                    .variants
+                    .iter()
+                    .any(|v| !cfg.skip_hooks.contains(&v.hook))
         });
         let btf = if facts.btf {
             match Btf::from_sys_fs() {
                 Ok(b) => Some(b),
                 Err(e) => {
-                    warn!(error = %e, path = gate::kernel::BTF_PATH, "kernel BTF unreadable; tp_btf variants disabled");
+                    warn!(error = %e, path = VMLINUX, "kernel BTF unreadable; tp_btf variants disabled");
                     None
                 }
             }
         } else {
             None
         };
-        // Struct offsets for the TCP and sched programs, from one parse of
-        // the kernel's BTF, only when a family that reads them may run.
-        let wants = |f: Family| matches!(mode(f), Mode::Auto | Mode::Ebpf);
-        let kernel_btf = if facts.btf && (wants(Family::Tcp) || wants(Family::Sched)) {
-            btf::KernelBtf::from_sys_fs().map_err(|e| e.to_string())
+
+        // Each family that may run on eBPF says what its programs need.
+        let shared_btf = BtfCell::default();
+        let tracefs = if facts.tracefs {
+            crate::sources::tracefs::mount()
         } else {
-            Err(format!("no kernel BTF at {}", gate::kernel::BTF_PATH))
+            None
         };
-        // The socket-counter table is preallocated: full size only when its
-        // variant may run.
-        let tracked_slots = if wants(Family::Tcp) && !cfg.skip_hooks.contains(&Hook::TpBtf) {
-            cfg.tcp.tracked_slots()
-        } else {
-            1
+        let prepare_ctx = PrepareCtx {
+            config,
+            btf: &shared_btf,
+            tracefs: tracefs.as_deref(),
         };
-        // The TCP programs read kernel structs at offsets found in BTF; without
-        // them its variants are not tried.
-        let tcp_offsets = match &kernel_btf {
-            Ok(k) if wants(Family::Tcp) => btf::tcp_offsets(
-                k,
-                cfg.tcp.rtt_per_peer,
-                btf::ephemeral_range(std::path::Path::new("/proc")),
-                btf::tick_ns(),
-                tracked_slots,
-            )
-            .map_err(|e| format!("struct offsets from kernel BTF: {e}")),
-            Ok(_) => Err(format!("mode = {}", mode_name(mode(Family::Tcp)))),
-            Err(e) => Err(format!("struct offsets need kernel BTF: {e}")),
-        };
-        // The scheduler's own run-queue stamps, when the kernel keeps them
-        // and the config allows.
-        let sched_offsets = if !wants(Family::Sched) {
-            Err(String::new())
-        } else if cfg.sched.runqueue_clock == RunqueueClock::Wakeup {
-            Err("probes.sched.runqueue_clock = \"wakeup\"".to_owned())
-        } else {
-            match &kernel_btf {
-                Ok(k) => btf::sched_offsets(k)
-                    .map_err(|e| format!("{e} (kernel built without CONFIG_SCHED_INFO?)")),
-                Err(e) => Err(e.clone()),
+        let prepared: BTreeMap<Family, Prepared> = Family::ALL
+            .iter()
+            .filter(|&&f| cfg.wants_ebpf(f) && !f.rule().variants.is_empty())
+            .map(|&f| (f, f.unit().prepare(&prepare_ctx)))
+            .collect();
+        for (&family, p) in &prepared {
+            facts
+                .unused_programs
+                .extend(p.unused_programs.iter().copied());
+            for (hook, note) in &p.notes {
+                facts.notes.insert((family, *hook), note.clone());
             }
-        };
-        drop(kernel_btf);
-        facts.sched_info = sched_offsets.is_ok();
-        facts.runqueue_clock = match &sched_offsets {
-            Ok(_) => {
-                "run-queue waits from the kernel's sched_info stamps (no sched_wakeup programs)"
-                    .to_owned()
-            }
-            Err(e) if e.is_empty() => String::new(),
-            Err(e) => format!("run-queue waits timed from sched_wakeup: {e}"),
-        };
-        // Classic tracepoints: record offsets from tracefs, when mounted.
-        let tp_offsets = if facts.tracefs {
-            tracepoint_offsets()
-        } else {
-            Err("tracefs is not mounted".to_owned())
-        };
+        }
+
         let mut ebpf = None;
         if needs_ebpf {
             raise_memlock();
             let mut loader = EbpfLoader::new();
             loader.btf(btf.as_ref());
-            if let Ok(offsets) = &tp_offsets {
-                loader.override_global(agent_common::tracepoint::GLOBAL_OFFSETS, offsets, true);
+            for p in prepared.values() {
+                for (name, bytes) in &p.globals {
+                    loader.override_global(name, bytes.as_slice(), true);
+                }
+                for (name, size) in &p.map_sizes {
+                    loader.map_max_entries(name, *size);
+                }
             }
-            if let Ok(offsets) = &tcp_offsets {
-                loader.override_global(agent_common::tcp::GLOBAL_OFFSETS, offsets, true);
-            }
-            if let Ok(offsets) = &sched_offsets {
-                loader.override_global(agent_common::sched::GLOBAL_OFFSETS, offsets, true);
-            }
-            loader.map_max_entries(agent_common::tcp::MAP_PEERS, cfg.tcp.max_peers);
-            loader.map_max_entries(agent_common::tcp::MAP_TRACKED, tracked_slots);
-            loader.map_max_entries(
-                agent_common::tcp::MAP_RTT_PEERS,
-                if cfg.tcp.rtt_per_peer {
-                    cfg.tcp
-                        .max_peers
-                        .saturating_mul(agent_common::tcp::RTT_PEER_BUCKETS_PER_PEER)
-                } else {
-                    1
-                },
-            );
             match loader.load(OBJECT) {
                 Ok(e) => ebpf = Some(e),
                 Err(e) => {
@@ -189,73 +156,122 @@ impl Probes {
             }
         }
 
-        for rule in RULES {
-            let requested = mode(rule.family);
-            for v in rule.variants {
+        for &family in Family::ALL {
+            let requested = modes[&family];
+            for v in family.rule().variants {
+                let refused = prepared.get(&family).and_then(|p| p.refused.get(&v.hook));
                 let status = if matches!(requested, Mode::Off | Mode::Procfs) {
-                    HookStatus::NotTried(format!("mode = {}", mode_name(requested)))
+                    HookStatus::NotTried(format!("mode = {requested}"))
                 } else if cfg.skip_hooks.contains(&v.hook) {
                     HookStatus::NotTried(format!("{} is in probes.skip_hooks", v.hook))
                 } else if let Some(err) = &facts.object_error {
                     HookStatus::NotTried(format!("eBPF object not loaded: {err}"))
                 } else if v.needs_btf && btf.is_none() {
-                    HookStatus::NotTried(format!(
-                        "kernel BTF not available at {}",
-                        gate::kernel::BTF_PATH
-                    ))
-                } else if let (Family::Tcp, Err(e)) = (rule.family, &tcp_offsets) {
-                    HookStatus::NotTried(e.clone())
-                } else if let (Hook::Tracepoint, Err(e)) = (v.hook, &tp_offsets) {
-                    HookStatus::NotTried(e.clone())
+                    HookStatus::NotTried(format!("kernel BTF not available at {VMLINUX}"))
+                } else if let Some(why) = refused {
+                    HookStatus::NotTried(why.clone())
                 } else if let Some(ebpf) = ebpf.as_mut() {
                     load_variant(ebpf, v, btf.as_ref())
                 } else {
                     HookStatus::NotTried("eBPF object not loaded".into())
                 };
-                facts.hooks.insert((rule.family, v.hook), status);
+                facts.hooks.insert((family, v.hook), status);
             }
         }
+        drop(prepared);
 
-        let mut attached = BTreeMap::new();
-        let mut iters = BTreeMap::new();
-        let plan = loop {
-            let plan = gate::plan(&facts, mode)?;
+        let mut probes = Probes {
+            ebpf,
+            plan: Plan {
+                families: Vec::new(),
+            },
+            facts,
+            attached: BTreeMap::new(),
+            iters: BTreeMap::new(),
+            btf: shared_btf,
+            modes,
+        };
+        probes.plan_and_attach()?;
+        Ok(probes)
+    }
+
+    /// Plans, and attaches the planned variants not attached yet; a failed
+    /// attach is recorded and the family planned again.
+    fn plan_and_attach(&mut self) -> Result<(), ProbeError> {
+        loop {
+            let modes = &self.modes;
+            let plan = gate::plan(&self.facts, |f| modes[&f])?;
             let mut replan = false;
             for fp in &plan.families {
                 let (Source::Ebpf, Some(hook)) = (fp.source, fp.hook) else {
                     continue;
                 };
-                if attached.contains_key(&fp.family) {
+                if self.attached.get(&fp.family).map(|(h, _)| *h) == Some(hook) {
                     continue;
                 }
                 let variant = variant(fp.family, hook);
-                let ebpf = ebpf
+                let ebpf = self
+                    .ebpf
                     .as_mut()
                     .expect("a variant loaded, so the object exists");
-                match attach_variant(ebpf, variant, facts.sched_info) {
+                match attach_variant(ebpf, variant, &self.facts.unused_programs) {
                     Ok(linked) => {
-                        attached.insert(fp.family, (hook, SystemTime::now()));
-                        iters.extend(linked);
+                        self.attached.insert(fp.family, (hook, SystemTime::now()));
+                        self.iters.extend(linked);
                     }
                     Err(e) => {
                         warn!(family = %fp.family, %hook, error = %e, "attach failed; planning the family again");
-                        facts.hooks.insert((fp.family, hook), HookStatus::Failed(e));
+                        self.facts
+                            .hooks
+                            .insert((fp.family, hook), HookStatus::Failed(e));
                         replan = true;
                     }
                 }
             }
             if !replan {
-                break plan;
+                self.plan = plan;
+                return Ok(());
             }
-        };
+        }
+    }
 
-        // Unload what the plan does not use.
-        if let Some(ebpf) = ebpf.as_mut() {
-            for rule in RULES {
-                for v in rule.variants {
-                    let in_use = attached.get(&rule.family).map(|(h, _)| *h) == Some(v.hook);
+    /// `family`'s collector cannot use its attached `hook` variant (a map
+    /// missing or of the wrong shape): the variant is marked failed with
+    /// `reason`, its programs unloaded, and the family planned again.
+    pub fn refuse(&mut self, family: Family, hook: Hook, reason: String) -> Result<(), ProbeError> {
+        self.facts
+            .hooks
+            .insert((family, hook), HookStatus::Failed(reason));
+        if let Some(ebpf) = self.ebpf.as_mut() {
+            for p in variant(family, hook).programs {
+                if let Some(prog) = ebpf.program_mut(p.program) {
+                    let _ = unload(prog);
+                }
+            }
+        }
+        self.attached.remove(&family);
+        self.plan_and_attach()
+    }
+
+    /// `family` cannot be collected at all: it is planned off, with `reason`.
+    pub fn turn_off(&mut self, family: Family, reason: String) {
+        if let Some(fp) = self.plan.families.iter_mut().find(|p| p.family == family) {
+            fp.source = Source::Off;
+            fp.hook = None;
+            fp.reads = String::new();
+            fp.reason = reason;
+        }
+    }
+
+    /// After the collectors are built: unloads every program the plan does
+    /// not use, drops the shared kernel BTF, and logs the plan.
+    pub fn finish(&mut self) {
+        if let Some(ebpf) = self.ebpf.as_mut() {
+            for &family in Family::ALL {
+                for v in family.rule().variants {
+                    let in_use = self.attached.get(&family).map(|(h, _)| *h) == Some(v.hook);
                     for p in v.programs {
-                        if in_use && p.used(facts.sched_info) {
+                        if in_use && !self.facts.unused_programs.contains(p.program) {
                             continue;
                         }
                         if let Some(prog) = ebpf.program_mut(p.program) {
@@ -265,14 +281,8 @@ impl Probes {
                 }
             }
         }
-        info!(plan = %plan.summary(), kernel = %facts.release, btf = facts.btf, "probes ready");
-        Ok(Probes {
-            ebpf,
-            facts,
-            plan,
-            attached,
-            iters,
-        })
+        self.btf = BtfCell::default();
+        info!(plan = %self.plan.summary(), kernel = %self.facts.release, btf = self.facts.btf, "probes ready");
     }
 
     /// The source planned for `family`.
@@ -307,7 +317,7 @@ impl Probes {
         };
         let mut out = Vec::new();
         for (family, (hook, _)) in &self.attached {
-            for p in variant(*family, *hook).programs_used(self.facts.sched_info) {
+            for p in variant(*family, *hook).programs_used(&self.facts.unused_programs) {
                 let Some(info) = ebpf.program(p.program).and_then(|prog| prog.info().ok()) else {
                     continue;
                 };
@@ -323,42 +333,17 @@ impl Probes {
     }
 }
 
-/// Record offsets of the classic tracepoints the programs read, from the
-/// kernel's own format files.
-fn tracepoint_offsets() -> Result<agent_common::tracepoint::TpOffsets, String> {
-    use crate::procfs::tracefs;
-    let root = tracefs::mount().ok_or("tracefs is not mounted")?;
-    let off = |event: &str, field: &str| {
-        tracefs::field_offset(&root, event, field)
-            .map_err(|e| format!("tracepoint record layout: {e}"))
-    };
-    Ok(agent_common::tracepoint::TpOffsets {
-        switch_prev_pid: off("sched/sched_switch", "prev_pid")?,
-        switch_prev_state: off("sched/sched_switch", "prev_state")?,
-        switch_next_pid: off("sched/sched_switch", "next_pid")?,
-        wakeup_pid: off("sched/sched_wakeup", "pid")?,
-        softirq_vec: off("irq/softirq_exit", "vec")?,
-        _pad: 0,
-    })
-}
-
-fn mode_name(m: Mode) -> &'static str {
-    match m {
-        Mode::Auto => "auto",
-        Mode::Ebpf => "ebpf",
-        Mode::Procfs => "procfs",
-        Mode::Off => "off",
-    }
-}
-
-fn variant(family: Family, hook: Hook) -> &'static gate::rules::Variant {
-    gate::rules::rule(family)
-        .and_then(|r| r.variants.iter().find(|v| v.hook == hook))
+fn variant(family: Family, hook: Hook) -> &'static Variant {
+    family
+        .rule()
+        .variants
+        .iter()
+        .find(|v| v.hook == hook)
         .expect("the plan only picks variants from the rules")
 }
 
 /// Loads every program of a variant; the verifier's verdict is the test.
-fn load_variant(ebpf: &mut Ebpf, v: &gate::rules::Variant, btf: Option<&Btf>) -> HookStatus {
+fn load_variant(ebpf: &mut Ebpf, v: &Variant, btf: Option<&Btf>) -> HookStatus {
     for p in v.programs {
         let Some(prog) = ebpf.program_mut(p.program) else {
             return HookStatus::Failed(format!("program {} missing from the object", p.program));
@@ -385,18 +370,18 @@ fn load_variant(ebpf: &mut Ebpf, v: &gate::rules::Variant, btf: Option<&Btf>) ->
     HookStatus::Ok
 }
 
-/// Attaches every program of a variant the kernel needs (see
-/// [`gate::rules::ProgramSpec::used`]), in the variant's order, or none: on
-/// failure the ones already attached are detached again. Returns the linked
-/// iterators, each already run once.
+/// Attaches every program of a variant the kernel needs (those not in
+/// `unused`), in the variant's order, or none: on failure the ones already
+/// attached are detached again. Returns the linked iterators, each already
+/// run once.
 fn attach_variant(
     ebpf: &mut Ebpf,
-    v: &gate::rules::Variant,
-    sched_info: bool,
+    v: &Variant,
+    unused: &std::collections::BTreeSet<&'static str>,
 ) -> Result<Vec<(&'static str, iter::IterLink)>, String> {
     let mut done = Vec::new();
     let mut linked = Vec::new();
-    for p in v.programs_used(sched_info) {
+    for p in v.programs_used(unused) {
         match attach_one(ebpf, p) {
             Ok(Some(link)) => linked.push((p.program, link)),
             Ok(None) => {}

@@ -116,14 +116,16 @@ fn main() {
         // 2. Send to Rotel, interval by interval.
         let rotel = Rotel::start_blackhole();
         let selfm = Arc::new(SelfMetrics::new());
+        let memory = perch::pipeline::memory::MemoryGauge::default();
         let cfg = ExportConfig {
             endpoint: Some(rotel.grpc_url()),
             protocol: Protocol::Grpc,
             ..ExportConfig::default()
         };
-        let exporter = OtlpExporter::start_with_resource(&cfg, selfm.clone(), attrs.clone())
-            .expect("start")
-            .expect("endpoint");
+        let exporter =
+            OtlpExporter::start_with_resource(&cfg, selfm.clone(), memory.clone(), attrs.clone())
+                .expect("start")
+                .expect("endpoint");
         let mut delivered = exporter.delivered();
         let mut lat = vec![];
         let mut small_lat = vec![];
@@ -158,9 +160,14 @@ fn main() {
             compression: perch::config::export::Compression::None,
             ..cfg.clone()
         };
-        let exporter = OtlpExporter::start_with_resource(&plain_cfg, selfm.clone(), attrs.clone())
-            .expect("start")
-            .expect("endpoint");
+        let exporter = OtlpExporter::start_with_resource(
+            &plain_cfg,
+            selfm.clone(),
+            memory.clone(),
+            attrs.clone(),
+        )
+        .expect("start")
+        .expect("endpoint");
         let mut delivered = exporter.delivered();
         let mut plain_lat = vec![];
         for i in 0..rounds + 3 {
@@ -204,15 +211,17 @@ fn main() {
 
         // 3. Outage.
         let selfm = Arc::new(SelfMetrics::new());
+        let memory = perch::pipeline::memory::MemoryGauge::default();
         let cfg = ExportConfig {
             endpoint: Some(format!("http://127.0.0.1:{}", free_port())),
             protocol: Protocol::Grpc,
             ..ExportConfig::default()
         };
         let limit = cfg.queue.max_bytes as f64;
-        let exporter = OtlpExporter::start_with_resource(&cfg, selfm.clone(), attrs.clone())
-            .expect("start")
-            .expect("endpoint");
+        let exporter =
+            OtlpExporter::start_with_resource(&cfg, selfm.clone(), memory.clone(), attrs.clone())
+                .expect("start")
+                .expect("endpoint");
         let rss0 = rss_bytes().unwrap_or(0) as f64;
         let (mut rss_max, mut q_max) = (0f64, 0f64);
         let end = Instant::now() + Duration::from_secs(outage);

@@ -36,7 +36,7 @@ use tokio::time::Instant;
 
 use crate::config::export::{ExportConfig, ExportConfigError};
 use crate::model::{Data, Snapshot};
-use crate::pipeline::memory::{self, MemoryState};
+use crate::pipeline::memory::{MemoryGauge, MemoryState};
 use crate::selfmetrics::SelfMetrics;
 
 use disk::{DiskError, DiskQueue};
@@ -161,7 +161,7 @@ impl Shared {
             return;
         }
         self.selfm.add(
-            "perch.export.points.dropped",
+            crate::catalogue::EXPORT_POINTS_DROPPED,
             "Points that did not reach the collector, by reason",
             "{point}",
             vec![("reason", reason.into())],
@@ -172,14 +172,14 @@ impl Shared {
     fn publish_queue(&self, q: &Queue) {
         let mem = q.bytes + q.inflight.map_or(0, |(b, _)| b);
         self.selfm.set(
-            "perch.export.queue.bytes",
+            crate::catalogue::EXPORT_QUEUE_BYTES,
             "Encoded bytes waiting in memory for the collector",
             "By",
             vec![],
             mem as f64,
         );
         self.selfm.set(
-            "perch.export.queue.batches",
+            crate::catalogue::EXPORT_QUEUE_BATCHES,
             "Batches waiting in memory for the collector",
             "{batch}",
             vec![],
@@ -187,7 +187,7 @@ impl Shared {
         );
         if let Some(d) = &q.disk {
             self.selfm.set(
-                "perch.export.disk.bytes",
+                crate::catalogue::EXPORT_DISK_BYTES,
                 "Bytes in the on-disk export queue",
                 "By",
                 vec![],
@@ -230,6 +230,8 @@ impl Shared {
 /// The OTLP exporter: an encoder task and a sender task.
 pub struct OtlpExporter {
     shared: Arc<Shared>,
+    /// The memory limiter's state, written by the pipeline.
+    memory: MemoryGauge,
     encoder: JoinHandle<()>,
     sender: JoinHandle<()>,
 }
@@ -243,9 +245,14 @@ impl std::fmt::Debug for OtlpExporter {
 impl OtlpExporter {
     /// Starts the export tasks on the current tokio runtime. Returns None
     /// (after saying so once) when no endpoint is configured.
-    pub fn start(cfg: &ExportConfig, selfm: Arc<SelfMetrics>) -> Result<Option<Self>, ExportError> {
+    /// New snapshots are refused while `memory` is at the hard limit.
+    pub fn start(
+        cfg: &ExportConfig,
+        selfm: Arc<SelfMetrics>,
+        memory: MemoryGauge,
+    ) -> Result<Option<Self>, ExportError> {
         let attrs = resource::attributes(cfg, Path::new("/"), |k| std::env::var(k).ok());
-        Self::start_with_resource(cfg, selfm, attrs)
+        Self::start_with_resource(cfg, selfm, memory, attrs)
     }
 
     /// As [`OtlpExporter::start`], with the resource attributes given
@@ -253,6 +260,7 @@ impl OtlpExporter {
     pub fn start_with_resource(
         cfg: &ExportConfig,
         selfm: Arc<SelfMetrics>,
+        memory: MemoryGauge,
         resource_attributes: Vec<(String, String)>,
     ) -> Result<Option<Self>, ExportError> {
         let Some(endpoint) = cfg.endpoint.clone() else {
@@ -309,7 +317,7 @@ impl OtlpExporter {
             shared.publish_queue(&q);
         }
         shared.selfm.set(
-            "perch.export.circuit.state",
+            crate::catalogue::EXPORT_CIRCUIT_STATE,
             "Export circuit breaker: 0 closed, 1 open, 2 half-open",
             "1",
             vec![],
@@ -341,6 +349,7 @@ impl OtlpExporter {
         let sender = rt.spawn(sender.run());
         Ok(Some(Self {
             shared,
+            memory,
             encoder,
             sender,
         }))
@@ -349,7 +358,7 @@ impl OtlpExporter {
     /// Queues a snapshot for export. Never blocks on the network: past
     /// `max_pending_snapshots` the oldest pending one is dropped (counted).
     pub fn submit(&self, snapshot: Arc<Snapshot>) {
-        if memory::state() == MemoryState::Hard {
+        if self.memory.get() == MemoryState::Hard {
             self.shared
                 .dropped(reason::MEMORY, snapshot_points(&snapshot));
             return;
@@ -508,7 +517,7 @@ impl Sender {
                     // one lost batch through a dedicated counter.
                     tracing::error!(error = %e, "skipping unreadable OTLP disk queue file");
                     self.shared.selfm.add(
-                        "perch.export.disk.corrupt",
+                        crate::catalogue::EXPORT_DISK_CORRUPT,
                         "On-disk queue files set aside as corrupt or unreadable",
                         "{file}",
                         vec![],
@@ -567,7 +576,7 @@ impl Sender {
 
     fn set_circuit(&self) {
         self.shared.selfm.set(
-            "perch.export.circuit.state",
+            crate::catalogue::EXPORT_CIRCUIT_STATE,
             "Export circuit breaker: 0 closed, 1 open, 2 half-open",
             "1",
             vec![],
@@ -577,7 +586,7 @@ impl Sender {
 
     fn request(&self, outcome: &'static str) {
         self.shared.selfm.add(
-            "perch.export.requests",
+            crate::catalogue::EXPORT_REQUESTS,
             "Export requests by outcome (success, retryable, rejected)",
             "{request}",
             vec![("outcome", outcome.into())],
@@ -643,14 +652,14 @@ impl Sender {
                     let points = src.points();
                     let accepted = points.saturating_sub(rejected);
                     self.shared.selfm.add(
-                        "perch.export.points.sent",
+                        crate::catalogue::EXPORT_POINTS_SENT,
                         "Points accepted by the collector",
                         "{point}",
                         vec![],
                         accepted,
                     );
                     self.shared.selfm.add(
-                        "perch.export.bytes.sent",
+                        crate::catalogue::EXPORT_BYTES_SENT,
                         "Encoded protobuf bytes accepted by the collector (before compression)",
                         "By",
                         vec![],
@@ -684,7 +693,7 @@ impl Sender {
                 Class::Retryable { delay, reason: why } => {
                     self.request("retryable");
                     self.shared.selfm.add(
-                        "perch.export.retries",
+                        crate::catalogue::EXPORT_RETRIES,
                         "Requests that failed in a retryable way and will be retried",
                         "{request}",
                         vec![],

@@ -1,0 +1,272 @@
+//! Scheduler family: context switches, run-queue latency, scheduler wait.
+//!
+//! - Hooks (kernel side `agent-ebpf/src/sched.rs`): `sched_switch` as
+//!   `tp_btf` or `raw_tp`, reading the kernel's `sched_info` stamps; with
+//!   `sched_wakeup`/`sched_wakeup_new` where the kernel keeps none; the
+//!   classic tracepoints (`sched/sched_switch`, ...) before 5.18.
+//! - Metrics: `perch.cpu.context_switches`, `perch.scheduler.runqueue.latency`,
+//!   `perch.scheduler.wait.time` (see `collector.rs`).
+//! - Fallback: `/proc/stat` `ctxt` and `/proc/schedstat`.
+//! - Oldest kernel: 5.18 for `tp_btf`/`raw_tp` (the `prev_state`
+//!   argument), 4.7 for the classic tracepoint, any for procfs.
+
+mod collector;
+pub mod offsets;
+pub mod schedstat;
+
+use serde::Deserialize;
+
+use agent_common::sched as c;
+
+use crate::gate::rules::{p, Hook, Rule, Variant};
+use crate::gate::Mode;
+use crate::sources::tracefs;
+
+use super::{BuildCtx, BuildError, PrepareCtx, Prepared, Section, Unit};
+
+pub use collector::runq_bounds;
+
+/// Programs that time run-queue waits from wake-ups, left unattached where
+/// `sched_switch` reads the kernel's stamps.
+const WAKEUP_PROGRAMS: [&str; 4] = [
+    "sched_wakeup_btf",
+    "sched_wakeup_new_btf",
+    "sched_wakeup_raw",
+    "sched_wakeup_new_raw",
+];
+
+pub const RULE: Rule = Rule {
+    variants: &[
+        // Both variants read sched_switch's prev_state argument, appended in
+        // 5.18 (commit fa2c3254d7cf). Where task_struct has sched_info
+        // (CONFIG_SCHED_INFO), sched_switch reads the kernel's run-queue
+        // stamps and the wake-up programs are not attached; the classic
+        // tracepoint sees pids, not tasks, and always times wake-ups.
+        Variant {
+            hook: Hook::TpBtf,
+            programs: &[
+                p("sched_switch_btf", "sched_switch"),
+                p("sched_wakeup_btf", "sched_wakeup"),
+                p("sched_wakeup_new_btf", "sched_wakeup_new"),
+            ],
+            min_kernel: (5, 18),
+            needs_btf: true,
+        },
+        Variant {
+            hook: Hook::RawTp,
+            programs: &[
+                p("sched_switch_raw", "sched_switch"),
+                p("sched_wakeup_raw", "sched_wakeup"),
+                p("sched_wakeup_new_raw", "sched_wakeup_new"),
+            ],
+            min_kernel: (5, 18),
+            needs_btf: false,
+        },
+        // The classic record has carried prev_state since 2.6; BPF
+        // tracepoint programs arrived in 4.7 (commit 98b5c2c65c29). Needs
+        // tracefs mounted; offsets come from its format files.
+        Variant {
+            hook: Hook::Tracepoint,
+            programs: &[
+                p("sched_switch_tp", "sched/sched_switch"),
+                p("sched_wakeup_tp", "sched/sched_wakeup"),
+                p("sched_wakeup_new_tp", "sched/sched_wakeup_new"),
+            ],
+            min_kernel: (4, 7),
+            needs_btf: false,
+        },
+    ],
+    fallback: Some("/proc/stat ctxt, /proc/schedstat"),
+    fallback_loses: "the voluntary/involuntary and per-CPU split of context switches, \
+                     and the run-queue latency histogram",
+};
+
+/// `[probes.sched]`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `auto`, `ebpf`, `procfs` or `off`. Default `auto`.
+    pub mode: Mode,
+    /// Export the run-queue latency histogram per CPU instead of one
+    /// host-wide histogram. Multiplies that metric's series by the CPU
+    /// count, so it is opt-in. Default `false`.
+    pub runqueue_per_cpu: bool,
+    /// How run-queue waits are timed. Default `auto`.
+    pub runqueue_clock: RunqueueClock,
+}
+
+impl Section for Config {
+    fn mode(&self) -> Mode {
+        self.mode
+    }
+    fn set_mode(&mut self, mode: Mode) {
+        self.mode = mode;
+    }
+}
+
+/// `probes.sched.runqueue_clock`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunqueueClock {
+    /// The kernel's own stamps (`task_struct.sched_info`) where the kernel
+    /// keeps them (`CONFIG_SCHED_INFO`): one program per context switch.
+    /// Else the wake-up clock.
+    #[default]
+    Auto,
+    /// `sched_wakeup` programs stamp every wake-up with a clock read: a
+    /// second program per wake-up, and a wait that spans a load-balancer
+    /// migration counts whole rather than from the last enqueue.
+    Wakeup,
+}
+
+pub struct Sched;
+pub static UNIT: Sched = Sched;
+
+impl Unit for Sched {
+    fn rule(&self) -> &'static Rule {
+        &RULE
+    }
+
+    fn prepare(&self, ctx: &PrepareCtx<'_>) -> Prepared {
+        let stamps = if ctx.config.probes.sched.runqueue_clock == RunqueueClock::Wakeup {
+            Err("probes.sched.runqueue_clock = \"wakeup\"".to_owned())
+        } else {
+            ctx.btf.get().and_then(|btf| {
+                offsets::sched_offsets(btf)
+                    .map_err(|e| format!("{e} (kernel built without CONFIG_SCHED_INFO?)"))
+            })
+        };
+        let mut out = clock(stamps);
+        match ctx.tracefs.map(tracepoint_offsets) {
+            Some(Ok(tp)) => out.global(c::GLOBAL_TP_OFFSETS, &tp),
+            Some(Err(e)) => {
+                out.refused.insert(Hook::Tracepoint, e);
+            }
+            None => {
+                out.refused
+                    .insert(Hook::Tracepoint, "tracefs is not mounted".to_owned());
+            }
+        }
+        out
+    }
+
+    fn build(
+        &self,
+        ctx: &mut BuildCtx<'_>,
+    ) -> Result<Box<dyn crate::collectors::Collector>, BuildError> {
+        Ok(Box::new(collector::SchedCollector::new(ctx)?))
+    }
+}
+
+/// How `tp_btf`/`raw_tp` time run-queue waits: from the kernel's stamps
+/// when their offsets are known (the wake-up programs stay unattached), else
+/// from wake-ups, with why.
+fn clock(stamps: Result<c::SchedOffsets, String>) -> Prepared {
+    let mut out = Prepared::default();
+    let note = match stamps {
+        Ok(offsets) => {
+            out.global(c::GLOBAL_OFFSETS, &offsets);
+            out.unused_programs.extend(WAKEUP_PROGRAMS);
+            "run-queue waits from the kernel's sched_info stamps (no sched_wakeup programs)"
+                .to_owned()
+        }
+        Err(e) => format!("run-queue waits timed from sched_wakeup: {e}"),
+    };
+    out.notes.insert(Hook::TpBtf, note.clone());
+    out.notes.insert(Hook::RawTp, note);
+    out.notes.insert(
+        Hook::Tracepoint,
+        "run-queue waits timed from sched_wakeup (a classic tracepoint sees pids, not tasks)"
+            .to_owned(),
+    );
+    out
+}
+
+/// Record offsets of the classic tracepoints, from the kernel's own format
+/// files.
+fn tracepoint_offsets(root: &std::path::Path) -> Result<c::TpOffsets, String> {
+    let off = |event: &str, field: &str| {
+        tracefs::field_offset(root, event, field)
+            .map_err(|e| format!("tracepoint record layout: {e}"))
+    };
+    Ok(c::TpOffsets {
+        switch_prev_pid: off("sched/sched_switch", "prev_pid")?,
+        switch_prev_state: off("sched/sched_switch", "prev_state")?,
+        switch_next_pid: off("sched/sched_switch", "next_pid")?,
+        wakeup_pid: off("sched/sched_wakeup", "pid")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gate::{plan, Family, HookStatus, KernelFacts};
+
+    fn facts(hook: Hook, prepared: &Prepared) -> KernelFacts {
+        let mut f = KernelFacts::default();
+        f.hooks.insert((Family::Sched, hook), HookStatus::Ok);
+        f.unused_programs
+            .extend(prepared.unused_programs.iter().copied());
+        for (h, note) in &prepared.notes {
+            f.notes.insert((Family::Sched, *h), note.clone());
+        }
+        f
+    }
+
+    /// With the kernel's sched_info stamps the wake-up programs are not
+    /// read, and the reason says which clock times run-queue waits; the
+    /// classic tracepoint always times wake-ups.
+    #[test]
+    fn sched_reads_follow_the_runqueue_clock() {
+        let stamped = clock(Ok(c::SchedOffsets::default()));
+        let p = plan(&facts(Hook::TpBtf, &stamped), |_| Mode::Auto).unwrap();
+        let sched = p.get(Family::Sched).unwrap();
+        assert_eq!(sched.reads, "tp_btf sched_switch");
+        assert!(
+            sched.reason.ends_with(
+                "; run-queue waits from the kernel's sched_info stamps (no sched_wakeup programs)"
+            ),
+            "{}",
+            sched.reason
+        );
+
+        let wakeup = clock(Err("no stamps".into()));
+        let p = plan(&facts(Hook::RawTp, &wakeup), |_| Mode::Auto).unwrap();
+        let sched = p.get(Family::Sched).unwrap();
+        assert_eq!(
+            sched.reads,
+            "raw_tp sched_switch, raw_tp sched_wakeup, raw_tp sched_wakeup_new"
+        );
+        assert!(
+            sched.reason.ends_with("timed from sched_wakeup: no stamps"),
+            "{}",
+            sched.reason
+        );
+
+        let p = plan(&facts(Hook::Tracepoint, &stamped), |_| Mode::Auto).unwrap();
+        let sched = p.get(Family::Sched).unwrap();
+        assert!(
+            sched.reads.contains("sched/sched_wakeup_new"),
+            "{}",
+            sched.reads
+        );
+        assert!(
+            sched.reason.contains("classic tracepoint sees pids"),
+            "{}",
+            sched.reason
+        );
+    }
+
+    /// Every program the stamps leave unattached is a program of the rule.
+    #[test]
+    fn wakeup_programs_are_in_the_rule() {
+        for name in WAKEUP_PROGRAMS {
+            assert!(
+                RULE.variants
+                    .iter()
+                    .any(|v| v.programs.iter().any(|p| p.program == name)),
+                "{name}"
+            );
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Sources shared by several families, and what every reader needs.
+//!
+//! Pure parsers for the `/proc` and `/sys` files more than one family reads,
+//! the kernel BTF reader, the sock_diag client and tracefs. A parser that
+//! only one family uses lives in that family's folder
+//! (`agent/src/families/<name>/`). Each parser owns one file format and
+//! exposes a `parse_*` function over the file's text, so it can be tested on
+//! fixtures captured from real kernels (`agent/tests/fixtures/procfs/`,
+//! whose README says where each one comes from). Reading is separate:
+//! [`Root`] joins relative paths onto a root directory, `/host/proc` or
+//! `/host/sys` when the agent runs in a container.
+//!
+//! | module      | source                                | used by                 |
+//! |-------------|---------------------------------------|-------------------------|
+//! | [`stat`]    | `/proc/stat`                          | cpu, sched, boot time   |
+//! | [`snmp`]    | `/proc/net/snmp`, `/proc/net/netstat` | tcp, drops              |
+//! | [`cpulist`] | `/sys/devices/system/cpu/online`      | tests, per-CPU maps     |
+//! | [`tracefs`] | tracefs `events/*/*/format`           | classic tracepoints     |
+//! | [`btf`]     | `/sys/kernel/btf/vmlinux`             | sched, tcp, drops       |
+//! | [`netlink`] | `NETLINK_SOCK_DIAG`                   | connections, tcp        |
+//!
+//! Errors name the file and, where one is at fault, the 1-based line.
+
+pub mod btf;
+pub mod cpulist;
+pub mod netlink;
+pub mod snmp;
+pub mod stat;
+pub mod tracefs;
+
+use std::path::{Path, PathBuf};
+
+/// Errors from reading or parsing a /proc or /sys file. Each names the file
+/// (path as read) and the line (1-based) where relevant.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    /// I/O error reading a file or listing a directory.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The path that failed, as opened.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Malformed content.
+    #[error("{file}: line {line}: {reason}")]
+    Malformed {
+        /// The file being parsed.
+        file: String,
+        /// 1-based line number of the offending line.
+        line: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A required line or field is absent.
+    #[error("{file}: missing {what}")]
+    Missing {
+        /// The file being parsed.
+        file: String,
+        /// The line or field that was expected.
+        what: String,
+    },
+}
+
+impl ProcError {
+    pub(crate) fn malformed(file: &str, line: usize, reason: impl Into<String>) -> Self {
+        Self::Malformed {
+            file: file.to_owned(),
+            line,
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn missing(file: &str, what: impl Into<String>) -> Self {
+        Self::Missing {
+            file: file.to_owned(),
+            what: what.into(),
+        }
+    }
+
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// A root directory for procfs or sysfs (default `/proc` and `/sys`;
+/// `/host/proc` and `/host/sys` in a container). Readers join relative
+/// paths onto it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Root(pub PathBuf);
+
+impl Root {
+    /// A root at `p`.
+    pub fn new(p: impl Into<PathBuf>) -> Self {
+        Self(p.into())
+    }
+
+    /// The host's own `/proc`.
+    pub fn proc() -> Self {
+        Self::new("/proc")
+    }
+
+    /// The host's own `/sys`.
+    pub fn sys() -> Self {
+        Self::new("/sys")
+    }
+
+    /// The absolute path of `rel` (e.g. `"net/dev"`) under this root.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+
+    /// Read `rel` under this root into a string.
+    pub fn read(&self, rel: &str) -> Result<String, ProcError> {
+        read_file(&self.path(rel))
+    }
+}
+
+/// One `read_to_string`: proc's seq_file files produce each record whole
+/// within a read, so a single pass over the file gives consistent lines.
+pub(crate) fn read_file(path: &Path) -> Result<String, ProcError> {
+    std::fs::read_to_string(path).map_err(|e| ProcError::io(path, e))
+}
+
+/// Parse a decimal `u64` token; `what` names the field in the error.
+pub(crate) fn dec_u64(tok: &str, file: &str, line: usize, what: &str) -> Result<u64, ProcError> {
+    // `u64::from_str` accepts a leading '+', which the kernel never prints.
+    if tok.starts_with('+') {
+        return Err(bad_number(tok, file, line, what));
+    }
+    tok.parse().map_err(|_| bad_number(tok, file, line, what))
+}
+
+/// Parse a hexadecimal `u64` token (no `0x` prefix, as the kernel prints
+/// with `%x`/`%X`); `what` names the field in the error.
+pub(crate) fn hex_u64(tok: &str, file: &str, line: usize, what: &str) -> Result<u64, ProcError> {
+    if tok.is_empty() || !tok.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad_number(tok, file, line, what));
+    }
+    u64::from_str_radix(tok, 16).map_err(|_| bad_number(tok, file, line, what))
+}
+
+fn bad_number(tok: &str, file: &str, line: usize, what: &str) -> ProcError {
+    ProcError::malformed(file, line, format!("{what}: invalid number {tok:?}"))
+}
+
+/// Shared assertions for the parsers' tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::ProcError;
+
+    /// The expected error of a bad-input case.
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) enum Want {
+        /// `Malformed` at `line`, with `reason` containing the text.
+        Malformed(usize, &'static str),
+        /// `Missing`, with `what` containing the text.
+        Missing(&'static str),
+    }
+
+    /// Assert that `got` is the error `want`, naming `file`.
+    #[track_caller]
+    pub(crate) fn assert_err<T: std::fmt::Debug>(
+        case: &str,
+        got: Result<T, ProcError>,
+        file: &str,
+        want: Want,
+    ) {
+        match (got, want) {
+            (
+                Err(ProcError::Malformed {
+                    file: f,
+                    line,
+                    reason,
+                }),
+                Want::Malformed(want_line, needle),
+            ) => {
+                assert_eq!(f, file, "{case}: file");
+                assert_eq!(line, want_line, "{case}: line ({reason})");
+                assert!(
+                    reason.contains(needle),
+                    "{case}: reason {reason:?} lacks {needle:?}"
+                );
+            }
+            (Err(ProcError::Missing { file: f, what }), Want::Missing(needle)) => {
+                assert_eq!(f, file, "{case}: file");
+                assert!(
+                    what.contains(needle),
+                    "{case}: what {what:?} lacks {needle:?}"
+                );
+            }
+            (got, want) => panic!("{case}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    /// The online CPUs of this machine, from sysfs, for the live tests.
+    pub(crate) fn online_cpus() -> Vec<u32> {
+        let text = std::fs::read_to_string("/sys/devices/system/cpu/online")
+            .expect("reading /sys/devices/system/cpu/online");
+        super::cpulist::parse_cpu_list(&text, "/sys/devices/system/cpu/online")
+            .expect("parsing /sys/devices/system/cpu/online")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roots_join_and_name_the_path_on_error() {
+        let root = Root::new("/nonexistent-perch-root");
+        assert_eq!(
+            root.path("net/dev"),
+            PathBuf::from("/nonexistent-perch-root/net/dev")
+        );
+        match root.read("net/dev") {
+            Err(ProcError::Io { path, source }) => {
+                assert_eq!(path, "/nonexistent-perch-root/net/dev");
+                assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+            }
+            other => panic!("expected Io error, got {other:?}"),
+        }
+        assert_eq!(Root::proc().path("stat"), PathBuf::from("/proc/stat"));
+        assert_eq!(
+            Root::sys().path("class/net"),
+            PathBuf::from("/sys/class/net")
+        );
+        let err = Root::new("/nonexistent-perch-root").read("x").unwrap_err();
+        assert_eq!(
+            err.to_string().split(':').next(),
+            Some("reading /nonexistent-perch-root/x")
+        );
+    }
+
+    #[test]
+    fn number_helpers() {
+        let cases: &[(&str, bool, Option<u64>)] = &[
+            ("0", false, Some(0)),
+            ("18446744073709551615", false, Some(u64::MAX)),
+            ("18446744073709551616", false, None),
+            ("+1", false, None),
+            ("-1", false, None),
+            ("", false, None),
+            ("1O", false, None),
+            ("00c0ffee", true, Some(0xc0ffee)),
+            ("FFFFFFFF", true, Some(0xffff_ffff)),
+            ("+1", true, None),
+            ("0x10", true, None),
+            ("", true, None),
+        ];
+        for &(tok, hex, want) in cases {
+            let got = if hex {
+                hex_u64(tok, "f", 3, "col")
+            } else {
+                dec_u64(tok, "f", 3, "col")
+            };
+            match (got, want) {
+                (Ok(v), Some(w)) => assert_eq!(v, w, "{tok:?}"),
+                (
+                    Err(ProcError::Malformed {
+                        line: 3, reason, ..
+                    }),
+                    None,
+                ) => {
+                    assert!(reason.contains("col") && reason.contains(tok), "{reason}")
+                }
+                (got, want) => panic!("{tok:?} hex={hex}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+}
