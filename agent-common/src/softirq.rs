@@ -1,5 +1,7 @@
 //! Softirq family: time spent per softirq vector.
 
+use crate::contract::MapSpec;
+
 /// Per-CPU array of `u64` nanoseconds spent in each vector, indexed by vector.
 pub const MAP_TIME: &str = "SOFTIRQ_TIME";
 /// Per-CPU array with one slot: when the current softirq started (ns).
@@ -8,6 +10,12 @@ pub const MAP_START: &str = "SOFTIRQ_START";
 /// `NR_SOFTIRQS` in `include/linux/interrupt.h`, stable since 4.1 (when
 /// `IRQ_POLL` replaced `BLOCK_IOPOLL`).
 pub const NR_SOFTIRQS: u32 = 10;
+
+/// Every map of the family's kernel side ([`crate::contract`]).
+pub const MAPS: &[MapSpec] = &[
+    MapSpec::per_cpu_array::<u64>(MAP_TIME, NR_SOFTIRQS),
+    MapSpec::per_cpu_array::<u64>(MAP_START, 1),
+];
 
 /// The vector names as `/proc/softirqs` prints them, lower-cased, by index.
 pub const VECTOR_NAMES: [&str; NR_SOFTIRQS as usize] = [

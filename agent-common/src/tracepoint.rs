@@ -3,8 +3,14 @@
 //! the programs as a read-only global: the record layout is the kernel's
 //! own description, never a constant compiled in.
 
+use crate::contract::GlobalSpec;
+
 /// Name of the global (`.rodata`) holding [`TpOffsets`].
 pub const GLOBAL_OFFSETS: &str = "TP_OFFSETS";
+
+/// Every global userspace overrides for the classic tracepoints
+/// ([`crate::contract`]).
+pub const GLOBALS: &[GlobalSpec] = &[GlobalSpec::of::<TpOffsets>(GLOBAL_OFFSETS)];
 
 /// Byte offsets into a classic tracepoint record. Zero means "unknown":
 /// the tracepoint variants are used only when every offset was found.

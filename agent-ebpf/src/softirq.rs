@@ -23,10 +23,10 @@ use aya_ebpf::{
 
 use crate::tracepoint::tp_offset;
 
-#[map(name = "SOFTIRQ_START")]
+#[map]
 static SOFTIRQ_START: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-#[map(name = "SOFTIRQ_TIME")]
+#[map]
 static SOFTIRQ_TIME: PerCpuArray<u64> = PerCpuArray::with_max_entries(c::NR_SOFTIRQS, 0);
 
 #[inline(always)]

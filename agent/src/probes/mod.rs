@@ -11,6 +11,8 @@
 //! detaches and unloads everything: nothing is pinned.
 
 pub mod btf;
+#[cfg(test)]
+mod contract;
 pub mod iter;
 
 use std::collections::BTreeMap;
