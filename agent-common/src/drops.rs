@@ -1,5 +1,7 @@
 //! Drops family: packets freed by `kfree_skb` with the kernel's drop reason.
 
+use crate::contract::MapSpec;
+
 /// Per-CPU array of `u64` drop counts, indexed by drop reason (the value of
 /// `enum skb_drop_reason`), plus [`SLOT_SUBSYSTEM`] and [`SLOT_OVERFLOW`].
 /// Reason numbers differ between kernels (values are inserted mid-enum):
@@ -19,6 +21,9 @@ pub const SLOT_SUBSYSTEM: u32 = MAX_REASONS;
 pub const SLOT_OVERFLOW: u32 = MAX_REASONS + 1;
 /// Number of slots in [`MAP_COUNTS`].
 pub const SLOTS: u32 = MAX_REASONS + 2;
+
+/// Every map of the family's kernel side ([`crate::contract`]).
+pub const MAPS: &[MapSpec] = &[MapSpec::per_cpu_array::<u64>(MAP_COUNTS, SLOTS)];
 
 /// `SKB_DROP_REASON_SUBSYS_MASK`: the high 16 bits name a subsystem.
 pub const SUBSYS_MASK: u32 = 0xffff_0000;

@@ -1,5 +1,7 @@
 //! Scheduler family: context switches and run-queue latency.
 
+use crate::contract::{GlobalSpec, MapSpec};
+
 /// Per-CPU array of `u64` counters, indexed by the `SLOT_*` constants.
 pub const MAP_COUNTERS: &str = "SCHED_COUNTERS";
 /// Per-CPU array of `u64` bucket counts, indexed by [`crate::hist::bucket_index`]
@@ -34,6 +36,22 @@ pub const COUNTER_SLOTS: u32 = 4;
 /// a healthy host has at once. Failed inserts are counted in
 /// [`SLOT_RUNQ_START_FULL`].
 pub const RUNQ_START_ENTRIES: u32 = 16384;
+
+/// Every map of the family's kernel side ([`crate::contract`]).
+pub const MAPS: &[MapSpec] = &[
+    MapSpec::per_cpu_array::<u64>(MAP_COUNTERS, COUNTER_SLOTS),
+    MapSpec::per_cpu_array::<u64>(MAP_RUNQ_HIST, crate::hist::BUCKETS),
+    // Keyed by `task_struct` pointer (`tp_btf`, `raw_tp`) or pid (classic
+    // tracepoint), both as `u64`.
+    MapSpec::hash::<u64, u64>(MAP_RUNQ_START, RUNQ_START_ENTRIES),
+    MapSpec::per_cpu_array::<Arrival>(MAP_ARRIVAL, 1),
+];
+
+/// Every global of the family's kernel side that userspace overrides.
+pub const GLOBALS: &[GlobalSpec] = &[
+    GlobalSpec::of::<SchedOffsets>(GLOBAL_OFFSETS),
+    GlobalSpec::of::<TpOffsets>(GLOBAL_TP_OFFSETS),
+];
 
 /// Where `sched_switch` finds the kernel's own run-queue stamps, from the
 /// running kernel's BTF. With `CONFIG_SCHED_INFO` (selected by

@@ -1,5 +1,7 @@
 //! Softirq family: time spent per softirq vector.
 
+use crate::contract::{GlobalSpec, MapSpec};
+
 /// Per-CPU array of `u64` nanoseconds spent in each vector, indexed by vector.
 pub const MAP_TIME: &str = "SOFTIRQ_TIME";
 /// Per-CPU array with one slot: when the current softirq started (ns).
@@ -9,6 +11,12 @@ pub const MAP_START: &str = "SOFTIRQ_START";
 /// `IRQ_POLL` replaced `BLOCK_IOPOLL`).
 pub const NR_SOFTIRQS: u32 = 10;
 
+/// Every map of the family's kernel side ([`crate::contract`]).
+pub const MAPS: &[MapSpec] = &[
+    MapSpec::per_cpu_array::<u64>(MAP_TIME, NR_SOFTIRQS),
+    MapSpec::per_cpu_array::<u64>(MAP_START, 1),
+];
+
 /// The vector names as `/proc/softirqs` prints them, lower-cased, by index.
 pub const VECTOR_NAMES: [&str; NR_SOFTIRQS as usize] = [
     "hi", "timer", "net_tx", "net_rx", "block", "irq_poll", "tasklet", "sched", "hrtimer", "rcu",
@@ -16,6 +24,9 @@ pub const VECTOR_NAMES: [&str; NR_SOFTIRQS as usize] = [
 
 /// Global (`.rodata`) holding [`TpOffsets`].
 pub const GLOBAL_TP_OFFSETS: &str = "SOFTIRQ_TP_OFFSETS";
+
+/// Every global userspace overrides ([`crate::contract`]).
+pub const GLOBALS: &[GlobalSpec] = &[GlobalSpec::of::<TpOffsets>(GLOBAL_TP_OFFSETS)];
 
 /// Byte offsets into the classic `irq:softirq_entry`/`irq:softirq_exit`
 /// records, from tracefs at start-up (see `sched::TpOffsets`). Zero means

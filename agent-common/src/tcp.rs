@@ -15,6 +15,8 @@
 //!   `sock_recv_length` and `tcp_retransmit_skb` add to [`MAP_PEERS`] as
 //!   the events happen, with [`MAP_SOCKS`] remembering each socket's key.
 
+use crate::contract::{GlobalSpec, MapSpec};
+
 /// Per-CPU hash: [`PeerKey`] -> [`PeerValue`]. Its size comes from
 /// `probes.tcp.max_peers` (the loader overrides [`PEERS_DEFAULT_ENTRIES`]).
 pub const MAP_PEERS: &str = "TCP_PEERS";
@@ -47,6 +49,23 @@ pub const MAP_RTT_PEERS: &str = "TCP_RTT_PEERS";
 
 /// Global (`.rodata`) holding [`TcpOffsets`].
 pub const GLOBAL_OFFSETS: &str = "TCP_OFFSETS";
+
+/// Every map of the family's kernel side, both designs ([`crate::contract`]).
+pub const MAPS: &[MapSpec] = &[
+    MapSpec::per_cpu_hash::<PeerKey, PeerValue>(MAP_PEERS, PEERS_DEFAULT_ENTRIES),
+    // Keyed by socket pointer.
+    MapSpec::hash::<u64, SockState>(MAP_SOCKS, SOCKS_ENTRIES),
+    MapSpec::array::<TrackedSlot>(MAP_TRACKED, TRACKED_DEFAULT_SLOTS),
+    MapSpec::per_cpu_array::<u64>(MAP_SCRATCH, 1),
+    MapSpec::per_cpu_array::<u64>(MAP_COUNTERS, COUNTER_SLOTS),
+    MapSpec::per_cpu_array::<u64>(MAP_CONNECT_HIST, crate::hist::BUCKETS),
+    MapSpec::per_cpu_array::<u64>(MAP_RTT_HIST, crate::hist::BUCKETS),
+    // One entry in the object; the loader sizes it (see the map's doc).
+    MapSpec::per_cpu_hash::<RttKey, u64>(MAP_RTT_PEERS, 1),
+];
+
+/// Every global of the family's kernel side that userspace overrides.
+pub const GLOBALS: &[GlobalSpec] = &[GlobalSpec::of::<TcpOffsets>(GLOBAL_OFFSETS)];
 
 /// Client connections established (`SYN_SENT -> ESTABLISHED`).
 pub const SLOT_OPENED_CLIENT: u32 = 0;

@@ -23,7 +23,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 
-#[map(name = "DROPS_BY_REASON")]
+#[map]
 static DROPS_BY_REASON: PerCpuArray<u64> = PerCpuArray::with_max_entries(c::SLOTS, 0);
 
 #[inline(always)]

@@ -85,16 +85,16 @@ macro_rules! off {
     };
 }
 
-#[map(name = "SCHED_ARRIVAL")]
+#[map]
 static SCHED_ARRIVAL: PerCpuArray<Arrival> = PerCpuArray::with_max_entries(1, 0);
 
-#[map(name = "SCHED_COUNTERS")]
+#[map]
 static SCHED_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(c::COUNTER_SLOTS, 0);
 
-#[map(name = "SCHED_RUNQ_HIST")]
+#[map]
 static SCHED_RUNQ_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(hist::BUCKETS, 0);
 
-#[map(name = "SCHED_RUNQ_START")]
+#[map]
 static SCHED_RUNQ_START: HashMap<u64, u64> = HashMap::with_max_entries(c::RUNQ_START_ENTRIES, 0);
 
 /// `TASK_RUNNING` in `include/linux/sched.h`.

@@ -27,10 +27,10 @@ use crate::tracepoint::tp_offset;
 #[unsafe(no_mangle)]
 static SOFTIRQ_TP_OFFSETS: c::TpOffsets = c::TpOffsets { vec: 0, _pad: 0 };
 
-#[map(name = "SOFTIRQ_START")]
+#[map]
 static SOFTIRQ_START: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-#[map(name = "SOFTIRQ_TIME")]
+#[map]
 static SOFTIRQ_TIME: PerCpuArray<u64> = PerCpuArray::with_max_entries(c::NR_SOFTIRQS, 0);
 
 #[inline(always)]

@@ -49,7 +49,7 @@ const RAW: bool = false;
 
 /// Allocated as sockets are seen, not preallocated: it holds nothing while
 /// the socket-counter variant runs instead.
-#[map(name = "TCP_SOCKS")]
+#[map]
 static TCP_SOCKS: HashMap<u64, SockState> =
     HashMap::with_max_entries(c::SOCKS_ENTRIES, BPF_F_NO_PREALLOC);
 

@@ -71,20 +71,20 @@ static TCP_OFFSETS: TcpOffsets = TcpOffsets {
     tcp_mstamp: 0,
 };
 
-#[map(name = "TCP_PEERS")]
+#[map]
 static TCP_PEERS: PerCpuHashMap<PeerKey, PeerValue> =
     PerCpuHashMap::with_max_entries(c::PEERS_DEFAULT_ENTRIES, 0);
 
-#[map(name = "TCP_COUNTERS")]
+#[map]
 static TCP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(c::COUNTER_SLOTS, 0);
 
-#[map(name = "TCP_CONNECT_HIST")]
+#[map]
 static TCP_CONNECT_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(hist::BUCKETS, 0);
 
-#[map(name = "TCP_RTT_HIST")]
+#[map]
 static TCP_RTT_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(hist::BUCKETS, 0);
 
-#[map(name = "TCP_RTT_PEERS")]
+#[map]
 static TCP_RTT_PEERS: PerCpuHashMap<RttKey, u64> = PerCpuHashMap::with_max_entries(1, 0);
 
 // include/net/tcp_states.h

@@ -31,11 +31,11 @@ use super::off;
 /// A slot that held a socket that closed.
 const TOMBSTONE: u64 = 1;
 
-#[map(name = "TCP_TRACKED")]
+#[map]
 static TCP_TRACKED: Array<TrackedSlot> = Array::with_max_entries(c::TRACKED_DEFAULT_SLOTS, 0);
 
 /// Scratch slot for [`id`].
-#[map(name = "TCP_SCRATCH")]
+#[map]
 static TCP_SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// `sk` as a plain number. The verifier tracks a socket pointer as a

@@ -10,6 +10,8 @@
 //! Programs of variants that are not used are unloaded. Dropping [`Probes`]
 //! detaches and unloads everything: nothing is pinned.
 
+#[cfg(test)]
+mod contract;
 pub mod iter;
 
 use std::collections::BTreeMap;
