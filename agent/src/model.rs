@@ -28,6 +28,56 @@ pub struct Metric {
     pub data: Data,
 }
 
+impl Metric {
+    /// A monotonic cumulative sum (a counter).
+    pub fn counter(
+        name: &'static str,
+        description: &'static str,
+        unit: &'static str,
+        points: Vec<NumberPoint>,
+    ) -> Metric {
+        Metric {
+            name,
+            description,
+            unit,
+            data: Data::Sum {
+                monotonic: true,
+                points,
+            },
+        }
+    }
+
+    /// A gauge.
+    pub fn gauge(
+        name: &'static str,
+        description: &'static str,
+        unit: &'static str,
+        points: Vec<NumberPoint>,
+    ) -> Metric {
+        Metric {
+            name,
+            description,
+            unit,
+            data: Data::Gauge { points },
+        }
+    }
+
+    /// A cumulative histogram.
+    pub fn histogram(
+        name: &'static str,
+        description: &'static str,
+        unit: &'static str,
+        points: Vec<HistogramPoint>,
+    ) -> Metric {
+        Metric {
+            name,
+            description,
+            unit,
+            data: Data::Histogram { points },
+        }
+    }
+}
+
 /// The instrument kind and its points.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Data {

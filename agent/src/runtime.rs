@@ -84,9 +84,26 @@ impl Agent {
         let now = SystemTime::now();
         let selfm = &self.shared.selfm;
         let mut metrics: Vec<Metric> = Vec::new();
+        let count_error = |component: &'static str, kind: &'static str| {
+            selfm.add(
+                crate::catalogue::COLLECTOR_ERRORS,
+                "Collections a collector (or a part of one) could not complete, by component \
+                 and error type.",
+                "{error}",
+                vec![
+                    ("perch.component", component.into()),
+                    ("error.type", kind.into()),
+                ],
+                1,
+            );
+        };
         for c in &mut self.collectors {
             let failing = self.failing.contains(c.name());
-            match c.collect(now, &mut metrics) {
+            let result = c.collect(now, &mut metrics);
+            for (component, kind) in c.take_partial_errors() {
+                count_error(component, kind);
+            }
+            match result {
                 Ok(()) if failing => {
                     self.failing.remove(c.name());
                     info!(component = c.name(), "collector recovered");
@@ -98,16 +115,7 @@ impl Agent {
                         error!(component = c.name(), error.type = e.kind(), error = %e, "collector failed; its metrics are missing from this interval, others go on");
                         self.failing.insert(c.name());
                     }
-                    selfm.add(
-                        crate::catalogue::COLLECTOR_ERRORS,
-                        "Collections a collector could not complete, by component and error type.",
-                        "{error}",
-                        vec![
-                            ("perch.component", c.name().into()),
-                            ("error.type", e.kind().into()),
-                        ],
-                        1,
-                    );
+                    count_error(c.name(), e.kind());
                 }
             }
         }

@@ -18,6 +18,13 @@ pub trait Collector: Send {
     fn name(&self) -> &'static str;
     /// Appends this interval's metrics to `out`.
     fn collect(&mut self, now: SystemTime, out: &mut Vec<Metric>) -> Result<(), CollectError>;
+    /// Failures of a part of this collector that did not stop the
+    /// collection (the tcp family's sock_diag sampler), since the last call,
+    /// as `(component, error.type)`. The run loop counts them in
+    /// `perch.collector.errors` like a failed collection: one place emits it.
+    fn take_partial_errors(&mut self) -> Vec<(&'static str, &'static str)> {
+        Vec::new()
+    }
 }
 
 /// Why a collector produced nothing this interval.
@@ -64,27 +71,31 @@ pub fn boot_time(proc: &Root) -> Result<SystemTime, ProcError> {
     Ok(UNIX_EPOCH + Duration::from_secs(stat.btime))
 }
 
-/// `perch.bpf.map.insert_failures{perch.bpf.map}`: inserts a bounded kernel
-/// map refused because it was full, so the loss is counted, never silent.
-pub fn map_insert_failures(
+/// `perch.bpf.map.insert_failures{perch.bpf.map}`: inserts into bounded
+/// kernel maps refused because they were full, so the loss is counted,
+/// never silent. `points` come from [`map_insert_failure_point`].
+pub fn map_insert_failures(points: Vec<crate::model::NumberPoint>) -> Metric {
+    Metric::counter(
+        crate::catalogue::BPF_MAP_INSERT_FAILURES,
+        "Kernel-side inserts refused because a bounded BPF map was full; what they \
+         carried went to an overflow series or is named in docs/metrics.md.",
+        "{insert}",
+        points,
+    )
+}
+
+/// One map's point of [`map_insert_failures`].
+pub fn map_insert_failure_point(
     map: &'static str,
     total: u64,
-    attached_at: SystemTime,
+    start: SystemTime,
     now: SystemTime,
-) -> Metric {
-    Metric {
-        name: crate::catalogue::BPF_MAP_INSERT_FAILURES,
-        description: "Kernel-side inserts refused because a bounded BPF map was full.",
-        unit: "{insert}",
-        data: crate::model::Data::Sum {
-            monotonic: true,
-            points: vec![crate::model::NumberPoint {
-                attributes: vec![("perch.bpf.map", map.into())],
-                start_time: Some(attached_at),
-                time: now,
-                value: crate::model::Number::Int(total as i64),
-            }],
-        },
+) -> crate::model::NumberPoint {
+    crate::model::NumberPoint {
+        attributes: vec![("perch.bpf.map", map.into())],
+        start_time: Some(start),
+        time: now,
+        value: crate::model::Number::Int(i64::try_from(total).unwrap_or(i64::MAX)),
     }
 }
 

@@ -29,7 +29,7 @@ use tracing::{info, warn};
 
 use crate::collectors::{CollectError, Collector};
 use crate::gate::Mode;
-use crate::model::{Data, Metric, Number, NumberPoint};
+use crate::model::{Metric, Number, NumberPoint};
 use crate::sources::netlink::{SockDiag, Table, TABLES};
 use crate::sources::{ProcError, Root};
 
@@ -208,13 +208,13 @@ impl Collector for ConnectionsCollector {
                 value: Number::Int(i64::try_from(n).unwrap_or(i64::MAX)),
             })
             .collect();
-        out.push(Metric {
-            name: METRIC,
-            description: "Sockets by transport and state (TCP and UDP, IPv4 and IPv6), \
+        out.push(Metric::gauge(
+            METRIC,
+            "Sockets by transport and state (TCP and UDP, IPv4 and IPv6), \
                           in the agent's network namespace.",
-            unit: "{connection}",
-            data: Data::Gauge { points },
-        });
+            "{connection}",
+            points,
+        ));
         Ok(())
     }
 }

@@ -63,15 +63,12 @@ impl Collector for CpuCollector {
             }
         }
         self.starts.end_collection(now);
-        out.push(Metric {
-            name: crate::catalogue::CPU_TIME,
-            description: "Seconds each logical CPU spent in each mode.",
-            unit: "s",
-            data: Data::Sum {
-                monotonic: true,
-                points,
-            },
-        });
+        out.push(Metric::counter(
+            crate::catalogue::CPU_TIME,
+            "Seconds each logical CPU spent in each mode.",
+            "s",
+            points,
+        ));
 
         let la = loadavg::parse_loadavg(&self.proc.read("loadavg")?)?;
         for (name, value) in [

@@ -28,7 +28,7 @@ use tracing::warn;
 use crate::collectors::{cpu_sum, online_cpus, read_slot, CollectError, Collector};
 use crate::families::{BuildCtx, BuildError};
 use crate::gate::Source;
-use crate::model::{Attributes, Data, Metric, Number, NumberPoint, StartTimes};
+use crate::model::{Attributes, Metric, Number, NumberPoint, StartTimes};
 use crate::sources::{snmp, Root};
 
 use super::softnet;
@@ -348,15 +348,7 @@ impl Collector for DropsCollector {
             .map(|(reason, v)| self.point(reason, v, now))
             .collect();
         self.starts.end_collection(now);
-        out.push(Metric {
-            name: METRIC,
-            description: DESC,
-            unit: "{packet}",
-            data: Data::Sum {
-                monotonic: true,
-                points,
-            },
-        });
+        out.push(Metric::counter(METRIC, DESC, "{packet}", points));
         Ok(())
     }
 }

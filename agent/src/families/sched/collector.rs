@@ -21,7 +21,7 @@ use aya::maps::{MapData, PerCpuArray};
 
 use crate::families::{BuildCtx, BuildError};
 use crate::gate::Source;
-use crate::model::{Attributes, Data, HistogramPoint, Metric, Number, NumberPoint, StartTimes};
+use crate::model::{Attributes, HistogramPoint, Metric, Number, NumberPoint, StartTimes};
 use crate::sources::{stat, Root};
 
 use super::schedstat;
@@ -136,23 +136,17 @@ impl Collector for SchedCollector {
                         points.push(sum_point(attributes, start, now, Number::Int(v as i64)));
                     }
                 }
-                out.push(Metric {
-                    name: CTX,
-                    description: CTX_DESC,
-                    unit: "{switch}",
-                    data: Data::Sum {
-                        monotonic: true,
-                        points,
-                    },
-                });
+                out.push(Metric::counter(CTX, CTX_DESC, "{switch}", points));
 
                 self.runq_start_full = read(c::SLOT_RUNQ_START_FULL)?.iter().sum();
-                out.push(crate::collectors::map_insert_failures(
-                    c::MAP_RUNQ_START,
-                    self.runq_start_full,
-                    maps.attached_at,
-                    now,
-                ));
+                out.push(crate::collectors::map_insert_failures(vec![
+                    crate::collectors::map_insert_failure_point(
+                        c::MAP_RUNQ_START,
+                        self.runq_start_full,
+                        maps.attached_at,
+                        now,
+                    ),
+                ]));
                 let sum_ns = read(c::SLOT_RUNQ_SUM_NS)?;
                 runq_sums = Some(cpus.iter().map(|c| (*c, cpu_value(&sum_ns, *c))).collect());
                 // Read each bucket once: per CPU values, summed or kept.
@@ -191,32 +185,29 @@ impl Collector for SchedCollector {
                         }
                     })
                     .collect();
-                out.push(Metric {
-                    name: RUNQ,
-                    description: "Time tasks spent runnable on a run queue before running: \
+                out.push(Metric::histogram(
+                    RUNQ,
+                    "Time tasks spent runnable on a run queue before running: \
                                   from wake-up, or from preemption, to being switched in.",
-                    unit: "s",
-                    data: Data::Histogram { points },
-                });
+                    "s",
+                    points,
+                ));
             }
             None => {
                 let st = stat::parse_stat(&self.proc.read("stat")?)?;
                 let attributes = Vec::new();
                 let start = self.starts.observe(CTX, &attributes, st.ctxt as f64, now);
-                out.push(Metric {
-                    name: CTX,
-                    description: CTX_DESC,
-                    unit: "{switch}",
-                    data: Data::Sum {
-                        monotonic: true,
-                        points: vec![sum_point(
-                            attributes,
-                            start,
-                            now,
-                            Number::Int(st.ctxt as i64),
-                        )],
-                    },
-                });
+                out.push(Metric::counter(
+                    CTX,
+                    CTX_DESC,
+                    "{switch}",
+                    vec![sum_point(
+                        attributes,
+                        start,
+                        now,
+                        Number::Int(st.ctxt as i64),
+                    )],
+                ));
             }
         }
 
@@ -248,15 +239,12 @@ impl Collector for SchedCollector {
             .collect();
         self.starts.end_collection(now);
         self.wait_starts.end_collection(now);
-        out.push(Metric {
-            name: WAIT,
-            description: "Time tasks spent runnable but waiting on each CPU's run queue.",
-            unit: "s",
-            data: Data::Sum {
-                monotonic: true,
-                points,
-            },
-        });
+        out.push(Metric::counter(
+            WAIT,
+            "Time tasks spent runnable but waiting on each CPU's run queue.",
+            "s",
+            points,
+        ));
         Ok(())
     }
 }

@@ -8,7 +8,7 @@ use aya::maps::{MapData, PerCpuArray};
 
 use crate::families::{BuildCtx, BuildError};
 use crate::gate::Source;
-use crate::model::{Attributes, Data, Metric, Number, NumberPoint, StartTimes};
+use crate::model::{Attributes, Metric, Number, NumberPoint, StartTimes};
 use crate::sources::Root;
 
 use super::softirqs;
@@ -69,15 +69,12 @@ impl Collector for SoftirqCollector {
                 }
             }
             self.time_starts.end_collection(now);
-            out.push(Metric {
-                name: TIME,
-                description: "Time spent handling softirqs, by CPU and vector.",
-                unit: "s",
-                data: Data::Sum {
-                    monotonic: true,
-                    points,
-                },
-            });
+            out.push(Metric::counter(
+                TIME,
+                "Time spent handling softirqs, by CPU and vector.",
+                "s",
+                points,
+            ));
         }
 
         let si = softirqs::parse_softirqs(&self.proc.read("softirqs")?)?;
@@ -100,15 +97,12 @@ impl Collector for SoftirqCollector {
             }
         }
         self.count_starts.end_collection(now);
-        out.push(Metric {
-            name: COUNT,
-            description: "Softirqs raised and handled, by CPU and vector (/proc/softirqs).",
-            unit: "{softirq}",
-            data: Data::Sum {
-                monotonic: true,
-                points,
-            },
-        });
+        out.push(Metric::counter(
+            COUNT,
+            "Softirqs raised and handled, by CPU and vector (/proc/softirqs).",
+            "{softirq}",
+            points,
+        ));
         Ok(())
     }
 }
