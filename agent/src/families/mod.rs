@@ -362,6 +362,17 @@ pub fn build_collectors(
     probes: &mut Probes,
     boot: SystemTime,
 ) -> Result<Vec<Box<dyn Collector>>, crate::probes::ProbeError> {
+    build_collectors_with(config, probes, boot, Family::unit)
+}
+
+/// [`build_collectors`] with each family's implementation from `unit`
+/// (tests put a broken collector in a family's place).
+fn build_collectors_with(
+    config: &Config,
+    probes: &mut Probes,
+    boot: SystemTime,
+    unit: impl Fn(Family) -> &'static dyn Unit,
+) -> Result<Vec<Box<dyn Collector>>, crate::probes::ProbeError> {
     let proc = Root::new(&config.agent.proc_root);
     let sys = Root::new(&config.agent.sys_root);
     let mut out = Vec::new();
@@ -380,7 +391,7 @@ pub fn build_collectors(
                 boot,
                 probes,
             };
-            match family.unit().build(&mut ctx) {
+            match unit(family).build(&mut ctx) {
                 Ok(c) => {
                     out.push(c);
                     break;
@@ -405,6 +416,99 @@ pub fn build_collectors(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gate::HookStatus;
+    use aya::maps::{HashMap, MapData, PerCpuArray};
+
+    /// The sched family, with a collector that asks for a map the object
+    /// does not have (a rename on one side only).
+    struct RenamedMap;
+    impl Unit for RenamedMap {
+        fn rule(&self) -> &'static Rule {
+            &sched::RULE
+        }
+        fn build(&self, ctx: &mut BuildCtx<'_>) -> Result<Box<dyn Collector>, BuildError> {
+            if ctx.source() == Source::Ebpf {
+                ctx.map::<PerCpuArray<MapData, u64>>("SCHED_COUNTERS_RENAMED")?;
+            }
+            sched::UNIT.build(ctx)
+        }
+    }
+    static RENAMED_MAP: RenamedMap = RenamedMap;
+
+    /// The sched family, reading its counters as a hash (a retyped map).
+    struct RetypedMap;
+    impl Unit for RetypedMap {
+        fn rule(&self) -> &'static Rule {
+            &sched::RULE
+        }
+        fn build(&self, ctx: &mut BuildCtx<'_>) -> Result<Box<dyn Collector>, BuildError> {
+            if ctx.source() == Source::Ebpf {
+                ctx.map::<HashMap<MapData, u32, u64>>(agent_common::sched::MAP_COUNTERS)?;
+            }
+            sched::UNIT.build(ctx)
+        }
+    }
+    static RETYPED_MAP: RetypedMap = RetypedMap;
+
+    /// A collector that cannot read its attached programs' maps is not
+    /// dropped silently: the family is planned again, down to procfs, with
+    /// the reason in the plan (what `perch features` and
+    /// `perch.probe.state` show). Loads the real object: needs CAP_BPF.
+    #[test]
+    fn a_broken_collector_replans_its_family_onto_the_fallback() {
+        for (case, broken, needle) in [
+            (
+                "renamed map",
+                &RENAMED_MAP as &'static dyn Unit,
+                "map SCHED_COUNTERS_RENAMED is missing from the eBPF object",
+            ),
+            ("retyped map", &RETYPED_MAP, "map SCHED_COUNTERS: "),
+        ] {
+            let mut config = Config::default();
+            for &f in Family::ALL {
+                if f != Family::Sched {
+                    config.probes.set_mode(f, Mode::Off);
+                }
+            }
+            let mut probes = Probes::start(&config).expect("auto never fails to plan");
+            assert!(
+                probes.facts.object_error.is_none(),
+                "{case}: this test loads the real eBPF object and needs CAP_BPF and \
+                 CAP_PERFMON: {:?}",
+                probes.facts.object_error
+            );
+            assert_eq!(
+                probes.plan.get(Family::Sched).unwrap().source,
+                Source::Ebpf,
+                "{case}: sched should start on eBPF here"
+            );
+            let boot = SystemTime::UNIX_EPOCH;
+            let unit = |f: Family| if f == Family::Sched { broken } else { f.unit() };
+            let collectors = build_collectors_with(&config, &mut probes, boot, unit).unwrap();
+            probes.finish();
+            let plan = probes.plan.get(Family::Sched).unwrap();
+            assert_eq!(plan.source, Source::Procfs, "{case}: {plan:?}");
+            assert_eq!(collectors.len(), 1, "{case}: the procfs collector is built");
+            let refused: Vec<&HookStatus> = probes
+                .facts
+                .hooks
+                .iter()
+                .filter(|((f, _), _)| *f == Family::Sched)
+                .map(|(_, s)| s)
+                .collect();
+            assert!(
+                refused
+                    .iter()
+                    .any(|s| matches!(s, HookStatus::Failed(e) if e.contains(needle))),
+                "{case}: {refused:?}"
+            );
+            assert!(plan.reason.contains(needle), "{case}: {}", plan.reason);
+            assert!(
+                probes.attached_at(Family::Sched).is_none(),
+                "{case}: still attached"
+            );
+        }
+    }
 
     /// The registry and the rules agree, and every family has a config
     /// section and a section in docs/metrics.md.
