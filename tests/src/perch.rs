@@ -5,8 +5,10 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use ::perch::families::Family;
 use serde_json::Value;
 
 use crate::perch_bin;
@@ -109,6 +111,33 @@ pub fn source(snapshot: &Value, family: &str) -> String {
         .as_str()
         .expect("source")
         .to_owned()
+}
+
+/// `--probe FAMILY=off` for every family of the agent but those in `keep`,
+/// so that a test runs only the families it checks (quicker, and quiet on
+/// the host). The families are the agent's own registry,
+/// [`perch::families::Family::ALL`], so a new family needs no test edit.
+/// Panics on a name in `keep` that is not a family: a typo would otherwise
+/// turn the family under test off too.
+pub fn only(keep: &[&str]) -> Vec<&'static str> {
+    static OFF: OnceLock<Vec<(&'static str, String)>> = OnceLock::new();
+    let off = OFF.get_or_init(|| {
+        Family::ALL
+            .iter()
+            .map(|f| (f.name(), format!("{}=off", f.name())))
+            .collect()
+    });
+    for k in keep {
+        assert!(
+            off.iter().any(|(name, _)| name == k),
+            "`{k}` is not a family: {:?}",
+            off.iter().map(|(name, _)| name).collect::<Vec<_>>()
+        );
+    }
+    off.iter()
+        .filter(|(name, _)| !keep.contains(name))
+        .flat_map(|(_, arg)| ["--probe", arg.as_str()])
+        .collect()
 }
 
 /// A free TCP port on 127.0.0.1.

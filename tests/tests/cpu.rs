@@ -477,16 +477,8 @@ fn odd_proc_content_is_counted_and_collection_goes_on() {
     std::fs::write(dir.path().join("loadavg"), "0.5 garbage\n").expect("write");
     let out = std::process::Command::new(perch_tests::perch_bin())
         .args(["collect", "--duration", "200ms", "--format", "json"])
-        .args([
-            "--probe",
-            "interfaces=off",
-            "--probe",
-            "connections=off",
-            "--probe",
-            "tcp=off",
-            "--probe",
-            "drops=off",
-        ])
+        // Only the families that read the files put in place above.
+        .args(perch::only(&["cpu", "sched", "softirq"]))
         .env("PERCH_PROC_ROOT", dir.path())
         .output()
         .expect("perch");

@@ -18,19 +18,6 @@ use perch_tests::netperch::{collect_in_netns, snmp};
 use perch_tests::perch::{self, points, source, sum};
 
 const N: u64 = 500;
-const OTHERS_OFF: [&str; 10] = [
-    "--probe",
-    "cpu=off",
-    "--probe",
-    "sched=off",
-    "--probe",
-    "softirq=off",
-    "--probe",
-    "tcp=off",
-    "--probe",
-    "interfaces=off",
-];
-
 fn quiet_pair() -> NetnsPair {
     let p = NetnsPair::new();
     for ns in [&p.a, &p.b] {
@@ -55,9 +42,10 @@ fn udp_from_a(p: &NetnsPair, dst: SocketAddr) {
     .expect("sender");
 }
 
+/// `mode` for the drops family, every other family off.
 fn args(mode: &str) -> Vec<&str> {
     let mut a = vec!["--probe", mode];
-    a.extend(OTHERS_OFF);
+    a.extend(perch::only(&["drops"]));
     a
 }
 

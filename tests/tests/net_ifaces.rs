@@ -12,21 +12,7 @@ use std::time::Duration;
 
 use perch_tests::netns::NetnsPair;
 use perch_tests::netperch::{collect_in_netns, collect_in_netns_env, if_stat};
-use perch_tests::perch::{points, source, sum};
-
-/// Families not under test, off so that each run is quick and quiet.
-const OTHERS_OFF: [&str; 10] = [
-    "--probe",
-    "cpu=off",
-    "--probe",
-    "sched=off",
-    "--probe",
-    "softirq=off",
-    "--probe",
-    "tcp=off",
-    "--probe",
-    "drops=off",
-];
+use perch_tests::perch::{only, points, source, sum};
 
 const DATAGRAMS: u64 = 1000;
 const PAYLOAD: usize = 200;
@@ -106,7 +92,7 @@ fn interface_counters_match_sysfs() {
             .map(|(_, _, f)| if_stat(&p.a, &p.veth_a, f))
             .collect();
         let mut args = vec!["--probe", mode];
-        args.extend(OTHERS_OFF);
+        args.extend(only(&["interfaces"]));
         let (snap, got) =
             collect_in_netns_env(&p.a, &args, env, Duration::from_secs(2), || udp_a_to_b(&p));
         assert_eq!(got, DATAGRAMS, "{mode}: datagrams received in b");
@@ -173,7 +159,7 @@ fn include_and_exclude_patterns() {
         let path = path.to_str().unwrap().to_owned();
         for env in [&[][..], &[("PERCH_SYS_ROOT", "/nonexistent-perch-sys")][..]] {
             let mut args = vec!["--config", path.as_str()];
-            args.extend(OTHERS_OFF);
+            args.extend(only(&["interfaces"]));
             let (snap, ()) =
                 collect_in_netns_env(&p.a, &args, env, Duration::from_millis(300), || ());
             let names: std::collections::BTreeSet<String> = points(&snap, "system.network.io")
@@ -243,7 +229,7 @@ fn connection_counts_by_state() {
         });
         ready_rx.recv().expect("sockets ready");
         let mut args = vec!["--probe", mode];
-        args.extend(OTHERS_OFF);
+        args.extend(only(&["connections"]));
         let (snap, ()) = collect_in_netns(&p.a, &args, Duration::from_millis(300), || ());
         hold_tx.send(()).unwrap();
         sockets.join().unwrap();

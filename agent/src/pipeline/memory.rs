@@ -95,6 +95,42 @@ mod tests {
         );
         assert_eq!(parse_statm_rss("1000", 4096), None);
         assert_eq!(parse_statm_rss("", 4096), None);
-        assert!(rss_bytes().is_some_and(|r| r > 0));
+    }
+
+    /// `VmRSS` of `/proc/self/status`, in bytes.
+    fn vm_rss() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+        let kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no VmRSS in /proc/self/status:\n{status}"));
+        kb * 1024
+    }
+
+    /// The live statm read is this process's RSS as the kernel reports it
+    /// elsewhere. `VmRSS` (fs/proc/task_mmu.c `task_mem`) and statm's
+    /// `resident` (`task_statm`) come from the same per-mm counters, the sum
+    /// of anon, file and shmem pages; `VmRSS` is in kB, statm in pages. They
+    /// differ only by what changed between the reads, so the statm value is
+    /// checked against `VmRSS` read just before and just after it. The 1 MiB
+    /// slack covers the other test threads of this binary (cargo runs tests
+    /// in parallel in one process), which may fault pages in and free them
+    /// again within the microseconds of the three reads; it is small against
+    /// what a wrong reading gives: the virtual size (field 1) counts every
+    /// mapping, thread stacks included, and a wrong page size is off by a
+    /// factor of 4 or more.
+    #[test]
+    fn live_statm_rss_is_vm_rss() {
+        const SLACK: u64 = 1 << 20;
+        let before = vm_rss();
+        let rss = rss_bytes().expect("reading /proc/self/statm");
+        let after = vm_rss();
+        let (lo, hi) = (before.min(after), before.max(after));
+        assert!(
+            lo.saturating_sub(SLACK) <= rss && rss <= hi + SLACK,
+            "statm RSS {rss} B, VmRSS {before} B before and {after} B after"
+        );
     }
 }

@@ -194,24 +194,8 @@ fn main() {
     churn_server(&pair, &pair.a, Ipv4Addr::LOCALHOST, churn_port);
     std::thread::sleep(Duration::from_millis(500));
 
-    let mut agent_args = vec![
-        "--interval",
-        "1s",
-        "--probe",
-        "tcp=ebpf",
-        "--probe",
-        "sched=off",
-        "--probe",
-        "softirq=off",
-        "--probe",
-        "drops=off",
-        "--probe",
-        "interfaces=off",
-        "--probe",
-        "connections=off",
-        "--probe",
-        "cpu=off",
-    ];
+    let mut agent_args = vec!["--interval", "1s", "--probe", "tcp=ebpf"];
+    agent_args.extend(perch_tests::perch::only(&["tcp"]));
     if raw {
         agent_args.extend(["--skip-hook", "tp_btf"]);
     }

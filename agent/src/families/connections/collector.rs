@@ -310,6 +310,9 @@ mod tests {
     /// Both sources agree on this process's namespace, for a listener and a
     /// connected UDP socket the test holds (other sockets of the host may
     /// come and go between reads, so only lower bounds are compared there).
+    /// In `auto` mode a table is read over netlink exactly when the kernel
+    /// dumps it: on a kernel without `udp_diag` the UDP tables fall back to
+    /// `/proc/net/udp{,6}`, and the UDP socket is still counted.
     #[test]
     fn live_netlink_and_procfs_see_our_sockets() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -323,6 +326,17 @@ mod tests {
         for c in [&a, &b] {
             assert!(c[&("tcp", "listen")] >= 1, "{c:?}");
             assert!(c[&("udp", "established")] >= 1, "{c:?}");
+        }
+        let mut diag = SockDiag::open().expect("sock_diag socket");
+        for t in TABLES {
+            let dump = diag.states(t);
+            assert_eq!(
+                nl.netlink_for(t.name),
+                dump.is_ok(),
+                "{}: auto mode reads netlink iff the kernel dumps the table ({:?})",
+                t.name,
+                dump.err()
+            );
         }
         drop((l, u));
     }

@@ -254,8 +254,12 @@ mod tests {
             s.tx_bytes >= p.tx_bytes && s.tx_packets >= p.tx_packets,
             "{p:?} {s:?}"
         );
-        let mut names: Vec<&str> = sys_ifs.iter().map(|(n, _)| n.as_str()).collect();
-        names.dedup();
-        assert_eq!(names.len(), sys_ifs.len(), "sorted, no duplicates");
+        // Strictly increasing: sorted, and so no duplicates (`dedup` alone
+        // would miss a duplicate that is not next to its twin).
+        let names: Vec<&str> = sys_ifs.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(
+            names.windows(2).all(|w| w[0] < w[1]),
+            "sorted, no duplicates: {names:?}"
+        );
     }
 }
