@@ -27,6 +27,7 @@ pub mod gate;
 pub mod model;
 pub mod pipeline;
 pub mod probes;
+pub mod range;
 pub mod runtime;
 pub mod selfmetrics;
 pub mod server;

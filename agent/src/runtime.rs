@@ -39,7 +39,9 @@ impl Agent {
         let proc = crate::sources::Root::new(&cfg.agent.proc_root);
         let boot = collectors::boot_time(&proc)
             .with_context(|| format!("reading {}", cfg.agent.proc_root.display()))?;
-        let collectors = crate::families::build_collectors(cfg, &mut probes, boot)?;
+        let sys = crate::sources::Root::new(&cfg.agent.sys_root);
+        let collectors =
+            crate::families::build_collectors(&cfg.probes, proc, sys, &mut probes, boot)?;
         probes.finish();
         let selfm = Arc::new(SelfMetrics::new());
         for fp in &probes.plan.families {

@@ -33,13 +33,13 @@ mod pipeline;
 mod tests;
 mod validate;
 
+pub(crate) use crate::range::check_range;
 pub use diagnostics::line_of_key;
 use diagnostics::*;
 pub use error::ConfigError;
-pub(crate) use validate::check_range;
 use validate::*;
 
-use std::fmt::{self, Display, Write as _};
+use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};

@@ -51,21 +51,6 @@ pub(super) fn env_error(var: &str, message: impl Into<String>) -> ConfigError {
 pub(super) const LISTEN_EXPECTED: &str =
     "an IP address and port such as \"127.0.0.1:9464\" or \"[::1]:9464\" (host names are not resolved)";
 
-pub(crate) fn check_range<T: PartialOrd + Display>(
-    v: T,
-    range: &RangeInclusive<T>,
-) -> Result<(), String> {
-    if range.contains(&v) {
-        Ok(())
-    } else {
-        Err(format!(
-            "must be between {} and {} (got {v})",
-            range.start(),
-            range.end()
-        ))
-    }
-}
-
 pub(super) fn check_interval_secs(secs: u64) -> Result<(), String> {
     check_range(secs, &INTERVAL_SECS_RANGE)
 }

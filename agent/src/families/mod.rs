@@ -34,7 +34,6 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::collectors::Collector;
-use crate::config::Config;
 use crate::gate::rules::{Hook, Rule};
 use crate::gate::{FamilyPlan, Mode, Source};
 use crate::probes::{iter::IterLink, Probes};
@@ -211,18 +210,14 @@ pub trait Unit: Sync {
 
 /// What [`Unit::prepare`] sees.
 pub struct PrepareCtx<'a> {
-    pub config: &'a Config,
+    /// `[probes]`: every family's section.
+    pub config: &'a ProbesConfig,
+    /// `agent.proc_root`.
+    pub proc_root: &'a Path,
     /// Kernel BTF, parsed once on first use and shared by every family.
     pub btf: &'a BtfCell,
     /// The mounted tracefs, if any.
     pub tracefs: Option<&'a Path>,
-}
-
-impl PrepareCtx<'_> {
-    /// `agent.proc_root`.
-    pub fn proc_root(&self) -> &Path {
-        &self.config.agent.proc_root
-    }
 }
 
 /// What a family needs from the loader, and what it cannot offer.
@@ -280,7 +275,8 @@ impl BtfCell {
 
 /// What [`Unit::build`] sees.
 pub struct BuildCtx<'a> {
-    pub config: &'a Config,
+    /// `[probes]`: every family's section.
+    pub config: &'a ProbesConfig,
     /// The family's decision.
     pub plan: FamilyPlan,
     pub proc: Root,
@@ -358,23 +354,25 @@ pub enum BuildError {
 /// cannot be built leaves the family off, with the reason. Fails only when
 /// a forced `ebpf` mode can no longer be honoured.
 pub fn build_collectors(
-    config: &Config,
+    config: &ProbesConfig,
+    proc: Root,
+    sys: Root,
     probes: &mut Probes,
     boot: SystemTime,
 ) -> Result<Vec<Box<dyn Collector>>, crate::probes::ProbeError> {
-    build_collectors_with(config, probes, boot, Family::unit)
+    build_collectors_with(config, proc, sys, probes, boot, Family::unit)
 }
 
 /// [`build_collectors`] with each family's implementation from `unit`
 /// (tests put a broken collector in a family's place).
 fn build_collectors_with(
-    config: &Config,
+    config: &ProbesConfig,
+    proc: Root,
+    sys: Root,
     probes: &mut Probes,
     boot: SystemTime,
     unit: impl Fn(Family) -> &'static dyn Unit,
 ) -> Result<Vec<Box<dyn Collector>>, crate::probes::ProbeError> {
-    let proc = Root::new(&config.agent.proc_root);
-    let sys = Root::new(&config.agent.sys_root);
     let mut out = Vec::new();
     for &family in Family::ALL {
         while let Some(plan) = probes.plan.get(family).cloned() {
@@ -464,7 +462,7 @@ mod tests {
             ),
             ("retyped map", &RETYPED_MAP, "map SCHED_COUNTERS: "),
         ] {
-            let mut config = Config::default();
+            let mut config = crate::config::Config::default();
             for &f in Family::ALL {
                 if f != Family::Sched {
                     config.probes.set_mode(f, Mode::Off);
@@ -484,7 +482,9 @@ mod tests {
             );
             let boot = SystemTime::UNIX_EPOCH;
             let unit = |f: Family| if f == Family::Sched { broken } else { f.unit() };
-            let collectors = build_collectors_with(&config, &mut probes, boot, unit).unwrap();
+            let (proc, sys) = (Root::proc(), Root::sys());
+            let collectors =
+                build_collectors_with(&config.probes, proc, sys, &mut probes, boot, unit).unwrap();
             probes.finish();
             let plan = probes.plan.get(Family::Sched).unwrap();
             assert_eq!(plan.source, Source::Procfs, "{case}: {plan:?}");
@@ -534,7 +534,7 @@ mod tests {
             cfg.set_mode(f, Mode::Auto);
             // Parsing `[probes.<name>]` reaches it.
             let text = format!("[probes.{f}]\nmode = \"off\"\n");
-            let parsed: Config = toml::from_str(&text).expect("section parses");
+            let parsed: crate::config::Config = toml::from_str(&text).expect("section parses");
             assert_eq!(parsed.probes.mode(f), Mode::Off, "{f}");
             // docs/metrics.md has a section naming the family.
             let heading = format!("family (`{f}`)");

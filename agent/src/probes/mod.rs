@@ -111,7 +111,8 @@ impl Probes {
             None
         };
         let prepare_ctx = PrepareCtx {
-            config,
+            config: &config.probes,
+            proc_root: &config.agent.proc_root,
             btf: &shared_btf,
             tracefs: tracefs.as_deref(),
         };

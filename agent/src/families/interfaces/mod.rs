@@ -48,7 +48,7 @@ impl Unit for Interfaces {
             ctx.proc.clone(),
             ctx.sys.clone(),
             ctx.boot,
-            ctx.config.probes.interfaces.clone(),
+            ctx.config.interfaces.clone(),
         )))
     }
 }

@@ -66,7 +66,7 @@ impl SchedCollector {
         };
         let proc = ctx.proc.clone();
         let boot = ctx.boot;
-        let per_cpu_runq = ctx.config.probes.sched.runqueue_per_cpu;
+        let per_cpu_runq = ctx.config.sched.runqueue_per_cpu;
         let schedstat = proc.path("schedstat").exists();
         if !schedstat {
             let source = if maps.is_some() {

@@ -128,7 +128,7 @@ impl Unit for Sched {
     }
 
     fn prepare(&self, ctx: &PrepareCtx<'_>) -> Prepared {
-        let stamps = if ctx.config.probes.sched.runqueue_clock == RunqueueClock::Wakeup {
+        let stamps = if ctx.config.sched.runqueue_clock == RunqueueClock::Wakeup {
             Err("probes.sched.runqueue_clock = \"wakeup\"".to_owned())
         } else {
             ctx.btf.get().and_then(|btf| {

@@ -286,7 +286,9 @@ mod tests {
         cfg.probes.set_mode(Family::Sched, Mode::Procfs);
         let mut probes = Probes::start(&cfg).expect("planning sched in procfs mode");
         let boot = crate::collectors::boot_time(&Root::proc()).expect("boot time");
-        let mut collectors = build_collectors(&cfg, &mut probes, boot).expect("building");
+        let mut collectors =
+            build_collectors(&cfg.probes, Root::proc(), Root::sys(), &mut probes, boot)
+                .expect("building");
         assert_eq!(
             collectors.iter().map(|c| c.name()).collect::<Vec<_>>(),
             ["sched"]

@@ -174,9 +174,9 @@ impl Section for Config {
         self.mode = mode;
     }
     fn validate(&self) -> Result<(), (String, String)> {
-        crate::config::check_range(self.max_peers, &MAX_PEERS_RANGE)
+        crate::range::check_range(self.max_peers, &MAX_PEERS_RANGE)
             .map_err(|m| ("max_peers".to_owned(), m))?;
-        crate::config::check_range(self.max_sockets, &MAX_SOCKETS_RANGE)
+        crate::range::check_range(self.max_sockets, &MAX_SOCKETS_RANGE)
             .map_err(|m| ("max_sockets".to_owned(), m))
     }
 }
@@ -190,11 +190,11 @@ impl Unit for Tcp {
     }
 
     fn prepare(&self, ctx: &PrepareCtx<'_>) -> Prepared {
-        let cfg = &ctx.config.probes.tcp;
+        let cfg = &ctx.config.tcp;
         let mut out = Prepared::default();
         // The socket-counter table is preallocated: full size only when its
         // variant may run.
-        let tracked_slots = if ctx.config.probes.skip_hooks.contains(&Hook::TpBtf) {
+        let tracked_slots = if ctx.config.skip_hooks.contains(&Hook::TpBtf) {
             1
         } else {
             cfg.tracked_slots()
@@ -209,7 +209,7 @@ impl Unit for Tcp {
                 offsets::tcp_offsets(
                     btf,
                     cfg.rtt_per_peer,
-                    offsets::ephemeral_range(ctx.proc_root()),
+                    offsets::ephemeral_range(ctx.proc_root),
                     offsets::tick_ns(),
                     tracked_slots,
                 )

@@ -100,8 +100,8 @@ pub struct TcpCollector {
 impl TcpCollector {
     pub fn new(ctx: &mut BuildCtx<'_>) -> Result<Self, BuildError> {
         let source = ctx.source();
-        let rtt_per_peer = ctx.config.probes.tcp.rtt_per_peer;
-        let max_peers = ctx.config.probes.tcp.max_peers;
+        let rtt_per_peer = ctx.config.tcp.rtt_per_peer;
+        let max_peers = ctx.config.tcp.max_peers;
         let maps = match source {
             Source::Ebpf => Some(Maps {
                 peers: ctx.map(c::MAP_PEERS)?,
