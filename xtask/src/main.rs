@@ -137,7 +137,8 @@ fn test(args: &[String]) -> Result<()> {
     sh(&mut ebpf.clippy())?;
     sh(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
     let mut t = cargo();
-    t.args(["test", "--workspace", "--locked"]);
+    // Every test binary runs, so one failure does not hide the others.
+    t.args(["test", "--workspace", "--locked", "--no-fail-fast"]);
     if !args.is_empty() {
         t.args(args);
     }
