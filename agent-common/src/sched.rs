@@ -27,8 +27,13 @@ pub const SLOT_RUNQ_START_FULL: u32 = 2;
 /// Sum of every run-queue latency recorded in `SCHED_RUNQ_HIST`, in ns: the
 /// histogram's exact sum.
 pub const SLOT_RUNQ_SUM_NS: u32 = 3;
+/// Switches out of the idle task (pid 0). Idle is always runnable, so it
+/// would read as "preempted"; counted apart so that involuntary switches are
+/// preemptions of real tasks (the tasks' own `nivcsw`) and the three types
+/// still sum to `/proc/stat` `ctxt`.
+pub const SLOT_IDLE: u32 = 4;
 /// Number of slots in `SCHED_COUNTERS`.
-pub const COUNTER_SLOTS: u32 = 4;
+pub const COUNTER_SLOTS: u32 = 5;
 
 /// Bound of `SCHED_RUNQ_START`. The key is a task pointer, which is not a small
 /// integer, hence a hash map. It holds only tasks that are runnable and not yet

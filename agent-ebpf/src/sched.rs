@@ -135,13 +135,14 @@ fn mark_runnable(task: u64, now: u64) {
 fn on_switch<const BTF: bool>(preempt: u64, prev: u64, next: u64, prev_state: u64) -> u32 {
     let prev_state = prev_state & 0xffff_ffff;
     let involuntary = (preempt & 0xff) != 0 || prev_state == TASK_RUNNING;
-    if off!(valid) != 0 {
-        return account_switch_stamped::<BTF>(involuntary, prev, next);
-    }
     // The idle task (pid 0; `current` is still `prev` here) is always
-    // "runnable" but never queued: timing it would count busy time as
-    // latency. Asked only when it matters.
+    // "runnable" but never queued: it is neither preempted (its switches
+    // are counted as their own type) nor timed (that would count busy time
+    // as latency). Asked only when it matters.
     let idle = involuntary && bpf_get_current_pid_tgid() as u32 == 0;
+    if off!(valid) != 0 {
+        return account_switch_stamped::<BTF>(involuntary, idle, prev, next);
+    }
     account_switch(involuntary, idle, prev_state & TASK_DEAD != 0, prev, next)
 }
 
@@ -153,15 +154,13 @@ fn on_switch<const BTF: bool>(preempt: u64, prev: u64, next: u64, prev_state: u6
 /// Per switch: two per-CPU array bumps and one or two field loads. Only
 /// this CPU touches its slot, with preemption disabled.
 #[inline(always)]
-fn account_switch_stamped<const BTF: bool>(involuntary: bool, prev: u64, next: u64) -> u32 {
-    bump(
-        &SCHED_COUNTERS,
-        if involuntary {
-            c::SLOT_INVOLUNTARY
-        } else {
-            c::SLOT_VOLUNTARY
-        },
-    );
+fn account_switch_stamped<const BTF: bool>(
+    involuntary: bool,
+    idle: bool,
+    prev: u64,
+    next: u64,
+) -> u32 {
+    bump(&SCHED_COUNTERS, switch_slot(involuntary, idle));
     let Some(cur) = SCHED_ARRIVAL.get_ptr_mut(0) else {
         return 0;
     };
@@ -179,6 +178,18 @@ fn account_switch_stamped<const BTF: bool>(involuntary: bool, prev: u64, next: u
     0
 }
 
+/// The `SCHED_COUNTERS` slot of a switch.
+#[inline(always)]
+fn switch_slot(involuntary: bool, idle: bool) -> u32 {
+    if idle {
+        c::SLOT_IDLE
+    } else if involuntary {
+        c::SLOT_INVOLUNTARY
+    } else {
+        c::SLOT_VOLUNTARY
+    }
+}
+
 #[inline(always)]
 fn record_wait(latency: u64) {
     bump(&SCHED_RUNQ_HIST, hist::bucket_index(latency));
@@ -193,17 +204,14 @@ fn record_wait(latency: u64) {
 #[inline(always)]
 fn account_switch(involuntary: bool, idle_prev: bool, dead: bool, prev: u64, next: u64) -> u32 {
     let now = unsafe { bpf_ktime_get_ns() };
+    bump(&SCHED_COUNTERS, switch_slot(involuntary, idle_prev));
     if involuntary {
-        bump(&SCHED_COUNTERS, c::SLOT_INVOLUNTARY);
         // Still runnable: it waits on the run queue from now.
         if !idle_prev {
             mark_runnable(prev, now);
         }
-    } else {
-        bump(&SCHED_COUNTERS, c::SLOT_VOLUNTARY);
-        if dead {
-            let _ = SCHED_RUNQ_START.remove(prev);
-        }
+    } else if dead {
+        let _ = SCHED_RUNQ_START.remove(prev);
     }
     if let Some(p) = SCHED_RUNQ_START.get_ptr_mut(next) {
         // SAFETY: a value slot of this map, valid for this program run.

@@ -508,3 +508,134 @@ fn odd_proc_content_is_counted_and_collection_goes_on() {
         "other collectors went on"
     );
 }
+
+/// `nonvoluntary_ctxt_switches` of every thread of the host, by tid
+/// (`/proc/<pid>/task/<tid>/status`).
+fn all_tasks_nivcsw() -> std::collections::HashMap<String, u64> {
+    let mut out = std::collections::HashMap::new();
+    for p in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let pid = p.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(tasks) = std::fs::read_dir(p.path().join("task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
+                continue;
+            };
+            if let Some(n) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+            {
+                out.insert(t.file_name().to_string_lossy().into_owned(), n);
+            }
+        }
+    }
+    out
+}
+
+/// Involuntary switches are preemptions of real tasks, not the idle task
+/// going back to sleep: under a preempting workload (two spinners sharing
+/// CPU 0) `involuntary` agrees with the tasks' own `nivcsw` summed over the
+/// host, scaled to perch's span inside the test's, and switches out of idle
+/// are their own type. Before `idle` was split out, every switch out of the
+/// idle task counted as involuntary (8 548 voluntary / 8 546 involuntary on
+/// one CPU of a mostly idle 6.12 guest).
+#[test]
+fn involuntary_switches_match_the_tasks_nivcsw() {
+    let _serial = kernel::privileged();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spinners: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                workload::pin_to(0);
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for i in 0..10_000u64 {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(i);
+                    }
+                    std::hint::black_box(x);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let outer_start = std::time::SystemTime::now();
+    let idle_before = idle_ticks();
+    let before = all_tasks_nivcsw();
+    let mut args = vec!["--probe", "sched=ebpf"];
+    args.extend(perch::only(&["sched"]));
+    let (snap, ()) = collect(&args, Duration::from_secs(3), || ());
+    let after = all_tasks_nivcsw();
+    let idle_ran = idle_ticks() - idle_before;
+    let outer = outer_start.elapsed().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in spinners {
+        s.join().unwrap();
+    }
+
+    let secs = |v: &serde_json::Value| Duration::from_secs_f64(v.as_f64().expect("a time"));
+    let p0 = points(&snap, "perch.cpu.context_switches")[0];
+    let span = secs(&p0["time"]) - secs(&p0["start_time"]);
+    let by = |t: &str| {
+        sum(
+            &snap,
+            "perch.cpu.context_switches",
+            &[("perch.context_switch.type", t)],
+        )
+    };
+    let (inv, idle, vol) = (by("involuntary"), by("idle"), by("voluntary"));
+    // A thread that exits takes its count with it, so the comparison needs
+    // a quiet host: the test's own threads live through the whole window.
+    let exited = before.keys().filter(|t| !after.contains_key(*t)).count();
+    assert!(
+        exited <= 20,
+        "{exited} threads exited during the window: this comparison needs a quiet host \
+         (their nonvoluntary switches vanish from /proc)"
+    );
+    let delta: u64 = after
+        .iter()
+        .map(|(t, n)| n - before.get(t).copied().unwrap_or(0).min(*n))
+        .sum();
+    let delta = delta as f64;
+    let expected = delta * span.as_secs_f64() / outer.as_secs_f64();
+    eprintln!(
+        "involuntary {inv}, idle {idle}, voluntary {vol} over {span:?}; tasks' nivcsw +{delta} \
+         over {outer:?} (scaled to perch's span: {expected:.0}); idle ran {idle_ran} ticks"
+    );
+    // Perch's span lies inside the test's: never more than the tasks
+    // counted, give or take the exited perch process's own few switches.
+    assert!(
+        inv <= delta + 200.0,
+        "involuntary {inv} > the tasks' nivcsw delta {delta}: idle switches leaking in?"
+    );
+    // The spinners preempt each other at a steady rate, so perch's share of
+    // the tasks' count is about its share of the time.
+    assert!(
+        inv >= 0.8 * expected,
+        "involuntary {inv} < 80 % of the tasks' nivcsw over perch's span ({expected:.0})"
+    );
+    // The idle task ran (the kernel's own idle time grew by half a second
+    // or more, so it also switched out): those switches are counted, as
+    // their own type.
+    if idle_ran >= 50 {
+        assert!(
+            idle > 0.0,
+            "/proc/stat idle grew {idle_ran} ticks, but no switch out of idle was counted"
+        );
+    }
+}
+
+/// Host-wide idle time from `/proc/stat`, in ticks.
+fn idle_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let cpu = stat.lines().next().expect("the cpu line");
+    cpu.split_whitespace()
+        .nth(4)
+        .and_then(|v| v.parse().ok())
+        .expect("idle ticks")
+}

@@ -29,7 +29,8 @@ use crate::collectors::{cpu_sum, cpu_value, online_cpus, read_slot, CollectError
 
 const CTX: &str = crate::catalogue::CONTEXT_SWITCHES;
 const CTX_DESC: &str = "Context switches, by CPU and by whether the previous task blocked \
-                        (voluntary) or was preempted while runnable (involuntary).";
+                        (voluntary), was preempted while runnable (involuntary), or was the \
+                        idle task (idle).";
 const RUNQ: &str = crate::catalogue::RUNQUEUE_LATENCY;
 const WAIT: &str = crate::catalogue::WAIT_TIME;
 
@@ -124,9 +125,14 @@ impl Collector for SchedCollector {
                 let read = |slot: u32| read_slot(&maps.counters, slot, c::MAP_COUNTERS);
                 let vol = read(c::SLOT_VOLUNTARY)?;
                 let invol = read(c::SLOT_INVOLUNTARY)?;
-                let mut points = Vec::with_capacity(cpus.len() * 2);
+                let idle = read(c::SLOT_IDLE)?;
+                let mut points = Vec::with_capacity(cpus.len() * 3);
                 for cpu in &cpus {
-                    for (kind, values) in [("voluntary", &vol), ("involuntary", &invol)] {
+                    for (kind, values) in [
+                        ("voluntary", &vol),
+                        ("involuntary", &invol),
+                        ("idle", &idle),
+                    ] {
                         let v = cpu_value(values, *cpu);
                         let attributes: Attributes = vec![
                             ("cpu.logical_number", (*cpu).into()),
