@@ -93,10 +93,19 @@ catalogue! {
     BPF_PROGRAM_RUN_COUNT = "perch.bpf.program.run.count",
     /// Run time of each attached program.
     BPF_PROGRAM_RUN_TIME = "perch.bpf.program.run.time",
-    /// The agent's CPU time.
-    PROCESS_CPU_TIME = "perch.process.cpu.time",
-    /// The agent's resident memory.
-    PROCESS_MEMORY_RSS = "perch.process.memory.rss",
+    /// The agent's CPU time (Prometheus: `process_cpu_seconds_total`).
+    PROCESS_CPU_TIME = "process.cpu.time",
+    /// The agent's resident memory, the one RSS metric (Prometheus:
+    /// `process_resident_memory_bytes`).
+    PROCESS_MEMORY_USAGE = "process.memory.usage",
+    /// The agent's virtual memory (`process_virtual_memory_bytes`).
+    PROCESS_MEMORY_VIRTUAL = "process.memory.virtual",
+    /// Open file descriptors (`process_open_fds`).
+    PROCESS_OPEN_FDS = "process.open_file_descriptor.count",
+    /// `RLIMIT_NOFILE` (`process_max_fds`).
+    PROCESS_MAX_FDS = "process.open_file_descriptor.limit",
+    /// Start time, seconds since the epoch (`process_start_time_seconds`).
+    PROCESS_START_TIME = "process.start_time",
 
     /// Pipeline: wall-clock steps back.
     CLOCK_JUMPS = "perch.clock.jumps",
@@ -108,8 +117,6 @@ catalogue! {
     DETAIL_FOLDED = "perch.pipeline.detail.folded",
     /// Pipeline: series folded by the series cap.
     SERIES_OVERFLOWED = "perch.pipeline.series.overflowed",
-    /// Pipeline: resident memory as the limiter sees it.
-    MEMORY_RSS = "perch.memory.rss",
     /// Pipeline: memory limiter state.
     MEMORY_STATE = "perch.memory.state",
     /// Pipeline: series shed past the soft memory limit.
@@ -136,6 +143,18 @@ catalogue! {
     /// Export: corrupt disk-queue files set aside.
     EXPORT_DISK_CORRUPT = "perch.export.disk.corrupt",
 }
+
+/// OpenTelemetry names of the agent's own process metrics, and the names
+/// every Prometheus client library gives them, which the Prometheus
+/// exposition uses instead of the generic translation.
+pub const PROMETHEUS_PROCESS_NAMES: &[(&str, &str)] = &[
+    (PROCESS_CPU_TIME, "process_cpu_seconds_total"),
+    (PROCESS_MEMORY_USAGE, "process_resident_memory_bytes"),
+    (PROCESS_MEMORY_VIRTUAL, "process_virtual_memory_bytes"),
+    (PROCESS_OPEN_FDS, "process_open_fds"),
+    (PROCESS_MAX_FDS, "process_max_fds"),
+    (PROCESS_START_TIME, "process_start_time_seconds"),
+];
 
 /// The value of `network.peer.address` for peers folded together: by the
 /// pipeline (reduced detail, memory shedding) and by the tcp family (peers

@@ -163,39 +163,103 @@ impl Agent {
     }
 }
 
-/// The agent's own CPU time and RSS, from `/proc/self/stat`.
+/// The agent's own process metrics, as every Prometheus client exposes
+/// them: CPU time, resident and virtual memory, open and maximum file
+/// descriptors, start time. From `/proc/self/stat`, `/proc/self/fd` and
+/// `getrlimit`; a value that cannot be read is left out, not zeroed.
 fn record_process(selfm: &SelfMetrics) {
-    let Ok(text) = std::fs::read_to_string("/proc/self/stat") else {
-        return;
+    use crate::catalogue as m;
+    if let Some(p) = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|t| parse_self_stat(&t))
+    {
+        let ticks = crate::sources::stat::USER_HZ as f64;
+        selfm.set_counter(
+            m::PROCESS_CPU_TIME,
+            "CPU time used by the agent since it started (user + system).",
+            "s",
+            Vec::new(),
+            (p.utime + p.stime) as f64 / ticks,
+        );
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+        selfm.set(
+            m::PROCESS_MEMORY_USAGE,
+            "Resident set size of the agent (what the memory limiter compares).",
+            "By",
+            Vec::new(),
+            (p.rss_pages * page) as f64,
+        );
+        selfm.set(
+            m::PROCESS_MEMORY_VIRTUAL,
+            "Virtual memory size of the agent.",
+            "By",
+            Vec::new(),
+            p.vsize as f64,
+        );
+        if let Ok(btime) = crate::sources::stat::parse_stat(
+            &std::fs::read_to_string("/proc/stat").unwrap_or_default(),
+        )
+        .map(|s| s.btime)
+        {
+            selfm.set(
+                m::PROCESS_START_TIME,
+                "Start time of the agent, seconds since the Unix epoch.",
+                "s",
+                Vec::new(),
+                btime as f64 + p.starttime as f64 / ticks,
+            );
+        }
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        selfm.set(
+            m::PROCESS_OPEN_FDS,
+            "File descriptors the agent has open.",
+            "{file_descriptor}",
+            Vec::new(),
+            fds.count().saturating_sub(1) as f64, // the directory's own fd
+        );
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // Fields after the parenthesised command name; utime/stime are 14/15,
-    // rss (pages) is 24 (1-based, man 5 proc).
-    let Some(rest) = text.rsplit_once(')').map(|(_, r)| r) else {
-        return;
-    };
+    // SAFETY: getrlimit writes one rlimit into a valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        selfm.set(
+            m::PROCESS_MAX_FDS,
+            "The agent's limit on open file descriptors (RLIMIT_NOFILE).",
+            "{file_descriptor}",
+            Vec::new(),
+            lim.rlim_cur as f64,
+        );
+    }
+}
+
+/// The fields of `/proc/self/stat` the process metrics use.
+#[derive(Debug, PartialEq, Eq)]
+struct SelfStat {
+    utime: u64,
+    stime: u64,
+    starttime: u64,
+    vsize: u64,
+    rss_pages: u64,
+}
+
+/// Parses `/proc/<pid>/stat` (man 5 proc): fields after the parenthesised
+/// command name, which may itself hold spaces and parentheses.
+fn parse_self_stat(text: &str) -> Option<SelfStat> {
+    let rest = text.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let num = |i: usize| {
-        f.get(i - 3)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let ticks = crate::sources::stat::USER_HZ as f64;
-    selfm.set(
-        crate::catalogue::PROCESS_CPU_TIME,
-        "CPU time used by the agent since it started (user + system).",
-        "s",
-        Vec::new(),
-        (num(14) + num(15)) as f64 / ticks,
-    );
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    selfm.set(
-        crate::catalogue::PROCESS_MEMORY_RSS,
-        "Resident set size of the agent.",
-        "By",
-        Vec::new(),
-        (num(24) * page) as f64,
-    );
+    // 1-based field n is f[n - 3]: the pid and the name come first.
+    let num = |n: usize| f.get(n - 3)?.parse::<u64>().ok();
+    Some(SelfStat {
+        utime: num(14)?,
+        stime: num(15)?,
+        starttime: num(22)?,
+        vsize: num(23)?,
+        rss_pages: num(24)?,
+    })
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -293,4 +357,34 @@ pub fn family_names() -> String {
         .map(|f| f.name())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_stat_fields() {
+        // A command name with spaces and a parenthesis, as the kernel prints it.
+        let text = "4242 (perch (x) y) S 1 4242 4242 0 -1 4194560 1200 0 3 0 \
+                    150 75 0 0 20 0 4 0 987654 123456789 2345 18446744073709551615 \
+                    1 1 0 0 0 0 0 4096 17642 0 0 0 17 1 0 0 0 0 0";
+        assert_eq!(
+            parse_self_stat(text),
+            Some(SelfStat {
+                utime: 150,
+                stime: 75,
+                starttime: 987654,
+                vsize: 123456789,
+                rss_pages: 2345,
+            })
+        );
+        assert_eq!(parse_self_stat("4242 (perch) S 1"), None);
+        let live = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let me = parse_self_stat(&live).expect("this process's stat parses");
+        assert!(
+            me.rss_pages > 0 && me.vsize >= me.rss_pages * 4096,
+            "{me:?}"
+        );
+    }
 }

@@ -95,6 +95,21 @@ impl SelfMetrics {
     }
 
     /// Sets a gauge.
+    /// Sets a counter to a cumulative `total` that is not a whole number
+    /// (CPU seconds); it never goes down.
+    pub fn set_counter(
+        &self,
+        name: &'static str,
+        description: &'static str,
+        unit: &'static str,
+        attributes: Attributes,
+        total: f64,
+    ) {
+        self.with_series(name, description, unit, Kind::Counter, attributes, |v| {
+            *v = v.max(total)
+        });
+    }
+
     pub fn set(
         &self,
         name: &'static str,

@@ -8,8 +8,16 @@ use std::fmt::Write;
 
 use crate::model::{Data, Metric, Number};
 
-/// The Prometheus name of an OpenTelemetry metric.
+/// The Prometheus name of an OpenTelemetry metric. The agent's own process
+/// metrics take the names every Prometheus client gives them
+/// ([`crate::catalogue::PROMETHEUS_PROCESS_NAMES`]).
 pub fn metric_name(name: &str, unit: &str, counter: bool) -> String {
+    if let Some((_, prom)) = crate::catalogue::PROMETHEUS_PROCESS_NAMES
+        .iter()
+        .find(|(otel, _)| *otel == name)
+    {
+        return (*prom).to_owned();
+    }
     let mut out = sanitize(name);
     if let Some(suffix) = unit_suffix(unit) {
         if !out.ends_with(&format!("_{suffix}")) {

@@ -136,20 +136,13 @@ impl Pipeline {
 
         // 4. Memory limiter.
         let mem = match (self.rss)() {
-            Some(rss) => {
-                self.selfm.set(
-                    crate::catalogue::MEMORY_RSS,
-                    "Resident memory of the agent",
-                    "By",
-                    vec![],
-                    rss as f64,
-                );
-                memory::classify(
-                    rss,
-                    self.cfg.memory_soft_limit_bytes,
-                    self.cfg.memory_hard_limit_bytes,
-                )
-            }
+            // The RSS itself is `process.memory.usage`, recorded by the run
+            // loop: one RSS metric.
+            Some(rss) => memory::classify(
+                rss,
+                self.cfg.memory_soft_limit_bytes,
+                self.cfg.memory_hard_limit_bytes,
+            ),
             None => MemoryState::Normal,
         };
         if mem != self.memory.get() {
