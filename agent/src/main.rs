@@ -160,6 +160,9 @@ fn print_features(facts: &perch::gate::KernelFacts, plan: &perch::gate::Plan) {
     if let Some(e) = &facts.object_error {
         println!("eBPF object: NOT LOADED: {e}");
     }
+    for w in &facts.warnings {
+        println!("warning: {w}");
+    }
     let types: Vec<String> = facts
         .program_types
         .iter()

@@ -155,14 +155,55 @@ pub struct Agent {
     pub addr: SocketAddr,
 }
 
+/// `perch ARGS` run the way the DaemonSet runs it (deploy/kubernetes):
+/// uid 0 in a mount namespace of its own, with the host's `/proc` and
+/// `/sys` bind-mounted under `/host` (here: a directory of the test's) and
+/// used as `agent.proc_root`/`sys_root`, and every capability dropped but
+/// CAP_BPF and CAP_PERFMON (the bounding set: what a container with
+/// `drop: [ALL]`, `add: [BPF, PERFMON]` gets). The pod shares the host's
+/// pid and network namespaces (`hostPID`, `hostNetwork`), so this does too.
+pub fn daemonset_command(root: &std::path::Path, args: &[&str]) -> Command {
+    let (proc, sys) = (root.join("host/proc"), root.join("host/sys"));
+    std::fs::create_dir_all(&proc).expect("mount point");
+    std::fs::create_dir_all(&sys).expect("mount point");
+    let script = r#"set -e
+mount --make-rprivate /
+mount --bind /proc "$PERCH_PROC_ROOT"
+mount --bind /sys "$PERCH_SYS_ROOT"
+exec setpriv --bounding-set=-all,+bpf,+perfmon --inh-caps=-all -- "$@""#;
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--", "sh", "-c", script, "perch-daemonset"])
+        .arg(perch_bin())
+        .args(args)
+        .env("PERCH_PROC_ROOT", &proc)
+        .env("PERCH_SYS_ROOT", &sys);
+    cmd
+}
+
 impl Agent {
     pub fn start(args: &[&str]) -> Agent {
+        Self::start_cmd(
+            |run| {
+                let mut cmd = Command::new(perch_bin());
+                cmd.args(run);
+                cmd
+            },
+            args,
+        )
+    }
+
+    /// As [`Agent::start`], run as the DaemonSet runs it
+    /// ([`daemonset_command`]) with its mount points under `root`.
+    pub fn start_as_daemonset(root: &std::path::Path, args: &[&str]) -> Agent {
+        Self::start_cmd(|run| daemonset_command(root, run), args)
+    }
+
+    fn start_cmd(command: impl FnOnce(&[&str]) -> Command, args: &[&str]) -> Agent {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let child = Command::new(perch_bin())
-            .arg("run")
-            .arg("--listen")
-            .arg(addr.to_string())
-            .args(args)
+        let listen = addr.to_string();
+        let mut run = vec!["run", "--listen", &listen];
+        run.extend_from_slice(args);
+        let child = command(&run)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -40,15 +40,35 @@ fn sched_tracepoint_matches_proc_stat() {
     );
 }
 
+/// The same, with the agent run the way the DaemonSet runs it (uid 0 with
+/// only CAP_BPF and CAP_PERFMON, its own mount namespace, the host's /proc
+/// and /sys at `proc_root`/`sys_root`, the host's pid namespace).
+#[test]
+fn sched_matches_proc_stat_as_the_daemonset_runs_it() {
+    let root = tempfile::tempdir().expect("tempdir");
+    sched_ebpf_case_in(&[], "tp_btf", Some(root.path()));
+}
+
 fn sched_ebpf_case(extra: &[&str], hook: &str) {
+    sched_ebpf_case_in(extra, hook, None)
+}
+
+fn sched_ebpf_case_in(extra: &[&str], hook: &str, daemonset: Option<&std::path::Path>) {
     let _serial = kernel::privileged();
     let window = Duration::from_secs(3);
     let sampler = kernel::CtxtSampler::start();
     let mut args = vec!["--probe", "sched=ebpf"];
     args.extend_from_slice(extra);
-    let (snap, pp) = collect(&args, window, || {
-        workload::ping_pong_for(window - Duration::from_millis(300))
-    });
+    let during = || workload::ping_pong_for(window - Duration::from_millis(300));
+    let (snap, pp) = match daemonset {
+        None => collect(&args, window, during),
+        Some(root) => {
+            let duration = format!("{}ms", window.as_millis());
+            let mut full = vec!["collect", "--format", "json", "--duration", &duration];
+            full.extend_from_slice(&args);
+            perch::collect_with(perch::daemonset_command(root, &full), during)
+        }
+    };
     let samples = sampler.finish();
     assert_eq!(source(&snap, "sched"), "ebpf");
     assert_eq!(hook_of(&snap, "sched"), hook);

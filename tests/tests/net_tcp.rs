@@ -245,17 +245,30 @@ fn transfer(c: &mut TcpStream, s: &mut TcpStream, n: usize) {
 /// counted once, live or closed.
 #[test]
 fn tcp_io_counts_open_and_older_connections_ebpf() {
-    tcp_open_case(&[], 11);
+    tcp_open_case(&[], 11, None);
+}
+
+/// The same, with the agent run the way the DaemonSet runs it: uid 0 with
+/// only CAP_BPF and CAP_PERFMON, in a mount namespace of its own, reading the
+/// host's /proc and /sys at the bind mounts `agent.proc_root`/`sys_root`
+/// point to, in the host's pid namespace (`hostPID`). The pod's view of
+/// open connections is the host's, byte for byte.
+#[test]
+fn tcp_io_counts_open_connections_as_the_daemonset_runs_it() {
+    let root = tempfile::tempdir().expect("tempdir");
+    tcp_open_case(&[], 13, Some(root.path()));
 }
 
 /// The same on the per-I/O `raw_tp` variant, which adopts a socket at its
 /// first send or receive after the start.
 #[test]
 fn tcp_io_counts_open_and_older_connections_raw_tp() {
-    tcp_open_case(&["--skip-hook", "tp_btf"], 12);
+    tcp_open_case(&["--skip-hook", "tp_btf"], 12, None);
 }
 
-fn tcp_open_case(extra: &[&str], port_n: u16) {
+/// `daemonset`: run the agent as the DaemonSet does, with its mount points
+/// under this directory.
+fn tcp_open_case(extra: &[&str], port_n: u16, daemonset: Option<&std::path::Path>) {
     require_root();
     let _g = serial();
     const M: usize = 111_111;
@@ -279,7 +292,30 @@ fn tcp_open_case(extra: &[&str], port_n: u16) {
     transfer(&mut old_c, &mut old_s, M);
     let mut args = vec!["--interval", "1s", "--probe", "tcp=ebpf"];
     args.extend_from_slice(extra);
-    let agent = perch_tests::perch::Agent::start(&args);
+    let agent = match daemonset {
+        Some(root) => perch_tests::perch::Agent::start_as_daemonset(root, &args),
+        None => perch_tests::perch::Agent::start(&args),
+    };
+    if daemonset.is_some() {
+        let (code, features) = agent.get("/features").expect("/features");
+        assert_eq!(code, 200);
+        let f: serde_json::Value = serde_json::from_str(&features).unwrap();
+        assert_eq!(f["kernel"]["host_pid_namespace"], true, "hostPID: {f}");
+        assert_eq!(
+            f["kernel"]["host_proc"], true,
+            "the host's /proc at proc_root: {f}"
+        );
+        let tcp = f["plan"]["families"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["family"] == "tcp")
+            .unwrap();
+        assert_eq!(
+            tcp["hook"], "tp_btf",
+            "with only CAP_BPF+CAP_PERFMON: {tcp}"
+        );
+    }
     transfer(&mut old_c, &mut old_s, N1);
     let (mut new_c, mut new_s) = connect();
     transfer(&mut new_c, &mut new_s, N2);

@@ -208,3 +208,51 @@ fn the_tcp_walk_counts_other_users_sockets_as_nobody() {
         "adopted {adopted}: the connection's two ends at least"
     );
 }
+
+/// Outside the host's pid namespace (a pod without `hostPID`), the agent
+/// says what that costs: a start-up warning, and the tcp family's reason
+/// names the socket walk's blind spot. In the host's namespace it says
+/// nothing of the kind.
+#[test]
+fn outside_the_host_pid_namespace_the_plan_says_what_is_lost() {
+    let _serial = perch_tests::kernel::privileged();
+    let features = |cmd: &mut Command| -> serde_json::Value {
+        let out = cmd.output().expect("perch features");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("features JSON")
+    };
+    let tcp_reason = |v: &serde_json::Value| {
+        v["plan"]["families"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["family"] == "tcp")
+            .map(|p| p["reason"].as_str().unwrap_or_default().to_owned())
+            .unwrap()
+    };
+    let host = features(Command::new(perch_bin()).args(["features", "--json"]));
+    assert_eq!(host["kernel"]["host_pid_namespace"], true, "{host}");
+    assert_eq!(host["kernel"]["host_proc"], true, "{host}");
+    assert!(!tcp_reason(&host).contains("pid namespace"), "{host}");
+
+    let pod = features(
+        Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc", "--"])
+            .arg(perch_bin())
+            .args(["features", "--json"]),
+    );
+    assert_eq!(pod["kernel"]["host_pid_namespace"], false, "{pod}");
+    assert_eq!(pod["kernel"]["host_proc"], false, "{pod}");
+    let warnings = pod["kernel"]["warnings"].to_string();
+    assert!(warnings.contains("pid namespace"), "{warnings}");
+    assert!(warnings.contains("hostPID"), "{warnings}");
+    let reason = tcp_reason(&pod);
+    assert!(
+        reason.contains("outside the host's pid namespace"),
+        "tcp reason: {reason}"
+    );
+}

@@ -45,9 +45,24 @@ pub fn detect() -> KernelFacts {
         map_types,
         object_error: None,
         hooks: BTreeMap::new(),
+        host_pid_namespace: None,
+        host_proc: None,
+        warnings: Vec::new(),
         unused_programs: Default::default(),
         notes: BTreeMap::new(),
     }
+}
+
+/// `PROC_PID_INIT_INO` (`include/linux/proc_ns.h`): the inode of the
+/// initial pid namespace, fixed since 3.8 (commit 98f842e675f9).
+const INIT_PID_NS: &str = "pid:[4026531836]";
+
+/// Whether the pid namespace behind `link` (`/proc/self/ns/pid`,
+/// `<proc_root>/1/ns/pid`) is the host's; `None` when it cannot be read.
+pub fn is_init_pid_ns(link: &Path) -> Option<bool> {
+    std::fs::read_link(link)
+        .ok()
+        .map(|t| t.as_os_str() == INIT_PID_NS)
 }
 
 fn status<E: std::fmt::Display>(r: Result<bool, E>) -> HookStatus {

@@ -51,6 +51,16 @@ pub struct KernelFacts {
     /// Per family and variant: did its programs load (and attach)?
     #[serde(serialize_with = "ser_hooks")]
     pub hooks: BTreeMap<(Family, Hook), HookStatus>,
+    /// The agent runs in the host's (initial) pid namespace; `None` when
+    /// `/proc/self/ns/pid` cannot be read. Outside it, a task iterator
+    /// sees only the tasks of the agent's namespace.
+    pub host_pid_namespace: Option<bool>,
+    /// `agent.proc_root` shows the host's pid namespace (its pid 1 is the
+    /// host's init); `None` when unknown.
+    pub host_proc: Option<bool>,
+    /// What the agent's placement costs, in words (logged at start-up,
+    /// shown by `perch features`).
+    pub warnings: Vec<String>,
     /// Programs the families' preparation leaves unattached on this
     /// kernel ([`crate::families::Prepared::unused_programs`]).
     pub unused_programs: BTreeSet<&'static str>,

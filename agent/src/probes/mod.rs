@@ -84,6 +84,7 @@ impl Probes {
         let cfg = &config.probes;
         let modes: BTreeMap<Family, Mode> = Family::ALL.iter().map(|&f| (f, cfg.mode(f))).collect();
         let mut facts = gate::kernel::detect();
+        placement(&mut facts, &config.agent.proc_root);
         let needs_ebpf = Family::ALL.iter().any(|&f| {
             cfg.wants_ebpf(f)
                 && f.rule()
@@ -113,6 +114,7 @@ impl Probes {
         let prepare_ctx = PrepareCtx {
             config: &config.probes,
             proc_root: &config.agent.proc_root,
+            host_pid_namespace: facts.host_pid_namespace,
             btf: &shared_btf,
             tracefs: tracefs.as_deref(),
         };
@@ -333,6 +335,42 @@ impl Probes {
             }
         }
         out
+    }
+}
+
+/// Where the agent runs: the host's pid namespace or not, and whether
+/// `proc_root` is the host's `/proc`. What either costs is said once, here,
+/// and the families that lose something say it in their plan.
+fn placement(facts: &mut KernelFacts, proc_root: &std::path::Path) {
+    facts.host_pid_namespace =
+        gate::kernel::is_init_pid_ns(std::path::Path::new("/proc/self/ns/pid"));
+    // Reading pid 1's namespace needs ptrace rights over it (CAP_SYS_PTRACE,
+    // which the agent does not hold); in the host's pid namespace, a
+    // `proc_root` whose `self` is this process is that namespace's /proc.
+    facts.host_proc = gate::kernel::is_init_pid_ns(&proc_root.join("1/ns/pid")).or_else(|| {
+        (facts.host_pid_namespace == Some(true)).then(|| {
+            std::fs::read_link(proc_root.join("self"))
+                .ok()
+                .is_some_and(|p| p.as_os_str() == std::process::id().to_string().as_str())
+        })
+    });
+    if facts.host_pid_namespace == Some(false) {
+        facts.warnings.push(
+            "not in the host's pid namespace: BPF task iterators see only this namespace's \
+             processes, so the tcp family's socket walk misses other processes' open \
+             connections until they close (run with the host's pid namespace, hostPID: true)"
+                .to_owned(),
+        );
+    }
+    if facts.host_proc == Some(false) {
+        facts.warnings.push(format!(
+            "agent.proc_root ({}) is not the host's /proc (its pid 1 is not the host's init): \
+             mount the host's /proc there (/host/proc in the DaemonSet)",
+            proc_root.display()
+        ));
+    }
+    for w in &facts.warnings {
+        warn!(warning = %w, "placement");
     }
 }
 

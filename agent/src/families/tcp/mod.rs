@@ -215,6 +215,17 @@ impl Unit for Tcp {
                 )
                 .map_err(|e| format!("struct offsets from kernel BTF: {e}"))
             });
+        if ctx.host_pid_namespace == Some(false) {
+            // `iter/task_file` walks the tasks of the iterator's pid
+            // namespace only (bpf_iter_task uses task_active_pid_ns).
+            out.notes.insert(
+                Hook::TpBtf,
+                "outside the host's pid namespace the socket walk sees only this \
+                 namespace's processes: other processes' open connections are counted \
+                 only once they close (run with hostPID)"
+                    .to_owned(),
+            );
+        }
         match offsets {
             Ok(o) => out.global(c::GLOBAL_OFFSETS, &o),
             Err(e) => out.refuse_all(&RULE, &e, |_| true),
