@@ -236,15 +236,20 @@ fn init_logging(cfg: &Config) -> perch::runtime::SetLogLevel {
     }
 }
 
-fn print_features(facts: &perch::gate::KernelFacts, plan: &perch::gate::Plan) {
-    println!(
+fn print_features(
+    out: &mut impl std::io::Write,
+    facts: &perch::gate::KernelFacts,
+    plan: &perch::gate::Plan,
+) -> std::io::Result<()> {
+    writeln!(
+        out,
         "kernel {}  BTF: {}  tracefs: {}",
         facts.release,
         yes(facts.btf),
         yes(facts.tracefs)
-    );
+    )?;
     if let Some(e) = &facts.object_error {
-        println!("eBPF object: NOT LOADED: {e}");
+        writeln!(out, "eBPF object: NOT LOADED: {e}")?;
     }
     let types: Vec<String> = facts
         .program_types
@@ -261,29 +266,31 @@ fn print_features(facts: &perch::gate::KernelFacts, plan: &perch::gate::Plan) {
             )
         })
         .collect();
-    println!("kernel support: {}", types.join(" "));
-    println!();
-    println!(
+    writeln!(out, "kernel support: {}", types.join(" "))?;
+    writeln!(out)?;
+    writeln!(
+        out,
         "{:<12} {:<9} {:<8} {:<11} reason",
         "family", "requested", "source", "hook"
-    );
+    )?;
     for p in &plan.families {
         let requested = format!("{:?}", p.requested).to_lowercase();
         let hook = p.hook.map(|h| h.name()).unwrap_or("-");
-        println!(
+        writeln!(
+            out,
             "{:<12} {:<9} {:<8} {:<11} {}",
             p.family.name(),
             requested,
             p.source.name(),
             hook,
             p.reason
-        );
+        )?;
         if !p.reads.is_empty() {
-            println!("{:<12} reads: {}", "", p.reads);
+            writeln!(out, "{:<12} reads: {}", "", p.reads)?;
         }
     }
-    println!();
-    println!("variants tried:");
+    writeln!(out)?;
+    writeln!(out, "variants tried:")?;
     for ((family, hook), status) in &facts.hooks {
         let used = plan.get(*family).and_then(|p| p.hook) == Some(*hook);
         let s = match status {
@@ -292,8 +299,9 @@ fn print_features(facts: &perch::gate::KernelFacts, plan: &perch::gate::Plan) {
             perch::gate::HookStatus::Failed(e) => format!("FAILED: {e}"),
             perch::gate::HookStatus::NotTried(e) => format!("not tried: {e}"),
         };
-        println!("  {:<10} {:<10} {s}", family.name(), hook.name());
+        writeln!(out, "  {:<10} {:<10} {s}", family.name(), hook.name())?;
     }
+    Ok(())
 }
 
 fn yes(b: bool) -> &'static str {
@@ -304,7 +312,13 @@ fn yes(b: bool) -> &'static str {
     }
 }
 
+/// Context of a failed write of a command's output. Output goes through
+/// `write!`, not `print!`, which panics when stdout is a closed pipe
+/// (`perch features | head -1`).
+const STDOUT: &str = "writing to stdout";
+
 fn real_main() -> Result<()> {
+    use std::io::Write as _;
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { config } => {
@@ -312,7 +326,7 @@ fn real_main() -> Result<()> {
             // Regular files of at most 1 MiB: a FIFO is refused, not waited on.
             let text = perch::config::read_config_file(&path)?;
             Config::from_toml_str(&text, &path.display().to_string())?;
-            println!("{}: ok", path.display());
+            writeln!(std::io::stdout(), "{}: ok", path.display()).context(STDOUT)?;
             Ok(())
         }
         Command::Features { common, json } => {
@@ -322,9 +336,11 @@ fn real_main() -> Result<()> {
             let shared = &agent.shared;
             if json {
                 let v = serde_json::json!({"kernel": shared.facts, "plan": shared.plan});
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&v)?)
+                    .context(STDOUT)?;
             } else {
-                print_features(&shared.facts, &shared.plan);
+                print_features(&mut std::io::stdout().lock(), &shared.facts, &shared.plan)
+                    .context(STDOUT)?;
             }
             Ok(())
         }
@@ -338,12 +354,18 @@ fn real_main() -> Result<()> {
             let (snap, plan) = perch::runtime::collect_window(&cfg, duration)?;
             match format {
                 Format::Prometheus => {
-                    print!("{}", perch::exporters::prometheus::render(&snap.metrics))
+                    write!(
+                        std::io::stdout(),
+                        "{}",
+                        perch::exporters::prometheus::render(&snap.metrics)
+                    )
+                    .context(STDOUT)?;
                 }
                 Format::Json => {
                     let mut v = perch::exporters::json::render(&snap);
                     v["plan"] = serde_json::to_value(&plan)?;
-                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&v)?)
+                        .context(STDOUT)?;
                 }
             }
             Ok(())

@@ -333,8 +333,9 @@ fn broken_stderr_pipe_does_not_panic() {
             break;
         }
     }
-    drop(lines); // the reader goes away: every later write is EPIPE
-                 // Log lines after the close: a reload writes several at INFO.
+    // The reader goes away: every later write is EPIPE.
+    drop(lines);
+    // Log lines after the close: a reload writes several at INFO.
     signal(&child, libc::SIGHUP);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
@@ -395,4 +396,29 @@ fn validate_refuses_a_fifo_and_an_oversized_config() {
             started.elapsed().as_secs_f64() * 1000.0
         );
     }
+}
+
+/// The same for a one-shot command's output: `perch collect | head -c 0`
+/// is an error naming stdout, not a panic (exit 101).
+#[test]
+fn closed_stdout_is_an_error_not_a_panic() {
+    let mut args = vec!["collect", "--duration", "1s"];
+    args.extend(only(&["cpu"]));
+    let mut child = Command::new(perch_bin())
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning perch collect");
+    drop(child.stdout.take());
+    let log = capture_stderr(&mut child);
+    let status = wait_within(&mut child, Duration::from_secs(30), "perch collect");
+    std::thread::sleep(Duration::from_millis(100));
+    let log = log.lock().unwrap().join("\n");
+    assert_eq!(status.code(), Some(1), "{status}\n{log}");
+    assert!(
+        log.contains("perch: error: writing to stdout: Broken pipe"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
 }
