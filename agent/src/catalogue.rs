@@ -97,6 +97,8 @@ catalogue! {
     PROCESS_CPU_TIME = "perch.process.cpu.time",
     /// The agent's resident memory.
     PROCESS_MEMORY_RSS = "perch.process.memory.rss",
+    /// Log lines that could not be written to stderr.
+    LOG_LINES_DROPPED = "perch.log.lines.dropped",
 
     /// Pipeline: wall-clock steps back.
     CLOCK_JUMPS = "perch.clock.jumps",

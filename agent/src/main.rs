@@ -184,14 +184,17 @@ fn load_config(common: &Common) -> Result<(Config, String)> {
 
 /// stderr for log lines, which never fails: a line that cannot be written
 /// (`EPIPE` once the reader of a pipe is gone, `EAGAIN` on a full
-/// non-blocking pipe) is dropped. tracing's own fallback for a failed
+/// non-blocking pipe) is dropped and counted (`perch.log.lines.dropped`;
+/// tracing writes each line with one `write_all`). tracing's own fallback for a failed
 /// write is `eprintln!`, which panics on a broken pipe; it is turned off
 /// in [`init_logging`].
 struct LossyStderr;
 
 impl std::io::Write for LossyStderr {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let _ = std::io::stderr().write_all(buf);
+        if std::io::stderr().write_all(buf).is_err() {
+            perch::runtime::LOG_LINES_DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(buf.len())
     }
 

@@ -198,6 +198,21 @@ fn record_process(selfm: &SelfMetrics) {
     );
 }
 
+/// Log lines `main`'s stderr writer could not write (`EPIPE` once the
+/// reader is gone). The writer lives in `main`, which owns the subscriber;
+/// the run loop publishes the count as `perch.log.lines.dropped`.
+pub static LOG_LINES_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn record_log_drops(selfm: &SelfMetrics) {
+    selfm.set_total(
+        crate::catalogue::LOG_LINES_DROPPED,
+        "Log lines that could not be written to stderr; the agent goes on.",
+        "{line}",
+        Vec::new(),
+        LOG_LINES_DROPPED.load(std::sync::atomic::Ordering::Relaxed),
+    );
+}
+
 /// Sets the running log filter (`agent.log_level`); made by `main`, which
 /// owns the subscriber.
 pub type SetLogLevel = Box<dyn Fn(&str) -> anyhow::Result<()> + Send + Sync>;
@@ -248,6 +263,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         .spawn(move || {
             let mut next = Instant::now();
             loop {
+                record_log_drops(&agent.shared.selfm);
                 let snapshot = agent.collect();
                 if let Some(e) = &exp {
                     e.submit(snapshot);
@@ -283,6 +299,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         .ok()
         .and_then(|r| r.ok());
     if let Some(mut agent) = agent {
+        record_log_drops(&agent.shared.selfm);
         let last = agent.collect();
         if let Some(e) = &exporter {
             e.submit(last);

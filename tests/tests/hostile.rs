@@ -343,6 +343,22 @@ fn broken_stderr_pipe_does_not_panic() {
         "perch died writing to a closed stderr"
     );
     assert_eq!(http_get(addr, "/healthz").expect("healthz").0, 200);
+    // The lost lines are counted (published at the next collection).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let dropped = loop {
+        let (_, body) = http_get(addr, "/metrics").expect("scrape");
+        let n = parse_prometheus(&body)
+            .iter()
+            .filter(|(k, _)| k.starts_with("perch_log_lines_dropped"))
+            .map(|(_, v)| *v)
+            .sum::<f64>();
+        if n >= 1.0 || Instant::now() > deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(dropped >= 1.0, "perch.log.lines.dropped: {dropped}");
+    eprintln!("broken stderr: {dropped} log lines dropped and counted");
     signal(&child, libc::SIGTERM);
     let status = wait_within(
         &mut child,
