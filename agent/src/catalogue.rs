@@ -106,6 +106,8 @@ catalogue! {
     PROCESS_MAX_FDS = "process.open_file_descriptor.limit",
     /// Start time, seconds since the epoch (`process_start_time_seconds`).
     PROCESS_START_TIME = "process.start_time",
+    /// Log lines that could not be written to stderr.
+    LOG_LINES_DROPPED = "perch.log.lines.dropped",
 
     /// Pipeline: wall-clock steps back.
     CLOCK_JUMPS = "perch.clock.jumps",

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use perch::config::Config;
@@ -26,9 +26,8 @@ struct Common {
     /// Config file (TOML). Default: /etc/perch/perch.toml if it exists.
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
-    /// Force a family's mode, e.g. `--probe sched=procfs` (repeatable).
-    /// Families: cpu, sched, softirq. Modes: auto, ebpf, procfs, off.
-    #[arg(long = "probe", value_name = "FAMILY=MODE")]
+    // The help lists the registry's families, so a new family needs no edit.
+    #[arg(long = "probe", value_name = "FAMILY=MODE", help = probe_help())]
     probes: Vec<String>,
     /// Never use this hook type (repeatable): tp_btf, raw_tp, tracepoint,
     /// cgroup_skb. `--skip-hook tp_btf` runs the families on raw_tp.
@@ -45,9 +44,10 @@ enum Command {
         /// Listen address for /metrics and /healthz.
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
-        /// Collection interval, e.g. `10s`, `500ms`, `1m`.
-        #[arg(long, value_parser = parse_duration)]
-        interval: Option<Duration>,
+        /// Collection interval in whole seconds (agent.interval_secs), at
+        /// least 1: `10`, `10s`, `1m`. Fractions (`1.5s`, `500ms`) are refused.
+        #[arg(long, value_parser = parse_interval)]
+        interval: Option<u64>,
         #[command(flatten)]
         export: perch::config::export::ExportArgs,
     },
@@ -109,8 +109,53 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn load_config(common: &Common) -> Result<Config> {
-    let (mut cfg, _) = Config::load(common.config.as_deref())?;
+/// `--probe`'s help, from the family registry.
+fn probe_help() -> String {
+    format!(
+        "Force a family's mode, e.g. `--probe sched=procfs` (repeatable). \
+         Families: {}. Modes: auto, ebpf, procfs, off.",
+        perch::runtime::family_names()
+    )
+}
+
+/// `--interval`: whole seconds, as `agent.interval_secs` counts them. A
+/// bare number is seconds; `s`, `m`, `h` and `ms` (a multiple of 1000) are
+/// accepted. A fraction is an error rather than silently cut.
+fn parse_interval(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let whole = || {
+        format!(
+            "`{s}`: the interval is a whole number of seconds, at least 1 \
+             (agent.interval_secs), e.g. 10, 10s, 1m"
+        )
+    };
+    if num.is_empty() {
+        return Err(whole());
+    }
+    let n: u64 = num.parse().map_err(|_| whole())?;
+    let secs = match unit {
+        "" | "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        "ms" if n % 1000 == 0 => Some(n / 1000),
+        "ms" => return Err(whole()),
+        u if u.starts_with('.') => return Err(whole()),
+        other => return Err(format!("unknown unit `{other}` in `{s}` (use s, m or h)")),
+    }
+    .ok_or_else(whole)?;
+    if secs == 0 {
+        return Err(whole());
+    }
+    Ok(secs)
+}
+
+/// The config (file, `PERCH_*` and `OTEL_*` env, `--probe` and
+/// `--skip-hook`) and the file's text (empty without a file).
+fn load_config(common: &Common) -> Result<(Config, String)> {
+    let (mut cfg, _, text) = Config::load_with_text(common.config.as_deref())?;
+    Config::check_env_names(std::env::vars_os().map(|(k, _)| k.to_string_lossy().into_owned()))?;
     // PERCH_* for the agent and probes; OTEL_EXPORTER_OTLP_* (specific, then
     // generic), OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME for export.
     cfg.apply_env(|k| std::env::var(k).ok())?;
@@ -134,31 +179,80 @@ fn load_config(common: &Common) -> Result<Config> {
         cfg.probes.skip_hooks = common.skip_hooks.clone();
     }
     cfg.validate()?;
-    Ok(cfg)
+    Ok((cfg, text))
 }
 
-fn init_logging(cfg: &Config) {
+/// stderr for log lines, which never fails: a line that cannot be written
+/// (`EPIPE` once the reader of a pipe is gone, `EAGAIN` on a full
+/// non-blocking pipe) is dropped and counted (`perch.log.lines.dropped`;
+/// tracing writes each line with one `write_all`). tracing's own fallback for a failed
+/// write is `eprintln!`, which panics on a broken pipe; it is turned off
+/// in [`init_logging`].
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if std::io::stderr().write_all(buf).is_err() {
+            perch::runtime::LOG_LINES_DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// Installs the log subscriber; returns how to change its filter
+/// (`agent.log_level`) later, for SIGHUP.
+fn init_logging(cfg: &Config) -> perch::runtime::SetLogLevel {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_new(&cfg.agent.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| LossyStderr)
+        .log_internal_errors(false);
+    // The two formats are two subscriber types, hence two handles.
     match cfg.agent.log_format {
-        perch::config::LogFormat::Json => builder.json().init(),
-        perch::config::LogFormat::Text => builder.init(),
+        perch::config::LogFormat::Json => {
+            let builder = builder.json().with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |level: &str| {
+                handle
+                    .reload(EnvFilter::try_new(level)?)
+                    .map_err(anyhow::Error::from)
+            })
+        }
+        perch::config::LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |level: &str| {
+                handle
+                    .reload(EnvFilter::try_new(level)?)
+                    .map_err(anyhow::Error::from)
+            })
+        }
     }
 }
 
-fn print_features(facts: &perch::gate::KernelFacts, plan: &perch::gate::Plan) {
-    println!(
+fn print_features(
+    out: &mut impl std::io::Write,
+    facts: &perch::gate::KernelFacts,
+    plan: &perch::gate::Plan,
+) -> std::io::Result<()> {
+    writeln!(
+        out,
         "kernel {}  BTF: {}  tracefs: {}",
         facts.release,
         yes(facts.btf),
         yes(facts.tracefs)
-    );
+    )?;
     if let Some(e) = &facts.object_error {
-        println!("eBPF object: NOT LOADED: {e}");
+        writeln!(out, "eBPF object: NOT LOADED: {e}")?;
     }
     for w in &facts.warnings {
         println!("warning: {w}");
@@ -178,29 +272,31 @@ fn print_features(facts: &perch::gate::KernelFacts, plan: &perch::gate::Plan) {
             )
         })
         .collect();
-    println!("kernel support: {}", types.join(" "));
-    println!();
-    println!(
+    writeln!(out, "kernel support: {}", types.join(" "))?;
+    writeln!(out)?;
+    writeln!(
+        out,
         "{:<12} {:<9} {:<8} {:<11} reason",
         "family", "requested", "source", "hook"
-    );
+    )?;
     for p in &plan.families {
         let requested = format!("{:?}", p.requested).to_lowercase();
         let hook = p.hook.map(|h| h.name()).unwrap_or("-");
-        println!(
+        writeln!(
+            out,
             "{:<12} {:<9} {:<8} {:<11} {}",
             p.family.name(),
             requested,
             p.source.name(),
             hook,
             p.reason
-        );
+        )?;
         if !p.reads.is_empty() {
-            println!("{:<12} reads: {}", "", p.reads);
+            writeln!(out, "{:<12} reads: {}", "", p.reads)?;
         }
     }
-    println!();
-    println!("variants tried:");
+    writeln!(out)?;
+    writeln!(out, "variants tried:")?;
     for ((family, hook), status) in &facts.hooks {
         let used = plan.get(*family).and_then(|p| p.hook) == Some(*hook);
         let s = match status {
@@ -209,8 +305,9 @@ fn print_features(facts: &perch::gate::KernelFacts, plan: &perch::gate::Plan) {
             perch::gate::HookStatus::Failed(e) => format!("FAILED: {e}"),
             perch::gate::HookStatus::NotTried(e) => format!("not tried: {e}"),
         };
-        println!("  {:<10} {:<10} {s}", family.name(), hook.name());
+        writeln!(out, "  {:<10} {:<10} {s}", family.name(), hook.name())?;
     }
+    Ok(())
 }
 
 fn yes(b: bool) -> &'static str {
@@ -221,27 +318,35 @@ fn yes(b: bool) -> &'static str {
     }
 }
 
+/// Context of a failed write of a command's output. Output goes through
+/// `write!`, not `print!`, which panics when stdout is a closed pipe
+/// (`perch features | head -1`).
+const STDOUT: &str = "writing to stdout";
+
 fn real_main() -> Result<()> {
+    use std::io::Write as _;
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { config } => {
             let path = config.unwrap_or_else(|| PathBuf::from(perch::config::DEFAULT_PATH));
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
+            // Regular files of at most 1 MiB: a FIFO is refused, not waited on.
+            let text = perch::config::read_config_file(&path)?;
             Config::from_toml_str(&text, &path.display().to_string())?;
-            println!("{}: ok", path.display());
+            writeln!(std::io::stdout(), "{}: ok", path.display()).context(STDOUT)?;
             Ok(())
         }
         Command::Features { common, json } => {
-            let cfg = load_config(&common)?;
-            init_logging(&cfg);
+            let (cfg, _) = load_config(&common)?;
+            let _ = init_logging(&cfg);
             let agent = perch::runtime::Agent::start(&cfg)?;
             let shared = &agent.shared;
             if json {
                 let v = serde_json::json!({"kernel": shared.facts, "plan": shared.plan});
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&v)?)
+                    .context(STDOUT)?;
             } else {
-                print_features(&shared.facts, &shared.plan);
+                print_features(&mut std::io::stdout().lock(), &shared.facts, &shared.plan)
+                    .context(STDOUT)?;
             }
             Ok(())
         }
@@ -250,17 +355,23 @@ fn real_main() -> Result<()> {
             duration,
             format,
         } => {
-            let cfg = load_config(&common)?;
-            init_logging(&cfg);
+            let (cfg, _) = load_config(&common)?;
+            let _ = init_logging(&cfg);
             let (snap, plan) = perch::runtime::collect_window(&cfg, duration)?;
             match format {
                 Format::Prometheus => {
-                    print!("{}", perch::exporters::prometheus::render(&snap.metrics))
+                    write!(
+                        std::io::stdout(),
+                        "{}",
+                        perch::exporters::prometheus::render(&snap.metrics)
+                    )
+                    .context(STDOUT)?;
                 }
                 Format::Json => {
                     let mut v = perch::exporters::json::render(&snap);
                     v["plan"] = serde_json::to_value(&plan)?;
-                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&v)?)
+                        .context(STDOUT)?;
                 }
             }
             Ok(())
@@ -271,25 +382,33 @@ fn real_main() -> Result<()> {
             interval,
             export,
         } => {
-            let mut cfg = load_config(&common)?;
-            if let Some(l) = listen {
-                cfg.agent.listen = l;
-            }
-            if let Some(i) = interval {
-                if i < Duration::from_secs(1) {
-                    bail!("--interval {i:?}: must be at least 1s");
+            // Start-up and SIGHUP build the config the same way, with the
+            // same precedence: CLI > env > file > defaults.
+            let build = move || -> Result<(Config, String)> {
+                let (mut cfg, text) = load_config(&common)?;
+                if let Some(l) = listen {
+                    cfg.agent.listen = l;
                 }
-                cfg.agent.interval_secs = i.as_secs();
-            }
-            export.apply(&mut cfg.export);
-            cfg.validate()?;
-            init_logging(&cfg);
+                if let Some(secs) = interval {
+                    cfg.agent.interval_secs = secs;
+                }
+                export.apply(&mut cfg.export);
+                cfg.validate()?;
+                Ok((cfg, text))
+            };
+            let (cfg, text) = build()?;
+            let set_log_level = init_logging(&cfg);
+            let reload = perch::runtime::Reload {
+                load: Box::new(build),
+                set_log_level,
+                text,
+            };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(perch::runtime::run(cfg))
+            rt.block_on(perch::runtime::run(cfg, reload))
         }
     }
 }
@@ -298,8 +417,58 @@ fn main() -> ExitCode {
     match real_main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("perch: error: {e:#}");
+            use std::io::Write as _;
+            // Not eprintln!: it panics when stderr is a broken pipe.
+            let _ = writeln!(std::io::stderr(), "perch: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interval_is_whole_seconds() {
+        let cases: &[(&str, Result<u64, &str>)] = &[
+            ("10", Ok(10)),
+            ("10s", Ok(10)),
+            ("1m", Ok(60)),
+            ("2h", Ok(7200)),
+            ("2000ms", Ok(2)),
+            ("1.9s", Err("whole number of seconds")),
+            ("500ms", Err("whole number of seconds")),
+            ("1500ms", Err("whole number of seconds")),
+            ("0", Err("at least 1")),
+            ("0s", Err("at least 1")),
+            ("", Err("whole number")),
+            ("s", Err("whole number")),
+            ("-1", Err("whole number")),
+            ("10d", Err("unknown unit `d`")),
+            ("99999999999999999999h", Err("whole number")),
+        ];
+        for (arg, want) in cases {
+            match (parse_interval(arg), want) {
+                (Ok(got), Ok(w)) => assert_eq!(got, *w, "{arg}"),
+                (Err(e), Err(needle)) => assert!(e.contains(needle), "{arg}: {e}"),
+                (got, want) => panic!("{arg}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn help_matches_what_is_accepted() {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        let run = cmd.find_subcommand_mut("run").expect("run");
+        let help = run.render_long_help().to_string();
+        for f in perch::families::Family::ALL {
+            assert!(help.contains(f.name()), "--probe help lacks {f}: {help}");
+        }
+        // The interval's help says what parse_interval does.
+        assert!(help.contains("whole seconds"), "{help}");
+        assert!(help.contains("`500ms`) are refused"), "{help}");
+        assert!(parse_interval("500ms").is_err() && parse_interval("10s") == Ok(10));
     }
 }

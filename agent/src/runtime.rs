@@ -6,7 +6,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::collectors::{self, Collector};
 use crate::config::Config;
@@ -262,8 +262,43 @@ fn parse_self_stat(text: &str) -> Option<SelfStat> {
     })
 }
 
-/// Runs the agent until SIGINT or SIGTERM.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// Log lines `main`'s stderr writer could not write (`EPIPE` once the
+/// reader is gone). The writer lives in `main`, which owns the subscriber;
+/// the run loop publishes the count as `perch.log.lines.dropped`.
+pub static LOG_LINES_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn record_log_drops(selfm: &SelfMetrics) {
+    selfm.set_total(
+        crate::catalogue::LOG_LINES_DROPPED,
+        "Log lines that could not be written to stderr; the agent goes on.",
+        "{line}",
+        Vec::new(),
+        LOG_LINES_DROPPED.load(std::sync::atomic::Ordering::Relaxed),
+    );
+}
+
+/// Sets the running log filter (`agent.log_level`); made by `main`, which
+/// owns the subscriber.
+pub type SetLogLevel = Box<dyn Fn(&str) -> anyhow::Result<()> + Send + Sync>;
+
+/// What SIGHUP needs from `main`.
+pub struct Reload {
+    /// Builds the configuration as start-up did (file, then env, then CLI,
+    /// validated), with the file's text.
+    pub load: Box<dyn Fn() -> anyhow::Result<(Config, String)> + Send + Sync>,
+    /// Applies a new `agent.log_level`.
+    pub set_log_level: SetLogLevel,
+    /// The file's text at start-up (empty without a file).
+    pub text: String,
+}
+
+/// Runs the agent until SIGINT or SIGTERM. SIGHUP reloads the config
+/// ([`reload_config`]) and never stops the agent.
+pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
+    // First, before the seconds start-up can take: from here the three
+    // signals are handled, and SIGHUP's default action (exit 129, queued
+    // batches lost) can no longer happen.
+    let mut signals = Signals::install()?;
     let mut agent = Agent::start(&cfg)?;
     // Start-up parsed the kernel's BTF (megabytes) and freed it; give that
     // heap back to the kernel so the steady-state RSS is the agent's own.
@@ -292,6 +327,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .spawn(move || {
             let mut next = Instant::now();
             loop {
+                record_log_drops(&agent.shared.selfm);
                 let snapshot = agent.collect();
                 if let Some(e) = &exp {
                     e.submit(snapshot);
@@ -310,14 +346,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         })
         .context("spawning the collection thread")?;
 
-    shutdown_signal().await;
-    info!("stopping: flushing the last interval and detaching probes");
+    let mut running = cfg.clone();
+    let stop = loop {
+        match signals.next().await {
+            Received::Stop(name) => break name,
+            Received::Hangup => reload_config(&reload, &mut running),
+        }
+    };
+    info!(
+        signal = stop,
+        "stopping: flushing the last interval and detaching probes"
+    );
     let _ = stop_tx.send(());
     let agent = tokio::task::spawn_blocking(move || collector.join())
         .await
         .ok()
         .and_then(|r| r.ok());
     if let Some(mut agent) = agent {
+        record_log_drops(&agent.shared.selfm);
         let last = agent.collect();
         if let Some(e) = &exporter {
             e.submit(last);
@@ -333,12 +379,86 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
+/// The signals the agent handles.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+/// What [`Signals::next`] received.
+enum Received {
+    /// SIGTERM or SIGINT (named): stop.
+    Stop(&'static str),
+    /// SIGHUP: reload.
+    Hangup,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing a SIGHUP handler")?,
+        })
+    }
+
+    async fn next(&mut self) -> Received {
+        tokio::select! {
+            _ = self.term.recv() => Received::Stop("SIGTERM"),
+            _ = self.int.recv() => Received::Stop("SIGINT"),
+            _ = self.hup.recv() => Received::Hangup,
+        }
+    }
+}
+
+/// SIGHUP: reads and validates the configuration again. `agent.log_level`
+/// is applied live; every other key that changed is named in one WARN line
+/// as needing a restart, and keeps its running value (probes are attached,
+/// the listener bound and the exporter started with it). An invalid file
+/// is refused with one ERROR line naming file, line and key, and the agent
+/// goes on with `running`, which is updated only by what was applied.
+///
+/// Reading the file blocks this task briefly: it is a capped regular file
+/// opened non-blocking (`config::read_config_file`).
+fn reload_config(reload: &Reload, running: &mut Config) {
+    info!("SIGHUP: reloading the configuration");
+    let (new, text) = match (reload.load)() {
+        Ok(v) => v,
+        Err(e) => {
+            error!(
+                error = format!("{e:#}"),
+                "SIGHUP: new configuration refused; still running on the previous one"
+            );
+            return;
+        }
+    };
+    if new.agent.log_level != running.agent.log_level {
+        match (reload.set_log_level)(&new.agent.log_level) {
+            Ok(()) => {
+                info!(old = %running.agent.log_level, new = %new.agent.log_level, "SIGHUP: agent.log_level applied");
+                running.agent.log_level = new.agent.log_level.clone();
+            }
+            Err(e) => {
+                error!(error = format!("{e:#}"), level = %new.agent.log_level, "SIGHUP: agent.log_level could not be applied; keeping the previous one");
+            }
+        }
+    }
+    // What else changed, by the file's keys (env and CLI cannot change
+    // within one process); compared with the start-up text, so a key that
+    // still waits for a restart is named again at every SIGHUP.
+    let mut rest = new;
+    rest.agent.log_level = running.agent.log_level.clone();
+    let mut keys = crate::config::changed_keys(&reload.text, &text);
+    keys.retain(|k| k != "agent.log_level");
+    if rest != *running {
+        if keys.is_empty() {
+            keys.push("(values from the environment or defaults)".to_owned());
+        }
+        warn!(keys = keys.join(", "), "SIGHUP: these keys changed and need a restart to take effect; they keep their running values");
+    } else {
+        info!("SIGHUP: configuration reloaded; nothing else changed");
     }
 }
 

@@ -51,6 +51,8 @@ impl CollectError {
             CollectError::Proc(ProcError::Io { .. }) => "io",
             CollectError::Proc(ProcError::Malformed { .. }) => "malformed",
             CollectError::Proc(ProcError::Missing { .. }) => "missing",
+            CollectError::Proc(ProcError::NotRegular { .. }) => "not_regular_file",
+            CollectError::Proc(ProcError::TooLarge { .. }) => "too_large",
             CollectError::Map { .. } => "bpf_map",
             CollectError::Iter { .. } => "bpf_iter",
         }

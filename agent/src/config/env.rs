@@ -68,3 +68,75 @@ impl Config {
         Ok(())
     }
 }
+
+/// The prefix of the variables that configure `[probes]`.
+const PROBES_PREFIX: &str = "PERCH_PROBES_";
+
+/// Every `PERCH_*` variable that configures the agent.
+pub fn known_env_vars() -> Vec<String> {
+    let mut v: Vec<String> = [
+        ENV_INTERVAL_SECS,
+        ENV_LISTEN,
+        ENV_LOG_LEVEL,
+        ENV_LOG_FORMAT,
+        ENV_PROC_ROOT,
+        ENV_SYS_ROOT,
+        ENV_SKIP_HOOKS,
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    v.extend(Family::ALL.iter().map(|&f| env_mode_var(f)));
+    v
+}
+
+impl Config {
+    /// Refuses a variable in the agent's own namespaces that it does not
+    /// know: any `PERCH_PROBES_*` (`PERCH_PROBES_FOO_MODE`, a typo such as
+    /// `PERCH_PROBES_SCHED_MOD`) and a misspelt agent variable (one edit
+    /// away from a known name, e.g. `PERCH_LOG_LEVE`). Other `PERCH_*`
+    /// names are left alone: the build and the tests use `PERCH_BIN`,
+    /// `PERCH_ROTEL` and `PERCH_EBPF_*` in the same environment.
+    pub fn check_env_names<I, S>(names: I) -> Result<(), ConfigError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let known = known_env_vars();
+        for name in names {
+            let name = name.as_ref();
+            if !name.starts_with("PERCH_") || known.iter().any(|k| k == name) {
+                continue;
+            }
+            let close = known.iter().find(|k| edit_distance(k, name) <= 1);
+            if name.starts_with(PROBES_PREFIX) || close.is_some() {
+                let hint = close
+                    .map(|k| format!("; did you mean {k}?"))
+                    .unwrap_or_default();
+                return Err(env_error(
+                    name,
+                    format!(
+                        "unknown variable (the agent reads {}){hint}",
+                        known.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Levenshtein distance, for near-miss variable names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}

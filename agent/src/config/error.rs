@@ -10,13 +10,14 @@ use super::*;
 pub enum ConfigError {
     /// The config file could not be read (missing `--config` file,
     /// permissions, not UTF-8).
-    #[error("{}: cannot read config file: {source}", path.display())]
+    #[error("{}: cannot read config file: {error}", path.display())]
     Io {
         /// The file that failed.
         path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        /// The underlying error. It is in the message, so it is not also
+        /// the error's `source()`: `{:#}` (anyhow, `main`) would print it
+        /// twice.
+        error: std::io::Error,
     },
     /// The file is not valid TOML, or a decode error could not be tied to
     /// a key.

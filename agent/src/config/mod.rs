@@ -36,6 +36,7 @@ mod validate;
 pub(crate) use crate::range::check_range;
 pub use diagnostics::line_of_key;
 use diagnostics::*;
+pub use env::known_env_vars;
 pub use error::ConfigError;
 use validate::*;
 
@@ -55,6 +56,100 @@ use crate::gate::{Family, Mode};
 
 /// The config file read when `--config` is not given, if it exists.
 pub const DEFAULT_PATH: &str = "/etc/perch/perch.toml";
+
+/// The largest config file read: 1 MiB. The commented default config
+/// (`deploy/perch.toml`) is under 20 KiB; a larger file is a mistake, and
+/// without a cap a 50 MB file took 800 MB to validate.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a config file: a regular file (a symlink to one is fine) of at
+/// most [`MAX_CONFIG_BYTES`]. The open is non-blocking, so a FIFO at the
+/// path is refused instead of waiting forever for a writer.
+pub fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |error| ConfigError::Io {
+        path: path.to_path_buf(),
+        error,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match std::fs::metadata(path) {
+            Ok(m) if !m.is_file() && !m.is_dir() => not_regular(path, &m.file_type()),
+            _ => io(e),
+        })?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(not_regular(path, &meta.file_type()));
+    }
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(io)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::FileTooLarge,
+            format!("larger than {MAX_CONFIG_BYTES} bytes, the cap on a config file"),
+        )));
+    }
+    Ok(text)
+}
+
+fn not_regular(path: &Path, t: &std::fs::FileType) -> ConfigError {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    };
+    ConfigError::Io {
+        path: path.to_path_buf(),
+        error: std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{kind}, not a regular file; refusing to read it"),
+        ),
+    }
+}
+
+/// The dotted keys whose value differs between two config texts: added,
+/// removed or changed, recursing into tables (`agent.interval_secs`,
+/// `probes.tcp.mode`). Arrays compare whole. A text that does not parse
+/// counts as empty. Used by SIGHUP to name what it cannot apply live.
+pub fn changed_keys(old: &str, new: &str) -> Vec<String> {
+    fn walk(prefix: &str, a: &toml::Table, b: &toml::Table, out: &mut Vec<String>) {
+        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        for k in keys {
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match (a.get(k), b.get(k)) {
+                (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                    walk(&path, x, y, out)
+                }
+                (Some(toml::Value::Table(x)), None) => walk(&path, x, &toml::Table::new(), out),
+                (None, Some(toml::Value::Table(y))) => walk(&path, &toml::Table::new(), y, out),
+                (x, y) if x != y => out.push(path),
+                _ => {}
+            }
+        }
+    }
+    let parse = |t: &str| toml::from_str::<toml::Table>(t).unwrap_or_default();
+    let mut out = Vec::new();
+    walk("", &parse(old), &parse(new), &mut out);
+    out
+}
 
 /// Overrides `agent.interval_secs`.
 pub const ENV_INTERVAL_SECS: &str = "PERCH_INTERVAL_SECS";
@@ -182,20 +277,39 @@ impl Config {
                 Ok(false) => return Ok((Config::default(), None)),
                 // Existence unknown (e.g. /etc/perch not searchable): an
                 // operator must look, rather than us running on defaults.
-                Err(source) => {
+                Err(error) => {
                     return Err(ConfigError::Io {
                         path: default_path.to_path_buf(),
-                        source,
+                        error,
                     })
                 }
             },
         };
-        let text = std::fs::read_to_string(&chosen).map_err(|source| ConfigError::Io {
-            path: chosen.clone(),
-            source,
-        })?;
+        let text = read_config_file(&chosen)?;
         let config = Config::from_toml_str(&text, &chosen.display().to_string())?;
         Ok((config, Some(chosen)))
+    }
+
+    /// [`Config::load`], also returning the file's text (empty when no file
+    /// was read), so a reload can name the keys that changed
+    /// ([`changed_keys`]).
+    pub fn load_with_text(
+        path: Option<&Path>,
+    ) -> Result<(Config, Option<PathBuf>, String), ConfigError> {
+        let (config, used) = Self::load(path)?;
+        // Read again rather than thread the text through `load`: the file
+        // is small (capped) and this runs at start-up and on SIGHUP only.
+        let text = match &used {
+            Some(p) => read_config_file(p)?,
+            None => String::new(),
+        };
+        // The file may have changed between the two reads; parse what is
+        // returned so config and text always agree.
+        let config = match &used {
+            Some(p) => Config::from_toml_str(&text, &p.display().to_string())?,
+            None => config,
+        };
+        Ok((config, used, text))
     }
 
     /// `agent.interval_secs` as a duration.

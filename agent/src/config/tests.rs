@@ -754,3 +754,111 @@ mod skip_hooks {
         assert!(err.starts_with("t.toml:3: probes.skip_hooks[0]"), "{err}");
     }
 }
+
+/// Hostile files and names (issue 10): the config reader takes regular
+/// files of bounded size only, SIGHUP names what changed, and unknown
+/// `PERCH_PROBES_*` variables are refused.
+mod hostile {
+    use super::super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn config_reader_refuses_fifos_devices_and_huge_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("perch.toml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let zero = dir.path().join("zero.toml");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        for (path, want) in [
+            (&fifo, "a FIFO"),
+            (&zero, "a character device"),
+            (&dir.path().to_path_buf(), "a directory"),
+        ] {
+            let started = Instant::now();
+            let err = Config::load(Some(path)).unwrap_err();
+            assert!(started.elapsed() < Duration::from_secs(1), "{err}");
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&path.display().to_string()) && msg.contains(want),
+                "{msg}"
+            );
+        }
+
+        let big = dir.path().join("big.toml");
+        // Valid TOML (a comment), one byte over the cap.
+        let mut text = "#".repeat(MAX_CONFIG_BYTES as usize);
+        text.push('\n');
+        std::fs::write(&big, &text).unwrap();
+        let msg = Config::load(Some(&big)).unwrap_err().to_string();
+        assert!(msg.contains("larger than 1048576 bytes"), "{msg}");
+        // At the cap it is read.
+        text.truncate(MAX_CONFIG_BYTES as usize);
+        std::fs::write(&big, &text).unwrap();
+        assert_eq!(Config::load(Some(&big)).unwrap().0, Config::default());
+
+        let real = dir.path().join("real.toml");
+        std::fs::write(&real, "[agent]\ninterval_secs = 5\n").unwrap();
+        let link = dir.path().join("link.toml");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let (cfg, used, text) = Config::load_with_text(Some(&link)).unwrap();
+        assert_eq!(cfg.agent.interval_secs, 5);
+        assert_eq!(used.as_deref(), Some(link.as_path()));
+        assert_eq!(text, "[agent]\ninterval_secs = 5\n");
+    }
+
+    #[test]
+    fn changed_keys_name_every_dotted_key() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            ("", "", &[]),
+            (
+                "[agent]\nlog_level = \"info\"\n",
+                "[agent]\nlog_level = \"info\"\n",
+                &[],
+            ),
+            (
+                "[agent]\nlog_level = \"info\"\n",
+                "[agent]\nlog_level = \"debug\"\ninterval_secs = 5\n",
+                &["agent.interval_secs", "agent.log_level"],
+            ),
+            ("[probes.tcp]\nmode = \"auto\"\n", "", &["probes.tcp.mode"]),
+            (
+                "",
+                "[export]\nendpoint = \"http://x:4318\"\n[export.queue]\ndir = \"/q\"\n",
+                &["export.endpoint", "export.queue.dir"],
+            ),
+            (
+                "[pipeline]\ndeny_attributes = [\"a\"]\n",
+                "[pipeline]\ndeny_attributes = [\"a\", \"b\"]\n",
+                &["pipeline.deny_attributes"],
+            ),
+        ];
+        for &(old, new, want) in cases {
+            assert_eq!(changed_keys(old, new), want, "{old:?} -> {new:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_perch_probes_variables_are_refused() {
+        assert!(Config::check_env_names(known_env_vars()).is_ok());
+        // Build and test variables are not the agent's.
+        assert!(
+            Config::check_env_names(["PERCH_BIN", "PERCH_ROTEL", "PERCH_EBPF_ROUTE", "PATH"])
+                .is_ok()
+        );
+        for (var, hint) in [
+            ("PERCH_PROBES_FOO_MODE", None),
+            ("PERCH_PROBES_SCHED_MOD", Some("PERCH_PROBES_SCHED_MODE")),
+            ("PERCH_LOG_LEVE", Some("PERCH_LOG_LEVEL")),
+        ] {
+            let err = Config::check_env_names([var]).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with(&format!("environment variable {var}: unknown variable")),
+                "{msg}"
+            );
+            if let Some(h) = hint {
+                assert!(msg.contains(&format!("did you mean {h}?")), "{msg}");
+            }
+        }
+    }
+}

@@ -53,6 +53,28 @@ pub enum ProcError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The path is not a regular file (a FIFO, a device, a socket, a
+    /// directory). procfs and sysfs files are regular files; anything else
+    /// could block a read forever (a FIFO) or never end (`/dev/zero`), so
+    /// it is refused before any byte is read.
+    #[error("{path}: not a regular file ({file_type}); refusing to read it")]
+    NotRegular {
+        /// The path as opened.
+        path: String,
+        /// What it is instead: `FIFO`, `character device`, `socket`, ...
+        file_type: &'static str,
+    },
+    /// The file holds more than the per-file cap ([`MAX_FILE_BYTES`]); no
+    /// part of it is parsed.
+    #[error(
+        "{path}: larger than {max_bytes} bytes, the cap on one procfs or sysfs file; not read"
+    )]
+    TooLarge {
+        /// The path as opened.
+        path: String,
+        /// The cap that was exceeded.
+        max_bytes: u64,
+    },
     /// A required line or field is absent.
     #[error("{file}: missing {what}")]
     Missing {
@@ -120,10 +142,94 @@ impl Root {
     }
 }
 
-/// One `read_to_string`: proc's seq_file files produce each record whole
-/// within a read, so a single pass over the file gives consistent lines.
-pub(crate) fn read_file(path: &Path) -> Result<String, ProcError> {
-    std::fs::read_to_string(path).map_err(|e| ProcError::io(path, e))
+/// The most bytes [`read_file`] reads from one file: 8 MiB.
+///
+/// The largest file a collector reads is a socket table in the connections
+/// family's procfs fallback: `/proc/net/tcp` lines are 150 bytes and
+/// `/proc/net/tcp6` lines 178, so 8 MiB holds about 55 000 IPv4 or 47 000
+/// IPv6 sockets (the normal path, sock_diag, reads no file). Everything
+/// else is far smaller: `/proc/stat` is about 150 bytes per CPU (150 KiB
+/// at 1 024 CPUs), `/proc/net/dev` 200 bytes per interface. A read that
+/// grows its buffer by doubling peaks under 2 × 8 MiB, well inside the
+/// 96 MiB memory soft limit, where a link to `/dev/zero` once took 7 GB.
+pub const MAX_FILE_BYTES: u64 = 8 << 20;
+
+/// Reads one procfs or sysfs file, safely against whatever is at `path`:
+///
+/// - opened `O_NONBLOCK` (a FIFO without a writer does not block the open)
+///   and `O_CLOEXEC | O_NOCTTY`;
+/// - refused unless `fstat` says it is a regular file
+///   ([`ProcError::NotRegular`]); a socket, which `open` refuses with
+///   `ENXIO`, is reported the same way;
+/// - at most [`MAX_FILE_BYTES`] read ([`ProcError::TooLarge`] beyond).
+///
+/// One pass over the file: proc's seq_file files produce each record whole
+/// within a read, so a single pass gives consistent lines.
+pub fn read_file(path: &Path) -> Result<String, ProcError> {
+    read_file_capped(path, MAX_FILE_BYTES)
+}
+
+/// [`read_file`] with a cap of `max_bytes`.
+pub fn read_file_capped(path: &Path, max_bytes: u64) -> Result<String, ProcError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| {
+            // Name the file type when that is why the open failed (a
+            // socket gives ENXIO, which says nothing to an operator).
+            match std::fs::metadata(path) {
+                Ok(m) if !m.file_type().is_file() && !m.is_dir() => ProcError::NotRegular {
+                    path: path.display().to_string(),
+                    file_type: file_type_name(&m.file_type()),
+                },
+                _ => ProcError::io(path, e),
+            }
+        })?;
+    let meta = file.metadata().map_err(|e| ProcError::io(path, e))?;
+    if !meta.file_type().is_file() {
+        return Err(ProcError::NotRegular {
+            path: path.display().to_string(),
+            file_type: file_type_name(&meta.file_type()),
+        });
+    }
+    let mut text = String::new();
+    // One byte past the cap tells "exactly at the cap" from "over it".
+    file.take(max_bytes.saturating_add(1))
+        .read_to_string(&mut text)
+        .map_err(|e| ProcError::io(path, e))?;
+    if text.len() as u64 > max_bytes {
+        return Err(ProcError::TooLarge {
+            path: path.display().to_string(),
+            max_bytes,
+        });
+    }
+    Ok(text)
+}
+
+/// A file type, as [`ProcError::NotRegular`] names it.
+fn file_type_name(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_fifo() {
+        "FIFO"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_dir() {
+        "directory"
+    } else if t.is_symlink() {
+        "symbolic link"
+    } else if t.is_file() {
+        "regular file"
+    } else {
+        "unknown file type"
+    }
 }
 
 /// Parse a decimal `u64` token; `what` names the field in the error.
@@ -234,6 +340,75 @@ mod tests {
             err.to_string().split(':').next(),
             Some("reading /nonexistent-perch-root/x")
         );
+    }
+
+    /// What is not a regular file is refused before a byte is read, naming
+    /// the path and the type; what is over the cap is refused naming the cap.
+    #[test]
+    fn read_file_refuses_what_is_not_a_bounded_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let zero = dir.path().join("zero");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        let sock = dir.path().join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let cases: &[(&Path, &str)] = &[
+            (&fifo, "FIFO"),
+            (&zero, "character device"),
+            (&sock, "socket"),
+            (dir.path(), "directory"),
+        ];
+        for &(path, want) in cases {
+            let started = std::time::Instant::now();
+            match read_file(path) {
+                Err(ProcError::NotRegular { path: p, file_type }) => {
+                    assert_eq!(p, path.display().to_string());
+                    assert_eq!(file_type, want, "{}", path.display());
+                    let msg = read_file(path).unwrap_err().to_string();
+                    assert!(
+                        msg.contains(&p) && msg.contains(want),
+                        "message names path and type: {msg}"
+                    );
+                }
+                other => panic!("{}: expected NotRegular, got {other:?}", path.display()),
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        }
+
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'x'; 4097]).unwrap();
+        match read_file_capped(&big, 4096) {
+            Err(ProcError::TooLarge { path, max_bytes }) => {
+                assert_eq!(path, big.display().to_string());
+                assert_eq!(max_bytes, 4096);
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        assert!(read_file_capped(&big, 4096)
+            .unwrap_err()
+            .to_string()
+            .contains("4096 bytes"));
+        // Exactly at the cap is fine.
+        assert_eq!(read_file_capped(&big, 4097).unwrap().len(), 4097);
+        // The default cap, on a file just over it.
+        let huge = dir.path().join("huge");
+        let f = std::fs::File::create(&huge).unwrap();
+        f.set_len(MAX_FILE_BYTES + 1).unwrap();
+        assert!(matches!(
+            read_file(&huge),
+            Err(ProcError::TooLarge {
+                max_bytes: MAX_FILE_BYTES,
+                ..
+            })
+        ));
+        // A symlink to a regular file is read (container roots are often
+        // bind mounts or links).
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&big, &link).unwrap();
+        assert_eq!(read_file(&link).unwrap().len(), 4097);
+        // Real procfs files are regular and read whole.
+        assert!(Root::proc().read("stat").unwrap().contains("btime"));
     }
 
     #[test]
