@@ -274,9 +274,15 @@ impl Drop for Registered {
         let left = self.conns.active.fetch_sub(1, Ordering::Relaxed) - 1;
         self.conns.publish_active(left);
         if left == 0 && self.conns.dirty.swap(false, Ordering::Relaxed) {
-            // Give the burst's freed buffers back to the kernel.
+            // Give the burst's freed buffers back to the kernel, off the
+            // async workers (trimming can take milliseconds). Outside a
+            // runtime (dropped while it shuts down), trim right here.
             // SAFETY: malloc_trim only releases free memory held by glibc's malloc.
-            tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) });
+            let trim = || unsafe { libc::malloc_trim(0) };
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(trim)),
+                Err(_) => drop(trim()),
+            }
         }
     }
 }
