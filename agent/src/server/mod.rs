@@ -221,3 +221,73 @@ pub fn status_json(shared: &Shared) -> Value {
 async fn features(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     axum::Json(json!({ "kernel": shared.facts, "plan": shared.plan }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gate::{FamilyPlan, KernelFacts, Mode, Plan};
+    use crate::pipeline::memory::MemoryGauge;
+    use crate::selfmetrics::SelfMetrics;
+    use std::time::Duration;
+
+    /// Each program of a refused variant is listed with the kernel's
+    /// message; those of the variant in use are attached.
+    #[test]
+    fn status_lists_programs_attached_and_refused() {
+        let (family, used, refused) = crate::gate::Family::ALL
+            .iter()
+            .find_map(|f| match f.rule().variants {
+                [a, b, ..] => Some((*f, a, b)),
+                _ => None,
+            })
+            .expect("a family with two eBPF variants");
+        let mut facts = KernelFacts::default();
+        facts.hooks.insert((family, used.hook), HookStatus::Ok);
+        facts.hooks.insert(
+            (family, refused.hook),
+            HookStatus::Failed("EPERM: permission denied".into()),
+        );
+        let plan = Plan {
+            families: vec![FamilyPlan {
+                family,
+                requested: Mode::default(),
+                source: Source::Ebpf,
+                hook: Some(used.hook),
+                reads: String::new(),
+                reason: "test".into(),
+            }],
+        };
+        let shared = Shared::new(
+            Arc::new(SelfMetrics::new()),
+            plan,
+            facts,
+            Duration::from_secs(10),
+            2000,
+            MemoryGauge::default(),
+        );
+        let s = status_json(&shared);
+        let programs = s["programs"].as_array().expect("programs");
+        for p in used.programs {
+            assert!(
+                programs.iter().any(|r| r["program"] == p.program
+                    && r["hook"] == used.hook.name()
+                    && (r["state"] == "attached" || r["state"] == "unattached")),
+                "{}: {programs:?}",
+                p.program
+            );
+        }
+        for p in refused.programs {
+            assert!(
+                programs.iter().any(|r| r["program"] == p.program
+                    && r["state"] == "refused"
+                    && r["error"] == "EPERM: permission denied"),
+                "{}: {programs:?}",
+                p.program
+            );
+        }
+        assert_eq!(s["families"][0]["produced"], false);
+        assert_eq!(s["ready"], false);
+        assert_eq!(s["pipeline"]["max_series_per_metric"], 2000);
+        assert_eq!(s["exporter"]["enabled"], false);
+    }
+}
