@@ -144,6 +144,14 @@ catalogue! {
     EXPORT_DISK_BYTES = "perch.export.disk.bytes",
     /// Export: corrupt disk-queue files set aside.
     EXPORT_DISK_CORRUPT = "perch.export.disk.corrupt",
+
+    /// Readiness: 1 while `/readyz` answers 200.
+    READY = "perch.ready",
+    /// HTTP listener: connections closed before or instead of being
+    /// served, by reason.
+    HTTP_CONNECTIONS_REFUSED = "perch.http.connections.refused",
+    /// HTTP listener: connections open now.
+    HTTP_CONNECTIONS_ACTIVE = "perch.http.connections.active",
 }
 
 /// OpenTelemetry names of the agent's own process metrics, and the names

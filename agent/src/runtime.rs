@@ -2,7 +2,7 @@
 //! pass the snapshot through the pipeline, publish it for `/metrics` and hand
 //! it to the OTLP exporter without waiting.
 
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
@@ -22,6 +22,8 @@ use crate::state::Shared;
 pub struct Agent {
     probes: Probes,
     collectors: Vec<Box<dyn Collector>>,
+    /// The family of each collector (same order), for readiness.
+    collector_families: Vec<Family>,
     pipeline: Pipeline,
     /// Collectors whose last collection failed (logged once per episode).
     failing: std::collections::BTreeSet<&'static str>,
@@ -43,6 +45,19 @@ impl Agent {
         let collectors =
             crate::families::build_collectors(&cfg.probes, proc, sys, &mut probes, boot)?;
         probes.finish();
+        // build_collectors makes one collector per family the final plan
+        // does not turn off, in Family::ALL order.
+        let collector_families: Vec<Family> = Family::ALL
+            .iter()
+            .copied()
+            .filter(|f| {
+                probes
+                    .plan
+                    .get(*f)
+                    .is_some_and(|p| p.source != crate::gate::Source::Off)
+            })
+            .collect();
+        debug_assert_eq!(collector_families.len(), collectors.len());
         let selfm = Arc::new(SelfMetrics::new());
         for fp in &probes.plan.families {
             selfm.set(
@@ -59,16 +74,18 @@ impl Agent {
         }
         let memory = MemoryGauge::default();
         let pipeline = Pipeline::new(&cfg.pipeline, selfm.clone(), memory.clone());
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Shared::new(
             selfm,
-            plan: probes.plan.clone(),
-            facts: probes.facts.clone(),
-            interval: cfg.interval(),
-            last: Mutex::new(None),
-        });
+            probes.plan.clone(),
+            probes.facts.clone(),
+            cfg.interval(),
+            cfg.pipeline.max_series_per_metric,
+            memory.clone(),
+        ));
         Ok(Agent {
             probes,
             collectors,
+            collector_families,
             pipeline,
             failing: Default::default(),
             shared,
@@ -99,11 +116,16 @@ impl Agent {
                 1,
             );
         };
-        for c in &mut self.collectors {
+        for (i, c) in self.collectors.iter_mut().enumerate() {
             let failing = self.failing.contains(c.name());
             let result = c.collect(now, &mut metrics);
             for (component, kind) in c.take_partial_errors() {
                 count_error(component, kind);
+            }
+            if result.is_ok() {
+                if let Some(f) = self.collector_families.get(i) {
+                    self.shared.mark_produced(*f);
+                }
             }
             match result {
                 Ok(()) if failing => {
@@ -130,6 +152,18 @@ impl Agent {
             started.elapsed().as_secs_f64(),
         );
         record_process(selfm);
+        selfm.set(
+            crate::catalogue::READY,
+            "1 while GET /readyz answers 200, 0 while it answers 503.",
+            // No unit: a state, not a ratio (Prometheus would append `_ratio`).
+            "",
+            Vec::new(),
+            if self.shared.readiness_now().is_ok() {
+                1.0
+            } else {
+                0.0
+            },
+        );
         metrics.extend(selfm.metrics(now));
         let metrics = collectors::merge_same_name(metrics);
         let snapshot = Arc::new(self.pipeline.process(Snapshot { time: now, metrics }));
@@ -311,6 +345,17 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         agent.memory.clone(),
     )?;
     let exporter = exporter.map(Arc::new);
+    if let (Some(e), Some(endpoint)) = (&exporter, &cfg.export.endpoint) {
+        let _ = shared.exporter.set(crate::state::ExporterHandle::new(
+            e,
+            endpoint.clone(),
+            match cfg.export.protocol {
+                crate::config::export::Protocol::Grpc => "grpc",
+                _ => "http/protobuf",
+            }
+            .into(),
+        ));
+    }
 
     let listener = tokio::net::TcpListener::bind(cfg.agent.listen)
         .await
