@@ -222,13 +222,23 @@ impl Shared {
     /// Keeps the memory queue within its bound: the oldest batches go to
     /// disk when there is one, or are dropped.
     fn enforce(&self, q: &mut Queue) {
-        if q.outage && q.disk.is_some() {
-            // During an outage memory holds nothing a crash could lose.
-            while let Some(old) = q.items.pop_front() {
-                q.bytes -= old.body.len() as u64;
-                self.overflow(q, old);
+        if q.outage {
+            // During an outage memory holds nothing a crash could lose. A
+            // batch the disk cannot take stays in memory, within the bound.
+            while let (Some(old), Some(d)) = (q.items.front(), q.disk.as_mut()) {
+                match d.push(&old.body, old.points) {
+                    Ok(dropped) => {
+                        self.dropped(reason::DISK_FULL, dropped);
+                        if let Some(old) = q.items.pop_front() {
+                            q.bytes -= old.body.len() as u64;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot write the on-disk export queue; batches stay in memory");
+                        break;
+                    }
+                }
             }
-            return;
         }
         let inflight = q.inflight.map_or(0, |(b, _)| b);
         while q.bytes + inflight > q.max_bytes {
