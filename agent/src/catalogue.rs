@@ -144,6 +144,10 @@ catalogue! {
     EXPORT_DISK_BYTES = "perch.export.disk.bytes",
     /// Export: corrupt disk-queue files set aside.
     EXPORT_DISK_CORRUPT = "perch.export.disk.corrupt",
+    /// Export: `.corrupt` disk-queue files deleted (too many, too old).
+    EXPORT_DISK_CORRUPT_REMOVED = "perch.export.disk.corrupt.removed",
+    /// Export: collector responses cut off at the size cap.
+    EXPORT_RESPONSE_TRUNCATED = "perch.export.response.truncated",
 
     /// Readiness: 1 while `/readyz` answers 200.
     READY = "perch.ready",

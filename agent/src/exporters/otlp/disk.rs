@@ -13,7 +13,13 @@
 //! whole file or a `.tmp` that is removed at start. A file whose header,
 //! length or checksum is wrong (a torn write, disk corruption) is moved
 //! aside as `*.corrupt` with one log line naming it; the other files are
-//! still delivered.
+//! still delivered. At most [`MAX_CORRUPT_FILES`] `.corrupt` files are
+//! kept, none older than [`CORRUPT_MAX_AGE`]; the others are deleted
+//! (at open and whenever one is set aside) and counted in
+//! `perch.export.disk.corrupt.removed`.
+//!
+//! The queue holds metric data, maybe with peer addresses: the directory
+//! is made 0700 and each file 0600, set explicitly, whatever the umask.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -23,6 +29,14 @@ use bytes::Bytes;
 const MAGIC: &[u8; 8] = b"PERCHQ01";
 const HEADER: usize = 24;
 const EXT: &str = "otlpq";
+
+/// `.corrupt` files kept for inspection (the newest ones). A batch is at
+/// most `batch.max_bytes` (3 MiB), so they hold at most 24 MiB.
+pub const MAX_CORRUPT_FILES: usize = 8;
+/// `.corrupt` files older than this are deleted.
+pub const CORRUPT_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+const DIR_MODE: u32 = 0o700;
+const FILE_MODE: u32 = 0o600;
 
 /// A disk-queue failure, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +75,8 @@ pub struct DiskQueue {
     entries: VecDeque<Entry>,
     total: u64,
     next_seq: u64,
+    /// `.corrupt` files deleted and not yet reported.
+    corrupt_removed: u64,
 }
 
 /// A batch read back from disk.
@@ -119,12 +135,24 @@ impl DiskQueue {
     /// Opens (creating) `dir` and indexes the files already there.
     /// Corrupt files are found lazily, when read.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, DiskError> {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(dir)
+            .map_err(io(dir))?;
+        // Also for a directory made earlier, or with a umask that cut the
+        // mode: the mode at create is masked, chmod is not.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE))
+            .map_err(io(dir))?;
         let mut entries = Vec::new();
         for e in std::fs::read_dir(dir).map_err(io(dir))? {
             let e = e.map_err(io(dir))?;
             let path = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".corrupt") {
+                continue;
+            }
             if name.ends_with(".tmp") {
                 // An interrupted write: never complete, never renamed.
                 let _ = std::fs::remove_file(&path);
@@ -142,13 +170,51 @@ impl DiskQueue {
         entries.sort_by_key(|e| e.seq);
         let total = entries.iter().map(|e| e.bytes).sum();
         let next_seq = entries.last().map_or(0, |e| e.seq + 1);
-        Ok(Self {
+        let mut q = Self {
             dir: dir.to_owned(),
             max_bytes,
             entries: entries.into(),
             total,
             next_seq,
-        })
+            corrupt_removed: 0,
+        };
+        q.prune_corrupt(std::time::SystemTime::now());
+        Ok(q)
+    }
+
+    /// Deletes `.corrupt` files past [`CORRUPT_MAX_AGE`] (by mtime) and
+    /// all but the newest [`MAX_CORRUPT_FILES`]. Returns how many went.
+    pub fn prune_corrupt(&mut self, now: std::time::SystemTime) -> u64 {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let mut files: Vec<(std::time::SystemTime, PathBuf)> = rd
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".corrupt"))
+            .map(|e| {
+                let t = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                (t, e.path())
+            })
+            .collect();
+        // Newest first; ties by name so the order is stable.
+        files.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| b.1.cmp(&a.1)));
+        let mut removed = 0;
+        for (i, (t, path)) in files.iter().enumerate() {
+            let old = now.duration_since(*t).unwrap_or_default() > CORRUPT_MAX_AGE;
+            if (old || i >= MAX_CORRUPT_FILES) && std::fs::remove_file(path).is_ok() {
+                removed += 1;
+            }
+        }
+        self.corrupt_removed += removed;
+        removed
+    }
+
+    /// `.corrupt` files deleted since the last call (for the self-metric).
+    pub fn take_corrupt_removed(&mut self) -> u64 {
+        std::mem::take(&mut self.corrupt_removed)
     }
 
     /// Bytes on disk.
@@ -183,7 +249,17 @@ impl DiskQueue {
         let tmp = path.with_extension("tmp");
         {
             use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(FILE_MODE)
+                .open(&tmp)
+                .map_err(io(&tmp))?;
+            // Exactly 0600 whatever the umask (the create mode is masked).
+            f.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))
+                .map_err(io(&tmp))?;
             f.write_all(&data).map_err(io(&tmp))?;
             f.sync_data().map_err(io(&tmp))?;
         }
@@ -237,6 +313,7 @@ impl DiskQueue {
                 self.total -= e.bytes;
                 let aside = e.path.with_extension("corrupt");
                 let _ = std::fs::rename(&e.path, &aside);
+                self.prune_corrupt(std::time::SystemTime::now());
                 Some(Err(DiskError::Corrupt {
                     path: e.path,
                     reason,
@@ -332,6 +409,74 @@ mod tests {
         // New files continue the sequence after the old ones.
         q.push(b"x", 1).unwrap();
         assert_eq!(q.peek().unwrap().unwrap().seq, 4);
+    }
+
+    #[test]
+    fn modes_are_0700_and_0600_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let qdir = dir.path().join("q");
+        // The finding: umask 000 gave 0666 files. (umask is process-wide;
+        // other tests' files are briefly more open, which is harmless.) The
+        // directory exists already, too open, as after an older version.
+        std::fs::create_dir(&qdir).unwrap();
+        std::fs::set_permissions(&qdir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        // SAFETY: umask only swaps the process file-mode mask.
+        let old = unsafe { libc::umask(0) };
+        let mut q = DiskQueue::open(&qdir, 1 << 20).unwrap();
+        q.push(b"x", 1).unwrap();
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&qdir), 0o700);
+        let files: Vec<_> = std::fs::read_dir(&qdir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1);
+        assert_eq!(mode(&files[0]), 0o600, "{}", files[0].display());
+    }
+
+    #[test]
+    fn corrupt_files_are_bounded_and_aged_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now();
+        let day = std::time::Duration::from_secs(24 * 3600);
+        // (name, age in days)
+        let files: Vec<(String, u32)> = (0..12)
+            .map(|i| (format!("{i:020}.corrupt"), if i < 2 { 8 } else { i }))
+            .collect();
+        for (name, age) in &files {
+            let p = dir.path().join(name);
+            std::fs::write(&p, b"junk").unwrap();
+            let f = std::fs::File::options().write(true).open(&p).unwrap();
+            // Half a day younger than `age`, so the 7-day edge is not a race.
+            f.set_modified(now - day * *age + day / 2).unwrap();
+        }
+        let mut q = DiskQueue::open(dir.path(), 1 << 20).unwrap();
+        // Past 7 days: the two 8-day-old ones and ages 8..=11. Left are
+        // ages 2..=7: 6 files, under the count bound.
+        let left: Vec<String> = {
+            let mut v: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        let want: Vec<String> = (2..=7).map(|i| format!("{i:020}.corrupt")).collect();
+        assert_eq!(left, want);
+        assert_eq!(q.take_corrupt_removed(), 6);
+        assert_eq!(q.take_corrupt_removed(), 0);
+        // Count bound: 12 fresh ones keep the newest 8.
+        for i in 100..112 {
+            std::fs::write(dir.path().join(format!("{i:020}.corrupt")), b"j").unwrap();
+        }
+        // 6 old + 12 new: the newest 8 stay.
+        q.prune_corrupt(std::time::SystemTime::now());
+        let n = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(n, MAX_CORRUPT_FILES);
+        assert_eq!(q.take_corrupt_removed(), 10);
     }
 
     #[test]

@@ -16,6 +16,12 @@
 //! circuit breaker) or permanent (dropped, counted, logged once per
 //! distinct message). Every point that does not reach the collector is
 //! counted in `perch.export.points.dropped{reason}`.
+//!
+//! Hostile collectors: responses are read up to 64 KiB
+//! (`transport::MAX_RESPONSE_BYTES`), never buffered past it. With a disk
+//! queue, from the first retryable failure until the collector answers
+//! again every batch goes to disk as soon as it is encoded, so a SIGKILL
+//! during an outage loses at most the snapshots not yet encoded.
 
 pub mod disk;
 pub mod encode;
@@ -127,6 +133,10 @@ struct Queue {
     inflight: Option<(u64, u64)>,
     max_bytes: u64,
     disk: Option<DiskQueue>,
+    /// The last request failed in a retryable way (until the collector
+    /// answers again). With a disk queue, batches then go to disk as soon
+    /// as they are encoded instead of waiting in memory.
+    outage: bool,
 }
 
 struct Shared {
@@ -171,7 +181,18 @@ impl Shared {
         );
     }
 
-    fn publish_queue(&self, q: &Queue) {
+    fn publish_queue(&self, q: &mut Queue) {
+        if let Some(removed) = q.disk.as_mut().map(DiskQueue::take_corrupt_removed) {
+            if removed > 0 {
+                self.selfm.add(
+                    crate::catalogue::EXPORT_DISK_CORRUPT_REMOVED,
+                    "Corrupt on-disk queue files deleted (past the count or age bound)",
+                    "{file}",
+                    vec![],
+                    removed,
+                );
+            }
+        }
         let mem = q.bytes + q.inflight.map_or(0, |(b, _)| b);
         self.selfm.set(
             crate::catalogue::EXPORT_QUEUE_BYTES,
@@ -201,6 +222,24 @@ impl Shared {
     /// Keeps the memory queue within its bound: the oldest batches go to
     /// disk when there is one, or are dropped.
     fn enforce(&self, q: &mut Queue) {
+        if q.outage {
+            // During an outage memory holds nothing a crash could lose. A
+            // batch the disk cannot take stays in memory, within the bound.
+            while let (Some(old), Some(d)) = (q.items.front(), q.disk.as_mut()) {
+                match d.push(&old.body, old.points) {
+                    Ok(dropped) => {
+                        self.dropped(reason::DISK_FULL, dropped);
+                        if let Some(old) = q.items.pop_front() {
+                            q.bytes -= old.body.len() as u64;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot write the on-disk export queue; batches stay in memory");
+                        break;
+                    }
+                }
+            }
+        }
         let inflight = q.inflight.map_or(0, |(b, _)| b);
         while q.bytes + inflight > q.max_bytes {
             let Some(old) = q.items.pop_front() else {
@@ -306,6 +345,7 @@ impl OtlpExporter {
                 inflight: None,
                 max_bytes: cfg.queue.max_bytes,
                 disk,
+                outage: false,
             }),
             wake_encoder: Notify::new(),
             wake_sender: Notify::new(),
@@ -315,8 +355,8 @@ impl OtlpExporter {
             delivered: watch::channel(0).0,
         });
         {
-            let q = lock(&shared.queue);
-            shared.publish_queue(&q);
+            let mut q = lock(&shared.queue);
+            shared.publish_queue(&mut q);
         }
         shared.selfm.set(
             crate::catalogue::EXPORT_CIRCUIT_STATE,
@@ -443,7 +483,7 @@ impl OtlpExporter {
             }
         }
         shared.dropped(reason::SHUTDOWN, lost);
-        shared.publish_queue(&q);
+        shared.publish_queue(&mut q);
         if lost + pending > 0 {
             tracing::error!(
                 points = lost + pending,
@@ -478,7 +518,7 @@ async fn encoder_task(shared: Arc<Shared>, mut encoder: Encoder) {
                 });
             }
             shared.enforce(&mut q);
-            shared.publish_queue(&q);
+            shared.publish_queue(&mut q);
         }
         shared.wake_sender.notify_one();
     }

@@ -70,6 +70,29 @@ pub fn classify_grpc(code: tonic::Code, retry_info: Option<Duration>, message: &
     }
 }
 
+/// OTLP/gRPC, with where the status came from. `local` is a status the
+/// client's own stack made (tonic gives it a source error): a refused or
+/// reset connection, a stream closed without a status, HTTP/2 garbage, an
+/// I/O error or a timeout. The collector said nothing about the data, so
+/// the spec's "transport failure, retry" applies whatever code tonic
+/// mapped it to (`Unknown`, `Internal` for an h2 `PROTOCOL_ERROR`...).
+/// A status the collector sent (`grpc-status`) goes through
+/// [`classify_grpc`].
+pub fn classify_grpc_status(
+    code: tonic::Code,
+    local: bool,
+    retry_info: Option<Duration>,
+    message: &str,
+) -> Class {
+    if local && code != tonic::Code::Ok {
+        return Class::Retryable {
+            delay: retry_info,
+            reason: format!("gRPC transport failure ({code:?}): {message}"),
+        };
+    }
+    classify_grpc(code, retry_info, message)
+}
+
 /// Minimal `google.rpc.Status` / `RetryInfo` messages, to read the delay a
 /// gRPC server attaches to its status (`grpc-status-details-bin`).
 pub mod rpc {
@@ -310,6 +333,38 @@ mod tests {
                 assert_eq!(delay, ri);
             }
         }
+    }
+
+    #[test]
+    fn grpc_transport_failures_are_retryable() {
+        use tonic::Code;
+        // (code, made locally by the client stack, retryable)
+        let cases: &[(Code, bool, bool)] = &[
+            // Connection reset / closed without a status / h2 garbage.
+            (Code::Unknown, true, true),
+            (Code::Internal, true, true),
+            (Code::Unavailable, true, true),
+            (Code::Cancelled, true, true),
+            (Code::ResourceExhausted, true, true),
+            // The same codes sent by the collector keep the spec's meaning.
+            (Code::Unknown, false, false),
+            (Code::Internal, false, false),
+            (Code::Unavailable, false, true),
+            (Code::InvalidArgument, false, false),
+            (Code::ResourceExhausted, false, false),
+        ];
+        for &(code, local, retry) in cases {
+            let c = classify_grpc_status(code, local, None, "m");
+            assert_eq!(
+                matches!(c, Class::Retryable { .. }),
+                retry,
+                "{code:?} local={local}: {c:?}"
+            );
+        }
+        assert!(matches!(
+            classify_grpc_status(Code::Ok, true, None, ""),
+            Class::Ok { .. }
+        ));
     }
 
     #[test]

@@ -54,6 +54,8 @@ impl Sender {
     /// The batch is done with (delivered or refused for good).
     fn finish(&self, src: &Source) {
         let mut q = lock(&self.shared.queue);
+        // The collector answered: new batches may wait in memory again.
+        q.outage = false;
         match src {
             Source::Mem(_) => q.inflight = None,
             Source::Disk { seq, .. } => {
@@ -62,24 +64,30 @@ impl Sender {
                 }
             }
         }
-        self.shared.publish_queue(&q);
+        self.shared.publish_queue(&mut q);
     }
 
-    /// The batch must be tried again later.
+    /// The batch must be tried again later. With a disk queue the batch,
+    /// and every batch encoded until the collector answers again, is
+    /// written to disk first: a SIGKILL during an outage then loses no
+    /// encoded batch.
     fn requeue(&self, src: Source) {
         let mut q = lock(&self.shared.queue);
+        q.outage = true;
         if let Source::Mem(item) = src {
             q.inflight = None;
             if q.disk.is_some() {
-                // Undelivered data goes to disk so a restart keeps it.
+                // Undelivered data goes to disk so a restart keeps it, and
+                // (outage set) so does everything queued behind it.
                 self.shared.overflow(&mut q, item);
+                self.shared.enforce(&mut q);
             } else {
                 q.bytes += item.body.len() as u64;
                 q.items.push_front(item);
                 self.shared.enforce(&mut q);
             }
         }
-        self.shared.publish_queue(&q);
+        self.shared.publish_queue(&mut q);
     }
 
     fn log_once(&mut self, level: tracing::Level, msg: &str) {
@@ -161,7 +169,22 @@ impl Sender {
             let started = Instant::now();
             let body = src.body();
             let body_len = body.len() as u64;
-            match self.transport.send(body).await {
+            let (class, truncated) = self.transport.send(body).await;
+            if truncated {
+                self.shared.selfm.add(
+                    crate::catalogue::EXPORT_RESPONSE_TRUNCATED,
+                    "Collector responses cut off at 64 KiB; the rest was not read",
+                    "{response}",
+                    vec![],
+                    1,
+                );
+                tracing::warn!(
+                    endpoint = %self.endpoint,
+                    max_bytes = transport::MAX_RESPONSE_BYTES,
+                    "OTLP collector response larger than the cap; the rest was discarded"
+                );
+            }
+            match class {
                 Class::Ok { rejected, message } => {
                     self.request("success");
                     self.circuit.success();

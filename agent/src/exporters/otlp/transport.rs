@@ -16,11 +16,27 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use super::retry::{classify_grpc, classify_http, retry_info_delay, Class};
+use super::retry::{classify_http, retry_info_delay, Class};
 use super::ExportError;
 use crate::config::export::{Compression, ExportConfig, Protocol};
 
 const GRPC_PATH: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
+
+/// The most of a collector's response body that is read. An
+/// `ExportMetricsServiceResponse` is a few bytes (a partial-success count
+/// and a message); error bodies are a `google.rpc.Status` or a line of
+/// text. A collector answering with more (a 1 GiB body was measured at
+/// 781 MB RSS) is cut off here: the rest is never read, the connection is
+/// dropped, and the response counted in `perch.export.response.truncated`.
+pub const MAX_RESPONSE_BYTES: usize = 64 << 10;
+
+/// tonic's text for a response message past `max_decoding_message_size`
+/// (tonic `codec/decode.rs`). It checks the 5-byte length prefix before
+/// buffering anything, so the message is never read.
+const TONIC_TOO_LARGE: &str = "decoded message length too large";
+/// tonic's text for a gzip response message that inflates past the same
+/// limit (its decompression writes into a buffer limited to it).
+const TONIC_INFLATED_TOO_LARGE: &str = "exceeded while decompressing message";
 
 /// A connected (lazily) transport.
 #[derive(Debug, Clone)]
@@ -40,8 +56,9 @@ impl Transport {
         }
     }
 
-    /// Sends one encoded request; returns how the sender should proceed.
-    pub async fn send(&mut self, body: Bytes) -> Class {
+    /// Sends one encoded request; returns how the sender should proceed,
+    /// and whether the response was cut at [`MAX_RESPONSE_BYTES`].
+    pub async fn send(&mut self, body: Bytes) -> (Class, bool) {
         match self {
             Transport::Grpc(g) => g.send(body).await,
             Transport::Http(h) => h.send(body).await,
@@ -174,7 +191,9 @@ impl GrpcTransport {
                 .send_compressed(tonic::codec::CompressionEncoding::Gzip)
                 .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
         }
-        grpc = grpc.max_encoding_message_size(usize::MAX);
+        grpc = grpc
+            .max_encoding_message_size(usize::MAX)
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
         let mut headers = tonic::metadata::MetadataMap::new();
         for (k, v) in &cfg.headers {
             let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
@@ -189,12 +208,15 @@ impl GrpcTransport {
         })
     }
 
-    async fn send(&mut self, body: Bytes) -> Class {
+    async fn send(&mut self, body: Bytes) -> (Class, bool) {
         if let Err(e) = self.grpc.ready().await {
-            return Class::Retryable {
-                delay: None,
-                reason: format!("connect: {}", error_chain(&e)),
-            };
+            return (
+                Class::Retryable {
+                    delay: None,
+                    reason: format!("connect: {}", error_chain(&e)),
+                },
+                false,
+            );
         }
         let mut req = tonic::Request::new(body);
         *req.metadata_mut() = self.headers.clone();
@@ -212,16 +234,42 @@ impl GrpcTransport {
                         )
                     })
                     .unwrap_or_default();
-                Class::Ok { rejected, message }
+                (Class::Ok { rejected, message }, false)
             }
             Err(status) => {
                 let mut message = status.message().to_owned();
+                // A status with a source was made by the client's own stack
+                // (connect, reset, closed stream, bad HTTP/2 frame, I/O): the
+                // collector never answered. One without came from the
+                // collector's `grpc-status` (or from our decoder).
+                let local = std::error::Error::source(&status).is_some();
                 if let Some(src) = std::error::Error::source(&status) {
                     // Transport errors (TLS, refused) hide their cause here.
                     message = format!("{message}: {}", error_chain(src));
                 }
+                let too_large = match status.code() {
+                    tonic::Code::OutOfRange => message.contains(TONIC_TOO_LARGE),
+                    tonic::Code::ResourceExhausted => message.contains(TONIC_INFLATED_TOO_LARGE),
+                    _ => false,
+                };
+                if !local && too_large {
+                    // The collector answered with a response message, which
+                    // gRPC servers send only on success, but one far past
+                    // any real ExportMetricsServiceResponse. Retrying would
+                    // send accepted data again; it counts as delivered.
+                    return (
+                        Class::Ok {
+                            rejected: 0,
+                            message: String::new(),
+                        },
+                        true,
+                    );
+                }
                 let delay = retry_info_delay(status.details());
-                classify_grpc(status.code(), delay, &message)
+                (
+                    super::retry::classify_grpc_status(status.code(), local, delay, &message),
+                    false,
+                )
             }
         }
     }
@@ -318,7 +366,7 @@ impl HttpTransport {
         })
     }
 
-    async fn send(&mut self, body: Bytes) -> Class {
+    async fn send(&mut self, body: Bytes) -> (Class, bool) {
         let mut req = self
             .client
             .post(&self.url)
@@ -339,13 +387,16 @@ impl HttpTransport {
         } else {
             body
         };
-        let resp = match req.body(wire).send().await {
+        let mut resp = match req.body(wire).send().await {
             Ok(r) => r,
             Err(e) => {
-                return Class::Retryable {
-                    delay: None,
-                    reason: error_chain(&e),
-                }
+                return (
+                    Class::Retryable {
+                        delay: None,
+                        reason: error_chain(&e),
+                    },
+                    false,
+                )
             }
         };
         let status = resp.status().as_u16();
@@ -354,7 +405,9 @@ impl HttpTransport {
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let body = resp.bytes().await.unwrap_or_default();
+        let (body, truncated) = read_capped(&mut resp, MAX_RESPONSE_BYTES).await;
+        // Dropping `resp` with its body unread closes the connection.
+        drop(resp);
         if (200..300).contains(&status) {
             let (rejected, message) = ExportMetricsServiceResponse::decode(body)
                 .ok()
@@ -366,13 +419,37 @@ impl HttpTransport {
                     )
                 })
                 .unwrap_or_default();
-            return Class::Ok { rejected, message };
+            return (Class::Ok { rejected, message }, truncated);
         }
         // Error bodies are a google.rpc.Status in protobuf, or text.
         let message = match super::retry::rpc::Status::decode(body.clone()) {
             Ok(s) if !s.message.is_empty() => s.message,
             _ => String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
         };
-        classify_http(status, retry_after.as_deref(), message)
+        (
+            classify_http(status, retry_after.as_deref(), message),
+            truncated,
+        )
+    }
+}
+
+/// Reads a response body chunk by chunk, keeping at most `cap` bytes:
+/// `(body, truncated)`. Past the cap it stops reading; the rest is never
+/// buffered. A body that fails midway keeps what arrived (the status line
+/// already said how the request went).
+async fn read_capped(resp: &mut reqwest::Response, cap: usize) -> (Bytes, bool) {
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => {
+                let room = cap - buf.len();
+                if c.len() > room {
+                    buf.extend_from_slice(&c[..room]);
+                    return (buf.freeze(), true);
+                }
+                buf.extend_from_slice(&c);
+            }
+            Ok(None) | Err(_) => return (buf.freeze(), false),
+        }
     }
 }
