@@ -22,6 +22,8 @@ usage: cargo xtask <command>
                       build, unit and privileged integration tests
   bench cpu|net|export
                       benchmarks (see docs/performance.md)
+  package deb         build target/debian/perch_<version>_<arch>.deb
+                      (release binary, stripped; unit, config, docs)
 ";
 
 fn main() -> ExitCode {
@@ -31,6 +33,9 @@ fn main() -> ExitCode {
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("bench") => bench::bench(&args[1..]),
+        Some("package") if args.get(1).map(String::as_str) == Some("deb") => setup::setup(false)
+            .and_then(|()| setup::install_cargo_deb())
+            .and_then(|()| package_deb()),
         _ => {
             eprint!("{USAGE}");
             return ExitCode::from(2);
@@ -105,6 +110,30 @@ fn run(args: &[String]) -> Result<()> {
     sh(&mut cmd)
 }
 
+/// Builds the release binary and the Debian package from it.
+fn package_deb() -> Result<()> {
+    sh(cargo().args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "perch-agent",
+        "--bin",
+        "perch",
+    ]))?;
+    sh(Command::new(setup::cargo_deb_path()).args([
+        "deb",
+        "-p",
+        "perch-agent",
+        "--no-build",
+        "--strip",
+        "--output",
+        "target/debian/perch.deb",
+    ]))?;
+    eprintln!("xtask: built target/debian/perch.deb");
+    Ok(())
+}
+
 fn test(args: &[String]) -> Result<()> {
     setup::setup(true)?;
     if !is_root() {
@@ -136,6 +165,8 @@ fn test(args: &[String]) -> Result<()> {
     ]))?;
     sh(&mut ebpf.clippy())?;
     sh(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
+    // tests/tests/package.rs installs it.
+    package_deb()?;
     let mut t = cargo();
     // Every test binary runs, so one failure does not hide the others.
     t.args(["test", "--workspace", "--locked", "--no-fail-fast"]);

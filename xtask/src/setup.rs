@@ -62,6 +62,7 @@ pub fn setup(with_tests: bool) -> Result<()> {
     install_bpf_linker(llvm)?;
     if with_tests {
         python_venv()?;
+        install_cargo_deb()?;
     }
     eprintln!("xtask: setup complete");
     Ok(())
@@ -146,6 +147,30 @@ fn install_bpf_linker(llvm: u32) -> Result<()> {
         .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
         .args(["--no-default-features", "--features"])
         .arg(format!("llvm-{llvm}")))
+}
+
+/// cargo-deb, pinned, for `cargo xtask package deb`.
+pub const CARGO_DEB_VERSION: &str = "3.8.0";
+
+pub fn cargo_deb_path() -> PathBuf {
+    cargo_home().join("bin").join("cargo-deb")
+}
+
+/// Installs cargo-deb unless that version is there (about a minute and a
+/// half on 2 cores).
+pub fn install_cargo_deb() -> Result<()> {
+    let have = Command::new(cargo_deb_path())
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_DEB_VERSION))
+        .unwrap_or(false);
+    if have {
+        return Ok(());
+    }
+    eprintln!("xtask: building cargo-deb {CARGO_DEB_VERSION} (for `cargo xtask package deb`)");
+    sh(cargo()
+        .args(["install", "--locked", "--force"])
+        .arg(format!("cargo-deb@{CARGO_DEB_VERSION}")))
 }
 
 /// Creates `tests/.venv` and installs `tests/requirements.txt` when it changed.
