@@ -172,8 +172,14 @@ impl Agent {
         snapshot
     }
 
+    /// Run counts and times of the attached programs, only while the host
+    /// has `kernel.bpf_stats_enabled=1`: with it off the kernel counts
+    /// nothing, and zeros would read as measured. `/status` says which.
     fn record_probe_stats(&self) {
         let selfm = &self.shared.selfm;
+        if crate::probes::bpf_stats_enabled() != Some(true) {
+            return;
+        }
         for s in self.probes.program_stats() {
             let attrs = vec![
                 ("perch.family", s.family.name().into()),

@@ -103,3 +103,49 @@ fn prometheus_scrapes_perch() {
     let ready = query(prom_addr, "perch_ready{job=\"perch\"}");
     eprintln!("perch_ready: {ready:?}; RSS {rss} B");
 }
+
+/// Program run statistics are published only while the host counts them
+/// (`kernel.bpf_stats_enabled=1`): with it off there is no
+/// `perch_bpf_program_run_count_total` to mistake for a measured zero, and
+/// `/status` says why; with it on, the attached programs' runs are there.
+#[test]
+fn bpf_run_stats_are_published_only_while_the_kernel_counts_them() {
+    let _serial = perch_tests::kernel::privileged();
+    let stats = perch_tests::kernel::BpfStats::save();
+    stats.set(false);
+    let agent = Agent::start(&["--interval", "1s"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let off = agent.scrape();
+    assert!(
+        !off.keys().any(|k| k.starts_with("perch_bpf_program_run")),
+        "run stats published with kernel.bpf_stats_enabled=0"
+    );
+    let (_, status) = agent.get("/status").expect("/status");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(
+        status["bpf_stats"]["enabled"], false,
+        "{}",
+        status["bpf_stats"]
+    );
+    assert!(
+        status["bpf_stats"]["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("bpf_stats_enabled=1")),
+        "{}",
+        status["bpf_stats"]
+    );
+    stats.set(true);
+    std::thread::sleep(Duration::from_millis(2500));
+    let on = agent.scrape();
+    let runs: f64 = on
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("perch_bpf_program_run_count_total") && k.contains("sched_switch")
+        })
+        .map(|(_, v)| *v)
+        .sum();
+    assert!(
+        runs > 0.0,
+        "no sched_switch runs counted with stats on: {on:?}"
+    );
+}

@@ -338,6 +338,15 @@ impl Probes {
     }
 }
 
+/// `kernel.bpf_stats_enabled`: whether the kernel counts program runs and
+/// their time (it costs two clock reads per run, so hosts leave it off;
+/// `sysctl kernel.bpf_stats_enabled=1` turns it on). `None`: unreadable.
+pub fn bpf_stats_enabled() -> Option<bool> {
+    std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+        .ok()
+        .map(|v| v.trim() != "0")
+}
+
 /// Where the agent runs: the host's pid namespace or not, and whether
 /// `proc_root` is the host's `/proc`. What either costs is said once, here,
 /// and the families that lose something say it in their plan.

@@ -200,6 +200,16 @@ pub fn status_json(shared: &Shared) -> Value {
         "not_ready_reason": ready.err(),
         "families": families,
         "programs": programs,
+        "bpf_stats": match crate::probes::bpf_stats_enabled() {
+            Some(true) => serde_json::json!({"enabled": true}),
+            Some(false) => serde_json::json!({
+                "enabled": false,
+                "note": "kernel.bpf_stats_enabled=0: perch.bpf.program.run.* are not published \
+                         (the kernel counts nothing); `sysctl kernel.bpf_stats_enabled=1` turns \
+                         them on at two clock reads per program run",
+            }),
+            None => serde_json::json!({"enabled": null, "note": "kernel.bpf_stats_enabled unreadable"}),
+        },
         "exporter": exporter,
         "pipeline": {
             "max_series_per_metric": shared.max_series_per_metric,
