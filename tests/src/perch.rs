@@ -198,7 +198,9 @@ impl Agent {
         Self::start_cmd(|run| daemonset_command(root, run), args)
     }
 
-    fn start_cmd(command: impl FnOnce(&[&str]) -> Command, args: &[&str]) -> Agent {
+    /// As [`Agent::start`], with the command built by `command` from the
+    /// `perch` arguments (a wrapper such as `unshare`).
+    pub fn start_cmd(command: impl FnOnce(&[&str]) -> Command, args: &[&str]) -> Agent {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let listen = addr.to_string();
         let mut run = vec!["run", "--listen", &listen];

@@ -256,3 +256,38 @@ fn outside_the_host_pid_namespace_the_plan_says_what_is_lost() {
         "tcp reason: {reason}"
     );
 }
+
+/// The same placement is on `/readyz`: a pod without hostPID is ready, and
+/// says what it loses on a `warning:` line.
+#[test]
+fn readyz_names_the_placement_warning() {
+    let _serial = perch_tests::kernel::privileged();
+    let agent = perch_tests::perch::Agent::start_cmd(
+        |run| {
+            let mut cmd = Command::new("unshare");
+            cmd.args(["--pid", "--fork", "--kill-child", "--mount-proc", "--"])
+                .arg(perch_bin())
+                .args(run);
+            cmd
+        },
+        &["--interval", "1s"],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let body = loop {
+        let (code, body) = agent.get("/readyz").expect("/readyz");
+        if code == 200 {
+            break body;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready: {body}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    assert!(body.starts_with("ready\n"), "{body}");
+    assert!(
+        body.contains("warning: not in the host's pid namespace"),
+        "{body}"
+    );
+    let (_, host) = perch_tests::perch::Agent::start(&["--interval", "1s"])
+        .get("/readyz")
+        .expect("/readyz");
+    assert!(!host.contains("warning:"), "on the host: {host}");
+}

@@ -80,13 +80,22 @@ async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     (code(healthy), axum::Json(body))
 }
 
-/// 200 `ready`, or 503 with the one-line reason.
+/// 200 `ready`, or 503 with the one-line reason. Either way, what the
+/// agent's placement costs (outside the host's pid namespace, a /proc that
+/// is not the host's) follows on a `warning:` line each: the agent works,
+/// with the losses named.
 async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let warnings: String = shared
+        .facts
+        .warnings
+        .iter()
+        .map(|w| format!("warning: {w}\n"))
+        .collect();
     match shared.readiness() {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(()) => (StatusCode::OK, format!("ready\n{warnings}")),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {why}\n"),
+            format!("not ready: {why}\n{warnings}"),
         ),
     }
 }
