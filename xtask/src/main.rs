@@ -5,6 +5,7 @@
 //! stops with the command that failed.
 
 mod bench;
+mod fuzz;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -19,9 +20,12 @@ usage: cargo xtask <command>
                       (and with --test: the test tools and tests/.venv)
   run [-- ARGS]       setup, build in release mode, run `perch run ARGS` (as root)
   test                setup --test, then fmt, clippy (userspace and eBPF),
-                      build, unit and privileged integration tests
+                      build, unit and privileged integration tests, and
+                      30 s of fuzzing per target
   bench cpu|net|export
                       benchmarks (see docs/performance.md)
+  fuzz [--secs N] [TARGET...]
+                      run the fuzz targets in fuzz/ for N s each (30)
   package deb         build target/debian/perch_<version>_<arch>.deb
                       (release binary, stripped; unit, config, docs)
 ";
@@ -33,6 +37,7 @@ fn main() -> ExitCode {
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("bench") => bench::bench(&args[1..]),
+        Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("package") if args.get(1).map(String::as_str) == Some("deb") => setup::setup(false)
             .and_then(|()| setup::install_cargo_deb())
             .and_then(|()| package_deb()),
@@ -173,5 +178,9 @@ fn test(args: &[String]) -> Result<()> {
     if !args.is_empty() {
         t.args(args);
     }
-    sh(&mut t)
+    sh(&mut t)?;
+    // Every parser of untrusted input, under libFuzzer for a short budget
+    // each (docs/fuzzing.md has longer runs).
+    sh(cargo().args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"]))?;
+    fuzz::fuzz(&["--secs".to_owned(), "30".to_owned()])
 }

@@ -153,7 +153,12 @@ fn install_bpf_linker(llvm: u32) -> Result<()> {
 pub const CARGO_DEB_VERSION: &str = "3.8.0";
 
 pub fn cargo_deb_path() -> PathBuf {
-    cargo_home().join("bin").join("cargo-deb")
+    cargo_bin("cargo-deb")
+}
+
+/// A binary `cargo install` put in `$CARGO_HOME/bin`.
+pub fn cargo_bin(name: &str) -> PathBuf {
+    cargo_home().join("bin").join(name)
 }
 
 /// Installs cargo-deb unless that version is there (about a minute and a

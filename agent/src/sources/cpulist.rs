@@ -9,6 +9,12 @@ use super::{dec_u64, ProcError, Root};
 /// Path of the online-CPU list under a [`Root`].
 pub const ONLINE: &str = "devices/system/cpu/online";
 
+/// The highest CPU number accepted: `CONFIG_NR_CPUS` is at most 8192 on
+/// every architecture Linux builds today; a number past this is garbage,
+/// and would make the list allocate without bound (found by fuzzing:
+/// `799-999989999`).
+pub const MAX_CPU: u32 = 65_535;
+
 /// Parse a CPU list (`0-3,8,10-11`) into ascending CPU numbers.
 ///
 /// Ranges must be ascending and not overlap, as the kernel prints them. An
@@ -42,7 +48,9 @@ pub fn parse_cpu_list(text: &str, file: &str) -> Result<Vec<u32>, ProcError> {
 fn cpu(tok: &str, file: &str) -> Result<u32, ProcError> {
     let v = dec_u64(tok, file, 1, "cpu number")?;
     u32::try_from(v)
-        .map_err(|_| ProcError::malformed(file, 1, format!("cpu number {v} out of range")))
+        .ok()
+        .filter(|&c| c <= MAX_CPU)
+        .ok_or_else(|| ProcError::malformed(file, 1, format!("cpu number {v} out of range")))
 }
 
 /// Read and parse `/sys/devices/system/cpu/online` under `root`.
@@ -80,6 +88,8 @@ mod tests {
             ("0-3,2\n", Want::Malformed(1, "out of order")),
             ("0,,1\n", Want::Malformed(1, "\"\"")),
             ("4294967296\n", Want::Malformed(1, "out of range")),
+            // Found by fuzzing: a range this wide allocated without bound.
+            ("799-999989999\n", Want::Malformed(1, "out of range")),
         ];
         for &(text, want) in cases {
             assert_err(text, parse_cpu_list(text, "online"), "online", want);

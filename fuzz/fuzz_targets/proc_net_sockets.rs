@@ -1,0 +1,9 @@
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    // Parsers take text: the kernel's files are ASCII, and the reader
+    // refuses what is not UTF-8.
+    if let Ok(s) = std::str::from_utf8(data) {
+        let _ = perch::families::connections::net_sockets::parse_net_sockets(s, "net/tcp");
+    }
+});
