@@ -8,7 +8,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use tracing::{error, info, warn};
 
-use crate::collectors::{self, Collector};
+use crate::collectors;
+use crate::collectors::worker::{Missed, Worker};
 use crate::config::Config;
 use crate::gate::{Family, Plan};
 use crate::model::{Metric, Snapshot};
@@ -21,9 +22,12 @@ use crate::state::Shared;
 /// Probes, collectors and pipeline: everything one collection needs.
 pub struct Agent {
     probes: Probes,
-    collectors: Vec<Box<dyn Collector>>,
-    /// The family of each collector (same order), for readiness.
+    /// One thread per collector, in [`Family::ALL`] order.
+    workers: Vec<Worker>,
+    /// The family of each worker (same order), for readiness.
     collector_families: Vec<Family>,
+    /// How long a collection waits for each family: [`collection_deadline`].
+    deadline: Duration,
     pipeline: Pipeline,
     /// Collectors whose last collection failed (logged once per episode).
     failing: std::collections::BTreeSet<&'static str>,
@@ -58,6 +62,11 @@ impl Agent {
             })
             .collect();
         debug_assert_eq!(collector_families.len(), collectors.len());
+        let workers = collectors
+            .into_iter()
+            .map(Worker::spawn)
+            .collect::<Result<Vec<_>, _>>()
+            .context("spawning the collector threads")?;
         let selfm = Arc::new(SelfMetrics::new());
         for fp in &probes.plan.families {
             selfm.set(
@@ -84,8 +93,9 @@ impl Agent {
         ));
         Ok(Agent {
             probes,
-            collectors,
+            workers,
             collector_families,
+            deadline: collection_deadline(cfg.interval()),
             pipeline,
             failing: Default::default(),
             shared,
@@ -116,32 +126,57 @@ impl Agent {
                 1,
             );
         };
-        for (i, c) in self.collectors.iter_mut().enumerate() {
-            let failing = self.failing.contains(c.name());
-            let result = c.collect(now, &mut metrics);
-            for (component, kind) in c.take_partial_errors() {
-                count_error(component, kind);
-            }
-            if result.is_ok() {
-                if let Some(f) = self.collector_families.get(i) {
-                    self.shared.mark_produced(*f);
+        // All families collect at once, each on its thread; each is waited
+        // for until the same deadline.
+        for w in &mut self.workers {
+            w.ask(now);
+        }
+        let deadline = started + self.deadline;
+        for (i, w) in self.workers.iter_mut().enumerate() {
+            let name = w.name();
+            let failing = self.failing.contains(name);
+            let outcome = w.wait(deadline);
+            if let Ok(o) = &outcome {
+                for (component, kind) in &o.partial {
+                    count_error(component, kind);
                 }
             }
-            match result {
-                Ok(()) if failing => {
-                    self.failing.remove(c.name());
-                    info!(component = c.name(), "collector recovered");
-                }
-                Ok(()) => {}
-                Err(e) => {
-                    // Logged when a collector starts failing, counted every time.
-                    if !failing {
-                        error!(component = c.name(), error.type = e.kind(), error = %e, "collector failed; its metrics are missing from this interval, others go on");
-                        self.failing.insert(c.name());
+            let (kind, message) = match outcome {
+                Ok(o) => {
+                    metrics.extend(o.metrics);
+                    match o.result {
+                        Ok(()) => {
+                            if let Some(f) = self.collector_families.get(i) {
+                                self.shared.mark_produced(*f);
+                            }
+                            if failing {
+                                self.failing.remove(name);
+                                info!(component = name, "collector recovered");
+                            }
+                            continue;
+                        }
+                        Err(e) => (e.kind(), e.to_string()),
                     }
-                    count_error(c.name(), e.kind());
                 }
+                Err(Missed::Deadline) => (
+                    Missed::Deadline.kind(),
+                    format!(
+                        "did not finish within {:?} (a read or map walk is stuck)",
+                        self.deadline
+                    ),
+                ),
+                Err(Missed::Panicked) => (
+                    Missed::Panicked.kind(),
+                    "its thread panicked; the family stays without metrics until restart"
+                        .to_owned(),
+                ),
+            };
+            // Logged when a collector starts failing, counted every time.
+            if !failing {
+                error!(component = name, error.type = kind, error = %message, "collector failed; its metrics are missing from this interval, others go on");
+                self.failing.insert(name);
             }
+            count_error(name, kind);
         }
         self.record_probe_stats();
         selfm.set(
@@ -511,6 +546,15 @@ fn reload_config(reload: &Reload, running: &mut Config) {
     } else {
         info!("SIGHUP: configuration reloaded; nothing else changed");
     }
+}
+
+/// How long one collection waits for each family: 80 % of the interval, so
+/// a family that hangs neither delays the next collection nor holds up the
+/// others (they run at the same time, each on its thread). Reads are
+/// non-blocking and capped ([`crate::sources::Root`]); this bounds what
+/// those bounds cannot, such as a map walk the kernel makes slow.
+pub fn collection_deadline(interval: Duration) -> Duration {
+    interval.mul_f64(0.8)
 }
 
 /// `perch collect`: attach, wait `window`, collect once.

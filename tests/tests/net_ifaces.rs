@@ -266,3 +266,65 @@ fn connection_counts_by_state() {
         );
     }
 }
+
+/// An interface whose name is not UTF-8 (Linux allows any byte but `/`,
+/// `:`, NUL and whitespace) is reported, not left out, under the same
+/// escaped name (`\xNN` per invalid byte) from sysfs and from
+/// `/proc/net/dev`, with the kernel's counters.
+#[test]
+fn an_interface_named_with_non_utf8_bytes_is_reported_escaped() {
+    let p = quiet_pair();
+    let bash = |cmd: &str| {
+        perch_tests::kernel::sh(&format!(
+            "ip netns exec {} bash -c {}",
+            p.a,
+            shell_quote(cmd)
+        ))
+    };
+    // A second veth pair, named with a 0xff byte on a's side, its peer in b.
+    bash(&format!(
+        "ip link add $'d\\xffx' type veth peer name pq{id} netns {b} && \
+         ip addr add 10.250.0.1/24 dev $'d\\xffx' && ip link set $'d\\xffx' up",
+        id = std::process::id() % 10_000,
+        b = p.b
+    ));
+    p.exec(
+        &p.b,
+        &format!(
+            "ip addr add 10.250.0.2/24 dev pq{id} && ip link set pq{id} up",
+            id = std::process::id() % 10_000
+        ),
+    );
+    bash("for i in $(seq 25); do echo perch > /dev/udp/10.250.0.2/9; done");
+    let kernel = |file: &str| -> f64 {
+        bash(&format!("cat /sys/class/net/$'d\\xffx'/statistics/{file}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    for (mode, env) in [
+        ("interfaces=auto", &[][..]),
+        (
+            "interfaces=procfs",
+            &[("PERCH_SYS_ROOT", "/nonexistent-perch-sys")][..],
+        ),
+    ] {
+        let mut args = vec!["--probe", mode];
+        args.extend(only(&["interfaces"]));
+        let (snap, ()) = collect_in_netns_env(&p.a, &args, env, Duration::from_millis(300), || ());
+        let filter = [
+            ("network.interface.name", "d\\xffx"),
+            ("network.io.direction", "transmit"),
+        ];
+        let bytes = sum(&snap, "system.network.io", &filter);
+        let packets = sum(&snap, "system.network.packet.count", &filter);
+        println!("{mode}: d\\xffx transmit {bytes} B, {packets} packets");
+        assert_eq!(packets, kernel("tx_packets"), "{mode}");
+        assert_eq!(bytes, kernel("tx_bytes"), "{mode}");
+        assert!(packets >= 25.0, "{mode}: {packets}");
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}

@@ -5,7 +5,10 @@
 //!
 //! A failing collector never stops a collection: its error is logged with
 //! fields and counted in `perch.collector.errors{perch.component,error.type}`,
-//! and the other collectors go on.
+//! and the other collectors go on. Each runs on a thread of its own
+//! ([`worker`]) with a deadline, so one that hangs does not hold up the rest.
+
+pub mod worker;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -196,18 +196,50 @@ pub fn read_file_capped(path: &Path, max_bytes: u64) -> Result<String, ProcError
             file_type: file_type_name(&meta.file_type()),
         });
     }
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     // One byte past the cap tells "exactly at the cap" from "over it".
     file.take(max_bytes.saturating_add(1))
-        .read_to_string(&mut text)
+        .read_to_end(&mut bytes)
         .map_err(|e| ProcError::io(path, e))?;
-    if text.len() as u64 > max_bytes {
+    if bytes.len() as u64 > max_bytes {
         return Err(ProcError::TooLarge {
             path: path.display().to_string(),
             max_bytes,
         });
     }
-    Ok(text)
+    Ok(escape_non_utf8(bytes))
+}
+
+/// Text from bytes the kernel does not promise are UTF-8: valid UTF-8 as is,
+/// each invalid byte as `\xNN`. The kernel's own text is ASCII; what is not
+/// comes from names users choose (an interface may be named with any bytes
+/// but `/`, `:`, NUL and whitespace), and such a name must neither fail the
+/// whole file nor be left out. The escape keeps two names that differ in an
+/// invalid byte distinct (a name that spells `\x` itself aside), adds no
+/// whitespace, and
+/// is the same whether the name comes from `/proc/net/dev` or a directory
+/// listing ([`name_from_os`]).
+pub fn escape_non_utf8(bytes: Vec<u8>) -> String {
+    match String::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            let bytes = e.into_bytes();
+            let mut out = String::with_capacity(bytes.len() + 8);
+            for chunk in bytes.utf8_chunks() {
+                out.push_str(chunk.valid());
+                for b in chunk.invalid() {
+                    out.push_str(&format!("\\x{b:02x}"));
+                }
+            }
+            out
+        }
+    }
+}
+
+/// A file name from a directory listing, as [`escape_non_utf8`] writes it.
+pub fn name_from_os(name: &std::ffi::OsStr) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    escape_non_utf8(name.as_bytes().to_vec())
 }
 
 /// A file type, as [`ProcError::NotRegular`] names it.
@@ -266,6 +298,8 @@ pub(crate) mod testutil {
         Malformed(usize, &'static str),
         /// `Missing`, with `what` containing the text.
         Missing(&'static str),
+        /// `NotRegular`, of this file type.
+        NotRegular(&'static str),
     }
 
     /// Assert that `got` is the error `want`, naming `file`.
@@ -298,6 +332,10 @@ pub(crate) mod testutil {
                     what.contains(needle),
                     "{case}: what {what:?} lacks {needle:?}"
                 );
+            }
+            (Err(ProcError::NotRegular { path: f, file_type }), Want::NotRegular(want_type)) => {
+                assert_eq!(f, file, "{case}: file");
+                assert_eq!(file_type, want_type, "{case}: file type");
             }
             (got, want) => panic!("{case}: got {got:?}, want {want:?}"),
         }
@@ -340,6 +378,30 @@ mod tests {
             err.to_string().split(':').next(),
             Some("reading /nonexistent-perch-root/x")
         );
+    }
+
+    /// Bytes that are not UTF-8 become `\xNN`, one escape per byte, and the
+    /// rest of the file is kept; a file read and a directory name agree.
+    #[test]
+    fn non_utf8_bytes_are_escaped_not_lost() {
+        assert_eq!(escape_non_utf8(b"lo eth0\n".to_vec()), "lo eth0\n");
+        assert_eq!(escape_non_utf8(b"d\xffx: 1 2\n".to_vec()), "d\\xffx: 1 2\n");
+        // A truncated multi-byte sequence and a lone continuation byte.
+        assert_eq!(
+            escape_non_utf8(b"\xe2\x82 \x80".to_vec()),
+            "\\xe2\\x82 \\x80"
+        );
+        // Valid multi-byte text is untouched.
+        assert_eq!(escape_non_utf8("é€".as_bytes().to_vec()), "é€");
+        use std::os::unix::ffi::OsStrExt;
+        assert_eq!(
+            name_from_os(std::ffi::OsStr::from_bytes(b"d\xffx")),
+            escape_non_utf8(b"d\xffx".to_vec())
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("dev");
+        std::fs::write(&f, b"d\xffx: 5\n").unwrap();
+        assert_eq!(read_file(&f).unwrap(), "d\\xffx: 5\n");
     }
 
     /// What is not a regular file is refused before a byte is read, naming

@@ -57,10 +57,8 @@ pub fn parse_field_offset(text: &str, file: &str, field: &str) -> Result<u32, Pr
 /// Reads `events/<event>/format` under `root` and returns `field`'s offset.
 pub fn field_offset(root: &Path, event: &str, field: &str) -> Result<u32, ProcError> {
     let path = root.join("events").join(event).join("format");
-    let text = std::fs::read_to_string(&path).map_err(|source| ProcError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
+    // A format file is a few KiB; 1 MiB is far past any the kernel writes.
+    let text = crate::sources::read_file_capped(&path, 1 << 20)?;
     parse_field_offset(&text, &path.display().to_string(), field)
 }
 

@@ -22,7 +22,7 @@ use crate::model::{AttrValue, Attributes, Data, Metric, Number, NumberPoint, Sta
 use crate::sources::{ProcError, Root};
 
 use super::net_dev::{parse_net_dev, IfStats};
-use super::sysfs_net::{read_interface, CLASS_NET};
+use super::sysfs_net::{read_interface_dir, read_small, CLASS_NET};
 use super::Config as InterfacesProbeConfig;
 
 /// Attribute: interface name.
@@ -127,24 +127,27 @@ impl InterfacesCollector {
                 path: dir.display().to_string(),
                 source: e,
             })?;
-            let name = entry.file_name().to_string_lossy().into_owned();
+            // A name that is not UTF-8 is kept, escaped as /proc/net/dev's
+            // reader escapes it; the path is opened by its bytes.
+            let name = crate::sources::name_from_os(&entry.file_name());
             if !self.filter.matches(&name) {
                 continue;
             }
             // Only directories (through their symlink) are interfaces:
             // `bonding_masters` is a plain file.
             match std::fs::metadata(entry.path()) {
-                Ok(m) if m.is_dir() => names.push(name),
+                Ok(m) if m.is_dir() => names.push((name, entry.path())),
                 _ => continue,
             }
         }
         names.sort();
         let mut out = Vec::with_capacity(names.len());
-        for name in names {
-            let index = std::fs::read_to_string(dir.join(&name).join("ifindex"))
+        for (name, path) in names {
+            let index = read_small(&path.join("ifindex"))
                 .ok()
+                .flatten()
                 .and_then(|t| t.trim().parse::<u64>().ok());
-            if let Some(stats) = read_interface(&self.sys, &name)? {
+            if let Some(stats) = read_interface_dir(&path)? {
                 out.push((name, index, stats));
             }
         }

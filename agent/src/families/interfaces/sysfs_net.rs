@@ -36,7 +36,7 @@ pub fn read_sys_class_net(root: &Root) -> Result<Vec<(String, IfStats)>, ProcErr
             Err(e) if vanished(&e) => continue,
             Err(e) => return Err(ProcError::io(&path, e)),
         }
-        let name = entry.file_name().to_string_lossy().into_owned();
+        let name = crate::sources::name_from_os(&entry.file_name());
         if let Some(stats) = read_interface_dir(&path)? {
             out.push((name, stats));
         }
@@ -51,15 +51,28 @@ pub fn read_interface(root: &Root, name: &str) -> Result<Option<IfStats>, ProcEr
     read_interface_dir(&root.path(CLASS_NET).join(name))
 }
 
-fn read_interface_dir(dir: &Path) -> Result<Option<IfStats>, ProcError> {
+/// The most a `statistics/*` or `ifindex` file holds: one decimal number.
+pub const MAX_COUNTER_FILE_BYTES: u64 = 64;
+
+/// Reads one small sysfs file through the safe reader
+/// ([`crate::sources::read_file_capped`]); `None` if it vanished (the
+/// interface went away while being read).
+pub fn read_small(path: &Path) -> Result<Option<String>, ProcError> {
+    match crate::sources::read_file_capped(path, MAX_COUNTER_FILE_BYTES) {
+        Ok(t) => Ok(Some(t)),
+        Err(ProcError::Io { source, .. }) if vanished(&source) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads the counters of the interface directory `dir`.
+pub fn read_interface_dir(dir: &Path) -> Result<Option<IfStats>, ProcError> {
     let stats = dir.join("statistics");
     let mut v = [0u64; 8];
     for (slot, file) in v.iter_mut().zip(FILES) {
         let path = stats.join(file);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if vanished(&e) => return Ok(None),
-            Err(e) => return Err(ProcError::io(&path, e)),
+        let Some(text) = read_small(&path)? else {
+            return Ok(None);
         };
         let shown = path.display().to_string();
         let mut lines = text.lines();
@@ -208,7 +221,7 @@ mod tests {
                 Some(Want::Malformed(1, "expected one line")),
             ),
             (
-                "unreadable statistics file (a directory: EISDIR)",
+                "a directory in place of a statistics file",
                 |r| {
                     write_if(r, "eth0", ["1"; 8]);
                     let f = r.join("class/net/eth0/statistics/rx_packets");
@@ -216,7 +229,7 @@ mod tests {
                     fs::create_dir(&f).unwrap();
                 },
                 "class/net/eth0/statistics/rx_packets",
-                None,
+                Some(Want::NotRegular("directory")),
             ),
             ("no class/net directory", |_| {}, "class/net", None),
         ];

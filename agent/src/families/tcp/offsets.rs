@@ -78,7 +78,7 @@ pub fn tick_ns() -> u64 {
 /// `net.ipv4.ip_local_port_range` of the agent's namespace, or Linux's
 /// default (32768..=60999) when unreadable.
 pub fn ephemeral_range(proc_root: &std::path::Path) -> (u32, u32) {
-    std::fs::read_to_string(proc_root.join("sys/net/ipv4/ip_local_port_range"))
+    crate::sources::read_file_capped(&proc_root.join("sys/net/ipv4/ip_local_port_range"), 64)
         .ok()
         .and_then(|s| parse_port_range(&s))
         .unwrap_or((32768, 60999))
