@@ -331,8 +331,30 @@ fn real_main() -> Result<()> {
             let path = config.unwrap_or_else(|| PathBuf::from(perch::config::DEFAULT_PATH));
             // Regular files of at most 1 MiB: a FIFO is refused, not waited on.
             let text = perch::config::read_config_file(&path)?;
-            Config::from_toml_str(&text, &path.display().to_string())?;
-            writeln!(std::io::stdout(), "{}: ok", path.display()).context(STDOUT)?;
+            let mut cfg = Config::from_toml_str(&text, &path.display().to_string())?;
+            // The agent reads the environment over the file: check it the
+            // same way, so `perch validate` in the unit's environment
+            // (ExecStartPre, a pod's command) catches a bad variable too.
+            Config::check_env_names(
+                std::env::vars_os().map(|(k, _)| k.to_string_lossy().into_owned()),
+            )?;
+            cfg.apply_env(|k| std::env::var(k).ok())?;
+            cfg.export.apply_env(|k| std::env::var(k).ok())?;
+            cfg.validate()?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}: ok", path.display()).context(STDOUT)?;
+            let set: Vec<String> = std::env::vars_os()
+                .map(|(k, _)| k.to_string_lossy().into_owned())
+                .filter(|k| {
+                    perch::config::known_env_vars().contains(k)
+                        || k.starts_with("OTEL_EXPORTER_OTLP_")
+                        || k == "OTEL_RESOURCE_ATTRIBUTES"
+                        || k == "OTEL_SERVICE_NAME"
+                })
+                .collect();
+            if !set.is_empty() {
+                writeln!(out, "environment: ok ({})", set.join(", ")).context(STDOUT)?;
+            }
             Ok(())
         }
         Command::Features { common, json } => {

@@ -414,6 +414,74 @@ fn validate_refuses_a_fifo_and_an_oversized_config() {
     }
 }
 
+/// `perch validate` checks the environment the agent would read, as the
+/// agent does at start-up: each bad value is refused naming the variable,
+/// and a header's value (a credential, often) never reaches the log.
+#[test]
+fn validate_refuses_bad_environment_values_naming_the_variable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("perch.toml");
+    std::fs::write(&cfg, "").expect("writing config");
+    let not_pem = dir.path().join("ca.pem");
+    std::fs::write(&not_pem, "hello\n").expect("writing ca");
+    let not_pem = not_pem.to_str().expect("utf-8 path").to_owned();
+    for (var, value, want) in [
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "http://127.0.0.1:99999",
+            "port `99999`",
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+            "http://:4318",
+            "has no host",
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_INSECURE",
+            "maybe",
+            "expected true or false",
+        ),
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", not_pem.as_str(), "no PEM"),
+        (
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "authorization: s3cr3t",
+            "is not key=value",
+        ),
+        ("PERCH_INTERVAL", "10", "did you mean PERCH_INTERVAL_SECS?"),
+        ("PERCH_PROBES_FOO_MODE", "procfs", "unknown variable"),
+    ] {
+        let out = Command::new(perch_bin())
+            .args(["validate", "--config"])
+            .arg(&cfg)
+            .env(var, value)
+            .output()
+            .expect("running perch validate");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{var}={value}: accepted");
+        assert!(
+            err.contains(&format!("environment variable {var}")) && err.contains(want),
+            "{var}={value}: {err}"
+        );
+        assert!(!err.contains("s3cr3t"), "{err}");
+    }
+    let out = Command::new(perch_bin())
+        .args(["validate", "--config"])
+        .arg(&cfg)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4317")
+        .output()
+        .expect("running perch validate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("environment: ok (OTEL_EXPORTER_OTLP_ENDPOINT)"),
+        "{stdout}"
+    );
+}
+
 /// The same for a one-shot command's output: `perch collect | head -c 0`
 /// is an error naming stdout, not a panic (exit 101).
 #[test]

@@ -108,7 +108,13 @@ impl Config {
             if !name.starts_with("PERCH_") || known.iter().any(|k| k == name) {
                 continue;
             }
-            let close = known.iter().find(|k| edit_distance(k, name) <= 1);
+            // One edit away, or a known name cut short or run on
+            // (`PERCH_INTERVAL` for `PERCH_INTERVAL_SECS`).
+            let close = known.iter().find(|k| {
+                edit_distance(k, name) <= 1
+                    || (name.len() > "PERCH_".len() + 2
+                        && (k.starts_with(name) || name.starts_with(k.as_str())))
+            });
             if name.starts_with(PROBES_PREFIX) || close.is_some() {
                 let hint = close
                     .map(|k| format!("; did you mean {k}?"))

@@ -11,7 +11,7 @@
 //! 2000 per metric, adaptive detail switching at a 2 % error ratio.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -57,6 +57,15 @@ pub const ENV_METRICS_TEMPORALITY: &str = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALIT
 pub const ENV_RESOURCE_ATTRIBUTES: &str = "OTEL_RESOURCE_ATTRIBUTES";
 /// `OTEL_SERVICE_NAME`: overrides `service.name`.
 pub const ENV_SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
+/// `OTEL_EXPORTER_OTLP_INSECURE`: `true` or `false`. Perch's endpoints
+/// always carry a scheme, which decides (`http://` plaintext, `https://`
+/// TLS); a value that contradicts the scheme is refused rather than ignored.
+pub const ENV_INSECURE: &str = "OTEL_EXPORTER_OTLP_INSECURE";
+/// `OTEL_EXPORTER_OTLP_METRICS_INSECURE`.
+pub const ENV_METRICS_INSECURE: &str = "OTEL_EXPORTER_OTLP_METRICS_INSECURE";
+
+/// The most a TLS file (CA bundle, client certificate or key) may hold.
+pub const MAX_TLS_FILE_BYTES: u64 = 1 << 20;
 
 /// The collector's default gRPC receive limit (4 MiB). Batches stay under it.
 pub const COLLECTOR_MAX_MESSAGE_BYTES: u64 = 4 * 1024 * 1024;
@@ -311,22 +320,35 @@ impl Default for CircuitConfig {
 
 /// Splits `k=v,k2=v2` (W3C baggage-like, values percent-encoded).
 fn parse_pairs(var: &'static str, s: &str) -> Result<BTreeMap<String, String>, ExportConfigError> {
+    // Header values are often credentials: their errors point at the item
+    // by position and show no value.
+    let secret = var == ENV_HEADERS || var == ENV_METRICS_HEADERS;
+    let bad = |n: usize, item: &str, why: &str| ExportConfigError::Env {
+        var,
+        value: if secret {
+            "<redacted>".into()
+        } else {
+            s.to_owned()
+        },
+        reason: if secret {
+            format!("item {n} {why}")
+        } else {
+            format!("{item:?} {why}")
+        },
+    };
     let mut out = BTreeMap::new();
-    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+    for (n, item) in s
+        .split(',')
+        .map(str::trim)
+        .filter(|i| !i.is_empty())
+        .enumerate()
+    {
         let Some((k, v)) = item.split_once('=') else {
-            return Err(ExportConfigError::Env {
-                var,
-                value: s.to_owned(),
-                reason: format!("{item:?} is not key=value"),
-            });
+            return Err(bad(n + 1, item, "is not key=value"));
         };
         let k = k.trim();
         if k.is_empty() {
-            return Err(ExportConfigError::Env {
-                var,
-                value: s.to_owned(),
-                reason: format!("{item:?} has an empty key"),
-            });
+            return Err(bad(n + 1, item, "has an empty key"));
         }
         out.insert(percent_decode(k.trim()), percent_decode(v.trim()));
     }
@@ -350,6 +372,108 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Checks an endpoint URL the way the transports will use it: a scheme of
+/// `http` or `https`, a host, and a port within 1..=65535 when one is given.
+pub fn check_endpoint(ep: &str) -> Result<(), String> {
+    let rest = ep
+        .strip_prefix("http://")
+        .or_else(|| ep.strip_prefix("https://"))
+        .ok_or("must start with http:// or https://")?;
+    ep.parse::<tonic::codegen::http::Uri>()
+        .map_err(|e| format!("is not a valid URL ({e})"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let (host, port) = match authority.strip_prefix('[') {
+        // `[::1]:4317`
+        Some(v6) => {
+            let (host, after) = v6
+                .split_once(']')
+                .ok_or("has an unclosed `[` in its host")?;
+            (host, after.strip_prefix(':'))
+        }
+        None => match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() {
+        return Err("has no host".into());
+    }
+    if let Some(port) = port {
+        if !matches!(port.parse::<u32>(), Ok(1..=65535)) {
+            return Err(format!("port `{port}` is not within 1..=65535"));
+        }
+    }
+    Ok(())
+}
+
+/// `OTEL_EXPORTER_OTLP_INSECURE` against the endpoint's scheme.
+fn check_insecure(insecure: bool, endpoint: Option<&str>) -> Result<(), String> {
+    match endpoint {
+        Some(ep) if insecure && ep.starts_with("https://") => Err(format!(
+            "asks for plaintext but the endpoint {ep} is https://; use an http:// endpoint"
+        )),
+        Some(ep) if !insecure && ep.starts_with("http://") => Err(format!(
+            "asks for TLS but the endpoint {ep} is http://; use an https:// endpoint"
+        )),
+        Some(_) => Ok(()),
+        None => Err(
+            "set without an endpoint (OTEL_EXPORTER_OTLP_ENDPOINT or export.endpoint); \
+             the endpoint's scheme decides plaintext or TLS"
+                .into(),
+        ),
+    }
+}
+
+fn check_header(k: &str, v: &str) -> Result<(), ()> {
+    use tonic::codegen::http::{HeaderName, HeaderValue};
+    match (
+        HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()),
+        HeaderValue::from_str(v),
+    ) {
+        (Ok(_), Ok(_)) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// What a TLS file must hold.
+#[derive(Debug, Clone, Copy)]
+pub enum PemKind {
+    /// One or more `CERTIFICATE` blocks (a CA bundle or a client chain).
+    Certificate,
+    /// A `PRIVATE KEY`, `RSA PRIVATE KEY` or `EC PRIVATE KEY` block.
+    PrivateKey,
+}
+
+/// Reads a TLS file (regular, at most [`MAX_TLS_FILE_BYTES`]) and checks it
+/// holds PEM blocks of `kind`: a DER file or the wrong file would otherwise
+/// only show up as a handshake failure much later.
+pub fn check_pem_file(path: &Path, kind: PemKind) -> Result<(), String> {
+    let text =
+        crate::sources::read_file_capped(path, MAX_TLS_FILE_BYTES).map_err(|e| e.to_string())?;
+    let found = text.lines().any(|l| {
+        let Some(label) = l
+            .trim()
+            .strip_prefix("-----BEGIN ")
+            .and_then(|r| r.strip_suffix("-----"))
+        else {
+            return false;
+        };
+        match kind {
+            PemKind::Certificate => label == "CERTIFICATE",
+            PemKind::PrivateKey => label.ends_with("PRIVATE KEY"),
+        }
+    });
+    if found {
+        Ok(())
+    } else {
+        Err(match kind {
+            PemKind::Certificate => "holds no PEM `-----BEGIN CERTIFICATE-----` block".into(),
+            PemKind::PrivateKey => "holds no PEM `-----BEGIN ... PRIVATE KEY-----` block".into(),
+        })
+    }
 }
 
 /// Appends the OTLP/HTTP metrics path to a generic base endpoint.
@@ -380,6 +504,7 @@ impl ExportConfig {
             }
         }
         if let Some(v) = get(ENV_ENDPOINT) {
+            check_endpoint(v.trim()).map_err(|r| env_err(ENV_ENDPOINT, &v, &r))?;
             // The spec: for OTLP/HTTP the generic endpoint is a base URL and
             // the signal path is appended; for gRPC it is used as is.
             self.endpoint = Some(match self.protocol {
@@ -388,11 +513,33 @@ impl ExportConfig {
             });
         }
         if let Some(v) = get(ENV_METRICS_ENDPOINT) {
+            check_endpoint(v.trim()).map_err(|r| env_err(ENV_METRICS_ENDPOINT, &v, &r))?;
             self.endpoint = Some(v.trim().to_owned());
+        }
+        for var in [ENV_INSECURE, ENV_METRICS_INSECURE] {
+            if let Some(v) = get(var) {
+                let insecure = match v.trim().to_ascii_lowercase().as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(env_err(var, &v, "expected true or false")),
+                };
+                check_insecure(insecure, self.endpoint.as_deref())
+                    .map_err(|r| env_err(var, &v, &r))?;
+            }
         }
         for var in [ENV_HEADERS, ENV_METRICS_HEADERS] {
             if let Some(v) = get(var) {
-                self.headers.extend(parse_pairs(var, &v)?);
+                let pairs = parse_pairs(var, &v)?;
+                // Header values are often credentials: the error names
+                // the header, never its value.
+                if let Some((k, _)) = pairs.iter().find(|(k, v)| check_header(k, v).is_err()) {
+                    return Err(env_err(
+                        var,
+                        "<redacted>",
+                        &format!("header `{k}` is not a valid HTTP header name and value"),
+                    ));
+                }
+                self.headers.extend(pairs);
             }
         }
         for var in [ENV_TIMEOUT, ENV_METRICS_TIMEOUT] {
@@ -411,17 +558,23 @@ impl ExportConfig {
         }
         for var in [ENV_CERTIFICATE, ENV_METRICS_CERTIFICATE] {
             if let Some(v) = get(var) {
-                self.tls.ca_file = Some(PathBuf::from(v.trim()));
+                let path = PathBuf::from(v.trim());
+                check_pem_file(&path, PemKind::Certificate).map_err(|r| env_err(var, &v, &r))?;
+                self.tls.ca_file = Some(path);
             }
         }
         for var in [ENV_CLIENT_CERTIFICATE, ENV_METRICS_CLIENT_CERTIFICATE] {
             if let Some(v) = get(var) {
-                self.tls.client_cert_file = Some(PathBuf::from(v.trim()));
+                let path = PathBuf::from(v.trim());
+                check_pem_file(&path, PemKind::Certificate).map_err(|r| env_err(var, &v, &r))?;
+                self.tls.client_cert_file = Some(path);
             }
         }
         for var in [ENV_CLIENT_KEY, ENV_METRICS_CLIENT_KEY] {
             if let Some(v) = get(var) {
-                self.tls.client_key_file = Some(PathBuf::from(v.trim()));
+                let path = PathBuf::from(v.trim());
+                check_pem_file(&path, PemKind::PrivateKey).map_err(|r| env_err(var, &v, &r))?;
+                self.tls.client_key_file = Some(path);
             }
         }
         if let Some(v) = get(ENV_METRICS_TEMPORALITY) {
@@ -454,26 +607,17 @@ impl ExportConfig {
             })
         };
         if let Some(ep) = &self.endpoint {
-            if !(ep.starts_with("http://") || ep.starts_with("https://")) {
-                return range(
-                    "export.endpoint",
-                    ep.clone(),
-                    "must start with http:// or https://",
-                );
-            }
-            if ep.parse::<tonic::codegen::http::Uri>().is_err() {
-                return range("export.endpoint", ep.clone(), "is not a valid URL");
+            if let Err(reason) = check_endpoint(ep) {
+                return range("export.endpoint", ep.clone(), &reason);
             }
         }
         for (k, v) in &self.headers {
-            if tonic::codegen::http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes())
-                .is_err()
-                || tonic::codegen::http::HeaderValue::from_str(v).is_err()
-            {
+            if check_header(k, v).is_err() {
+                // The value may be a credential: name the header only.
                 return range(
                     "export.headers",
-                    format!("{k}={v}"),
-                    "not a valid HTTP header",
+                    format!("{k}=<redacted>"),
+                    "not a valid HTTP header name and value",
                 );
             }
         }
@@ -539,6 +683,29 @@ impl ExportConfig {
                 "client_cert_file and client_key_file go together",
             );
         }
+        for (key, path, kind) in [
+            (
+                "export.tls.ca_file",
+                &self.tls.ca_file,
+                PemKind::Certificate,
+            ),
+            (
+                "export.tls.client_cert_file",
+                &self.tls.client_cert_file,
+                PemKind::Certificate,
+            ),
+            (
+                "export.tls.client_key_file",
+                &self.tls.client_key_file,
+                PemKind::PrivateKey,
+            ),
+        ] {
+            if let Some(p) = path {
+                if let Err(reason) = check_pem_file(p, kind) {
+                    return range(key, p.display().to_string(), &reason);
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -552,7 +719,8 @@ pub struct ExportArgs {
     /// OTLP transport.
     #[arg(long, value_enum)]
     pub otlp_protocol: Option<Protocol>,
-    /// Extra header `key=value` (repeatable).
+    /// Extra header `key=value` (repeatable). Visible in /proc/PID/cmdline:
+    /// pass credentials in OTEL_EXPORTER_OTLP_HEADERS or a 0600 config file.
     #[arg(long = "otlp-header", value_name = "KEY=VALUE")]
     pub otlp_headers: Vec<String>,
     /// Request timeout, milliseconds.
@@ -615,6 +783,13 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| m.get(k).cloned()
+    }
+
+    fn pem_file(label: &str) -> tempfile::NamedTempFile {
+        use std::io::Write;
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "-----BEGIN {label}-----\nMIIB\n-----END {label}-----").unwrap();
+        f
     }
 
     #[test]
@@ -692,6 +867,7 @@ mod tests {
 
     #[test]
     fn env_values_parse() {
+        let ca = pem_file("CERTIFICATE");
         let mut cfg = ExportConfig::default();
         cfg.apply_env(env_of(&[
             (ENV_HEADERS, "a=1, b=x%20y"),
@@ -704,7 +880,7 @@ mod tests {
                 "deployment.environment=prod,team=a%2Cb",
             ),
             (ENV_SERVICE_NAME, "edge"),
-            (ENV_CERTIFICATE, "/etc/ca.pem"),
+            (ENV_CERTIFICATE, ca.path().to_str().unwrap()),
         ]))
         .unwrap();
         assert_eq!(cfg.headers.get("a").map(String::as_str), Some("2"));
@@ -717,7 +893,7 @@ mod tests {
             Some("a,b")
         );
         assert_eq!(cfg.service_name.as_deref(), Some("edge"));
-        assert_eq!(cfg.tls.ca_file, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(cfg.tls.ca_file.as_deref(), Some(ca.path()));
     }
 
     #[test]
@@ -737,6 +913,158 @@ mod tests {
                 other => panic!("{var}: unexpected {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn bad_endpoints_are_refused_naming_the_variable() {
+        for (ep, want) in [
+            (
+                "http://127.0.0.1:99999",
+                "port `99999` is not within 1..=65535",
+            ),
+            ("http://127.0.0.1:0", "port `0`"),
+            ("http://:4318", "has no host"),
+            ("ftp://collector:21", "must start with http:// or https://"),
+            ("collector:4317", "must start with http:// or https://"),
+            ("http://[::1:4317", "not a valid URL"),
+        ] {
+            for var in [ENV_ENDPOINT, ENV_METRICS_ENDPOINT] {
+                let err = ExportConfig::default()
+                    .apply_env(env_of(&[(var, ep)]))
+                    .expect_err(ep)
+                    .to_string();
+                assert!(err.contains(var) && err.contains(want), "{ep}: {err}");
+            }
+            let file = ExportConfig {
+                endpoint: Some(ep.into()),
+                ..ExportConfig::default()
+            };
+            let err = file.validate().expect_err(ep).to_string();
+            assert!(
+                err.contains("export.endpoint") && err.contains(want),
+                "{ep}: {err}"
+            );
+        }
+        for ep in [
+            "http://127.0.0.1:4318",
+            "https://collector",
+            "http://[::1]:4317",
+            "http://user@collector:65535/v1/metrics",
+        ] {
+            check_endpoint(ep).unwrap_or_else(|e| panic!("{ep}: {e}"));
+        }
+    }
+
+    #[test]
+    fn insecure_is_strict_and_must_agree_with_the_scheme() {
+        let with = |pairs: &[(&str, &str)]| ExportConfig::default().apply_env(env_of(pairs));
+        let ep = (ENV_METRICS_ENDPOINT, "http://c:4317");
+        with(&[ep, (ENV_INSECURE, "true")]).unwrap();
+        with(&[ep, (ENV_INSECURE, "TRUE")]).unwrap();
+        with(&[
+            (ENV_METRICS_ENDPOINT, "https://c:4317"),
+            (ENV_INSECURE, "false"),
+        ])
+        .unwrap();
+        for (pairs, want) in [
+            (vec![ep, (ENV_INSECURE, "maybe")], "expected true or false"),
+            (
+                vec![ep, (ENV_METRICS_INSECURE, "1")],
+                "expected true or false",
+            ),
+            (vec![ep, (ENV_INSECURE, "false")], "asks for TLS"),
+            (
+                vec![
+                    (ENV_METRICS_ENDPOINT, "https://c:4317"),
+                    (ENV_INSECURE, "true"),
+                ],
+                "asks for plaintext",
+            ),
+            (vec![(ENV_INSECURE, "true")], "without an endpoint"),
+        ] {
+            let err = with(&pairs).expect_err(want).to_string();
+            assert!(err.contains("INSECURE") && err.contains(want), "{err}");
+        }
+    }
+
+    #[test]
+    fn tls_files_must_hold_pem_blocks() {
+        let not_pem = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(not_pem.path(), b"\x30\x82\x01\x0a not a PEM file").unwrap();
+        let key = pem_file("PRIVATE KEY");
+        let cert = pem_file("CERTIFICATE");
+        let not = not_pem.path().to_str().unwrap();
+        for (var, value, want) in [
+            (ENV_CERTIFICATE, not, "no PEM `-----BEGIN CERTIFICATE-----`"),
+            (
+                ENV_METRICS_CERTIFICATE,
+                "/nonexistent/ca.pem",
+                "/nonexistent/ca.pem",
+            ),
+            (
+                ENV_CLIENT_CERTIFICATE,
+                key.path().to_str().unwrap(),
+                "CERTIFICATE",
+            ),
+            (ENV_CLIENT_KEY, cert.path().to_str().unwrap(), "PRIVATE KEY"),
+            (ENV_CERTIFICATE, "/tmp", "not a regular file"),
+        ] {
+            let err = ExportConfig::default()
+                .apply_env(env_of(&[(var, value)]))
+                .expect_err(var)
+                .to_string();
+            assert!(
+                err.contains(var) && err.contains(want),
+                "{var}={value}: {err}"
+            );
+        }
+        // The same checks on the file's keys, for `perch validate`.
+        let c = ExportConfig {
+            tls: TlsConfig {
+                ca_file: Some(not_pem.path().into()),
+                ..TlsConfig::default()
+            },
+            ..ExportConfig::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("export.tls.ca_file") && err.contains("no PEM"),
+            "{err}"
+        );
+        let c = ExportConfig {
+            tls: TlsConfig {
+                client_cert_file: Some(cert.path().into()),
+                client_key_file: Some(key.path().into()),
+                ..TlsConfig::default()
+            },
+            ..ExportConfig::default()
+        };
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn header_errors_do_not_show_the_value() {
+        let err = ExportConfig::default()
+            .apply_env(env_of(&[(ENV_HEADERS, "authorization=Bearer s3cr3t\u{1}")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(ENV_HEADERS) && err.contains("authorization"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cr3t"), "{err}");
+        let err = ExportConfig::default()
+            .apply_env(env_of(&[(ENV_HEADERS, "a=1,authorization: Bearer s3cr3t")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("item 2 is not key=value") && !err.contains("s3cr3t"),
+            "{err}"
+        );
+        let mut c = ExportConfig::default();
+        c.headers.insert("x-key".into(), "s3cr3t\u{7f}".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("x-key") && !err.contains("s3cr3t"), "{err}");
     }
 
     #[test]

@@ -849,6 +849,8 @@ mod hostile {
             ("PERCH_PROBES_FOO_MODE", None),
             ("PERCH_PROBES_SCHED_MOD", Some("PERCH_PROBES_SCHED_MODE")),
             ("PERCH_LOG_LEVE", Some("PERCH_LOG_LEVEL")),
+            ("PERCH_INTERVAL", Some("PERCH_INTERVAL_SECS")),
+            ("PERCH_LISTEN_ADDR", Some("PERCH_LISTEN")),
         ] {
             let err = Config::check_env_names([var]).unwrap_err();
             let msg = err.to_string();

@@ -79,10 +79,12 @@ impl TlsFiles {
         let read = |p: &Option<std::path::PathBuf>| -> Result<Option<Vec<u8>>, ExportError> {
             p.as_ref()
                 .map(|p| {
-                    std::fs::read(p).map_err(|source| ExportError::TlsFile {
-                        path: p.clone(),
-                        reason: source.to_string(),
-                    })
+                    crate::sources::read_file_capped(p, crate::config::export::MAX_TLS_FILE_BYTES)
+                        .map(String::into_bytes)
+                        .map_err(|e| ExportError::TlsFile {
+                            path: p.clone(),
+                            reason: e.to_string(),
+                        })
                 })
                 .transpose()
         };
