@@ -122,6 +122,54 @@ fn pow2(q: i32) -> f64 {
     f64::from_bits(((1023 + q as i64) as u64) << 52)
 }
 
+/// Merges adjacent buckets exactly as the OpenTelemetry SDK does when it
+/// lowers the scale by `by`: bucket `i` goes to `i >> by` (arithmetic shift,
+/// so negative indexes round down). Works in place on `counts` (bucket
+/// `offset + n` at `counts[n]`) and returns the new offset and length; the
+/// reported scale becomes `SCALE - by`. No count is lost.
+pub fn downscale(offset: i32, counts: &mut [u64], by: u32) -> (i32, usize) {
+    if by == 0 || counts.is_empty() {
+        return (offset, counts.len());
+    }
+    let new_offset = offset >> by;
+    let mut len = 0;
+    for n in 0..counts.len() {
+        // n' <= n, so every source is read before it can be overwritten.
+        let to = (((offset + n as i32) >> by) - new_offset) as usize;
+        let c = counts[n];
+        counts[n] = 0;
+        counts[to] += c;
+        len = to + 1;
+    }
+    (new_offset, len)
+}
+
+/// The smallest scale reduction that fits the populated range
+/// `offset .. offset + len` into `max_buckets` (at least 1) buckets.
+pub fn downscale_needed(offset: i32, len: usize, max_buckets: usize) -> u32 {
+    if len == 0 {
+        return 0;
+    }
+    let last = offset + len as i32 - 1;
+    let mut by = 0;
+    // Bounded: after 40 halvings any i32 range is one or two buckets.
+    while by < 40 && ((last >> by) - (offset >> by)) as usize + 1 > max_buckets.max(2) {
+        by += 1;
+    }
+    by
+}
+
+/// The default classic (Prometheus text / OTLP explicit) layout: upper
+/// bounds at `2^k` ns for these `k`, 1.024 µs to 0.537 s, plus `+Inf`:
+/// 20 finite bounds. Each `2^k` ns is the exact upper bound of kernel bucket
+/// `8k - 1`, so cumulative counts are exact sums of kernel buckets.
+pub const CLASSIC_DEFAULT_POWERS: core::ops::RangeInclusive<u32> = 10..=29;
+
+/// The kernel bucket whose upper bound is `2^k` ns.
+pub const fn index_of_power(k: u32) -> i32 {
+    (k as i32) * 8 - 1
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -240,5 +288,38 @@ mod tests {
             assert!(upper_ns(i) as f64 <= got * 1e9 * (1.0 + 1e-15));
         }
         assert_eq!(upper_seconds(7), 2e-9);
+    }
+
+    #[test]
+    fn downscale_merges_like_the_sdk() {
+        // Indexes -3..=4 at scale 3 with counts 1..=8.
+        let mut c = [1, 2, 3, 4, 5, 6, 7, 8u64];
+        let (off, len) = downscale(-3, &mut c, 1);
+        // -3>>1=-2, -2>>1=-1, -1>>1=-1, 0,1->0, 2,3->1, 4->2
+        assert_eq!((off, len), (-2, 5));
+        assert_eq!(&c[..len], &[1, 2 + 3, 4 + 5, 6 + 7, 8]);
+        assert_eq!(c.iter().sum::<u64>(), 36);
+        let mut c = [5u64; 289];
+        let by = downscale_needed(MIN_INDEX, 289, 160);
+        let (off, len) = downscale(MIN_INDEX, &mut c, by);
+        assert_eq!(by, 1);
+        assert!(len <= 160);
+        assert_eq!(off, -1);
+        assert_eq!(c[..len].iter().sum::<u64>(), 5 * 289);
+        assert_eq!(downscale_needed(0, 0, 10), 0);
+        assert_eq!(downscale_needed(0, 10, 10), 0);
+        assert_eq!(downscale_needed(0, 11, 10), 1);
+    }
+
+    #[test]
+    fn classic_default_bounds_are_kernel_bounds() {
+        assert_eq!(CLASSIC_DEFAULT_POWERS.count(), 20);
+        for k in CLASSIC_DEFAULT_POWERS {
+            let i = index_of_power(k);
+            assert_eq!(upper_ns(i), 1 << k);
+            assert_eq!(index(1 << k), i);
+            assert_eq!(index((1 << k) + 1), i + 1);
+            assert_eq!(upper_seconds(i), (1u64 << k) as f64 / 1e9);
+        }
     }
 }
