@@ -10,6 +10,7 @@
 
 pub mod contract;
 pub mod drops;
+pub mod exp;
 pub mod hist;
 pub mod sched;
 pub mod softirq;

@@ -13,6 +13,7 @@
 #[cfg(test)]
 mod contract;
 pub mod iter;
+pub mod verifier;
 
 use std::collections::BTreeMap;
 use std::os::fd::AsFd;
@@ -483,24 +484,20 @@ fn unload(prog: &mut Program) -> Result<(), ProgramError> {
     }
 }
 
-/// The kernel's message, compact: the errno and the verifier's last lines.
+/// The kernel's message, compact: the errno and the verifier's reason
+/// ([`verifier::summarize`]: its error line, the failing instruction and the
+/// source line, not the statistics the log ends with).
 fn program_error(e: &ProgramError) -> String {
     match e {
         ProgramError::LoadError {
             io_error,
             verifier_log,
         } => {
-            let log = verifier_log.to_string();
-            let tail: Vec<&str> = log
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with("processed "))
-                .collect();
-            let tail = tail[tail.len().saturating_sub(2)..].join(" | ");
-            if tail.is_empty() {
+            let reason = verifier::summarize(&verifier_log.to_string());
+            if reason.is_empty() {
                 format!("{io_error}")
             } else {
-                format!("{io_error}; verifier: {tail}")
+                format!("{io_error}; verifier: {reason}")
             }
         }
         other => error_chain(other),
