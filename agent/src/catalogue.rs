@@ -126,6 +126,8 @@ catalogue! {
 
     /// Export: requests by outcome.
     EXPORT_REQUESTS = "perch.export.requests",
+    /// Export: request latency by outcome (histogram).
+    EXPORT_DURATION = "perch.export.duration",
     /// Export: retries.
     EXPORT_RETRIES = "perch.export.retries",
     /// Export: points delivered.

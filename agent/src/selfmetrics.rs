@@ -5,10 +5,10 @@
 //! Updates are rare (per interval or per error), so a mutex is enough.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use crate::model::{Attributes, Data, Metric, Number, NumberPoint};
+use crate::model::{Attributes, Data, HistogramPoint, Metric, Number, NumberPoint};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
@@ -24,11 +24,29 @@ struct Family {
     series: BTreeMap<Attributes, f64>,
 }
 
+/// One series of a self-histogram: counts per bucket (the last one above
+/// every bound), count and sum.
+#[derive(Debug, Clone)]
+struct HistSeries {
+    buckets: Vec<u64>,
+    count: u64,
+    sum: f64,
+}
+
+#[derive(Debug)]
+struct HistFamily {
+    description: &'static str,
+    unit: &'static str,
+    bounds: Arc<[f64]>,
+    series: BTreeMap<Attributes, HistSeries>,
+}
+
 /// The registry of self-metrics.
 #[derive(Debug)]
 pub struct SelfMetrics {
     start: SystemTime,
     families: Mutex<BTreeMap<&'static str, Family>>,
+    histograms: Mutex<BTreeMap<&'static str, HistFamily>>,
 }
 
 impl Default for SelfMetrics {
@@ -42,7 +60,42 @@ impl SelfMetrics {
         Self {
             start: SystemTime::now(),
             families: Mutex::new(BTreeMap::new()),
+            histograms: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Records `value` in histogram `name`, whose upper bucket bounds
+    /// (inclusive, ascending) are `bounds`; a value above the last bound
+    /// goes to the overflow bucket.
+    pub fn observe(
+        &self,
+        name: &'static str,
+        description: &'static str,
+        unit: &'static str,
+        bounds: &'static [f64],
+        attributes: Attributes,
+        value: f64,
+    ) {
+        let mut h = self.histograms.lock().unwrap_or_else(|e| e.into_inner());
+        let family = h.entry(name).or_insert_with(|| HistFamily {
+            description,
+            unit,
+            bounds: bounds.into(),
+            series: BTreeMap::new(),
+        });
+        let n = family.bounds.len();
+        let series = family
+            .series
+            .entry(attributes)
+            .or_insert_with(|| HistSeries {
+                buckets: vec![0; n + 1],
+                count: 0,
+                sum: 0.0,
+            });
+        let i = family.bounds.partition_point(|b| *b < value);
+        series.buckets[i] += 1;
+        series.count += 1;
+        series.sum += value;
     }
 
     fn with_series(
@@ -139,6 +192,28 @@ impl SelfMetrics {
 
     /// Every self-metric as model metrics at `now`.
     pub fn metrics(&self, now: SystemTime) -> Vec<Metric> {
+        let mut out = self.number_metrics(now);
+        let h = self.histograms.lock().unwrap_or_else(|e| e.into_inner());
+        out.extend(h.iter().map(|(name, f)| {
+            let points = f
+                .series
+                .iter()
+                .map(|(attributes, s)| HistogramPoint {
+                    attributes: attributes.clone(),
+                    start_time: self.start,
+                    time: now,
+                    count: s.count,
+                    sum: s.sum,
+                    bounds: f.bounds.clone(),
+                    bucket_counts: s.buckets.clone(),
+                })
+                .collect();
+            Metric::histogram(name, f.description, f.unit, points)
+        }));
+        out
+    }
+
+    fn number_metrics(&self, now: SystemTime) -> Vec<Metric> {
         let families = self.families.lock().unwrap_or_else(|e| e.into_inner());
         families
             .iter()
@@ -171,5 +246,36 @@ impl SelfMetrics {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod histogram_tests {
+    use super::*;
+
+    #[test]
+    fn observations_land_in_their_bucket_with_exact_count_and_sum() {
+        const BOUNDS: &[f64] = &[0.01, 0.1, 1.0];
+        let m = SelfMetrics::new();
+        let attrs = || vec![("outcome", "success".into())];
+        for v in [0.005, 0.01, 0.05, 0.5, 2.0, 2.0] {
+            m.observe("perch.test.duration", "test", "s", BOUNDS, attrs(), v);
+        }
+        m.observe("perch.test.duration", "test", "s", BOUNDS, vec![], 0.2);
+        let metrics = m.metrics(SystemTime::now());
+        let h = metrics
+            .iter()
+            .find(|x| x.name == "perch.test.duration")
+            .expect("histogram rendered");
+        let Data::Histogram { points } = &h.data else {
+            panic!("not a histogram: {:?}", h.data);
+        };
+        assert_eq!(points.len(), 2);
+        let p = points.iter().find(|p| !p.attributes.is_empty()).unwrap();
+        // Upper bounds are inclusive: 0.01 is in the first bucket.
+        assert_eq!(p.bucket_counts, vec![2, 1, 1, 2]);
+        assert_eq!(p.count, 6);
+        assert!((p.sum - 4.565).abs() < 1e-9, "{}", p.sum);
+        assert_eq!(&*p.bounds, BOUNDS);
     }
 }

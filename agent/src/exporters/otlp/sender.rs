@@ -3,6 +3,12 @@
 
 use super::*;
 
+/// Buckets of `perch.export.duration`, seconds: 1 ms to the 10 s default
+/// timeout and past it (`timeout_ms` can be raised to 60 s).
+const EXPORT_DURATION_BOUNDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
 pub(super) struct Sender {
     pub(super) shared: Arc<Shared>,
     pub(super) transport: Transport,
@@ -111,13 +117,21 @@ impl Sender {
         );
     }
 
-    fn request(&self, outcome: &'static str) {
+    fn request(&self, outcome: &'static str, took: Duration) {
         self.shared.selfm.add(
             crate::catalogue::EXPORT_REQUESTS,
             "Export requests by outcome (success, retryable, rejected)",
             "{request}",
             vec![("outcome", outcome.into())],
             1,
+        );
+        self.shared.selfm.observe(
+            crate::catalogue::EXPORT_DURATION,
+            "Time from sending an export request to its outcome, by outcome",
+            "s",
+            EXPORT_DURATION_BOUNDS,
+            vec![("outcome", outcome.into())],
+            took.as_secs_f64(),
         );
     }
 
@@ -186,7 +200,7 @@ impl Sender {
             }
             match class {
                 Class::Ok { rejected, message } => {
-                    self.request("success");
+                    self.request("success", started.elapsed());
                     self.circuit.success();
                     self.set_circuit();
                     self.backoff.reset();
@@ -223,7 +237,7 @@ impl Sender {
                     self.shared.delivered.send_modify(|n| *n += 1);
                 }
                 Class::Permanent { reason: why } => {
-                    self.request("rejected");
+                    self.request("rejected", started.elapsed());
                     // The collector answered: it is up, the data is bad.
                     self.circuit.success();
                     self.set_circuit();
@@ -233,7 +247,7 @@ impl Sender {
                     self.finish(&src);
                 }
                 Class::Retryable { delay, reason: why } => {
-                    self.request("retryable");
+                    self.request("retryable", started.elapsed());
                     self.shared.selfm.add(
                         crate::catalogue::EXPORT_RETRIES,
                         "Requests that failed in a retryable way and will be retried",
