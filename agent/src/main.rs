@@ -155,11 +155,7 @@ fn parse_interval(s: &str) -> Result<u64, String> {
 /// `--skip-hook`) and the file's text (empty without a file).
 fn load_config(common: &Common) -> Result<(Config, String)> {
     let (mut cfg, _, text) = Config::load_with_text(common.config.as_deref())?;
-    Config::check_env_names(std::env::vars_os().map(|(k, _)| k.to_string_lossy().into_owned()))?;
-    // PERCH_* for the agent and probes; OTEL_EXPORTER_OTLP_* (specific, then
-    // generic), OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME for export.
-    cfg.apply_env(|k| std::env::var(k).ok())?;
-    cfg.export.apply_env(|k| std::env::var(k).ok())?;
+    apply_environment(&mut cfg)?;
     for p in &common.probes {
         let (fam, mode) = p
             .split_once('=')
@@ -180,6 +176,17 @@ fn load_config(common: &Common) -> Result<(Config, String)> {
     }
     cfg.validate()?;
     Ok((cfg, text))
+}
+
+/// The environment over the file, as the agent and `perch validate` read
+/// it: unknown `PERCH_*` names refused, then PERCH_* for the agent and
+/// probes; OTEL_EXPORTER_OTLP_* (specific, then generic),
+/// OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME for export.
+fn apply_environment(cfg: &mut Config) -> Result<()> {
+    Config::check_env_names(std::env::vars_os().map(|(k, _)| k.to_string_lossy().into_owned()))?;
+    cfg.apply_env(|k| std::env::var(k).ok())?;
+    cfg.export.apply_env(|k| std::env::var(k).ok())?;
+    Ok(())
 }
 
 /// stderr for log lines, which never fails: a line that cannot be written
@@ -335,18 +342,15 @@ fn real_main() -> Result<()> {
             // The agent reads the environment over the file: check it the
             // same way, so `perch validate` in the unit's environment
             // (ExecStartPre, a pod's command) catches a bad variable too.
-            Config::check_env_names(
-                std::env::vars_os().map(|(k, _)| k.to_string_lossy().into_owned()),
-            )?;
-            cfg.apply_env(|k| std::env::var(k).ok())?;
-            cfg.export.apply_env(|k| std::env::var(k).ok())?;
+            apply_environment(&mut cfg)?;
             cfg.validate()?;
             let mut out = std::io::stdout().lock();
             writeln!(out, "{}: ok", path.display()).context(STDOUT)?;
+            let known = perch::config::known_env_vars();
             let set: Vec<String> = std::env::vars_os()
                 .map(|(k, _)| k.to_string_lossy().into_owned())
                 .filter(|k| {
-                    perch::config::known_env_vars().contains(k)
+                    known.contains(k)
                         || k.starts_with("OTEL_EXPORTER_OTLP_")
                         || k == "OTEL_RESOURCE_ATTRIBUTES"
                         || k == "OTEL_SERVICE_NAME"
