@@ -158,31 +158,39 @@ impl Samples {
     }
 }
 
-/// Mounts tracefs at /sys/kernel/tracing for the guard's life if it is not
-/// mounted (classic tracepoints need it), and unmounts it again after.
-pub struct Tracefs {
-    mounted_here: bool,
-}
+/// Mounts tracefs at /sys/kernel/tracing while any guard lives if it is
+/// not mounted (classic tracepoints need it), and unmounts it after the last
+/// guard goes. Guards are counted process-wide: tests of one binary run in
+/// parallel, and one test's unmount must not pull tracefs from under another.
+pub struct Tracefs(());
+
+/// Live guards, and whether the first of them mounted tracefs.
+static TRACEFS: std::sync::Mutex<(usize, bool)> = std::sync::Mutex::new((0, false));
 
 impl Tracefs {
     pub fn ensure() -> Tracefs {
-        let mounted = |p: &str| std::path::Path::new(p).join("events").is_dir();
-        if mounted("/sys/kernel/tracing") || mounted("/sys/kernel/debug/tracing") {
-            return Tracefs {
-                mounted_here: false,
-            };
+        let mut state = TRACEFS.lock().unwrap_or_else(|e| e.into_inner());
+        if state.0 == 0 {
+            let mounted = |p: &str| std::path::Path::new(p).join("events").is_dir();
+            state.1 = !(mounted("/sys/kernel/tracing") || mounted("/sys/kernel/debug/tracing"));
+            if state.1 {
+                sh("mount -t tracefs nodev /sys/kernel/tracing");
+            }
         }
-        sh("mount -t tracefs nodev /sys/kernel/tracing");
-        Tracefs { mounted_here: true }
+        state.0 += 1;
+        Tracefs(())
     }
 }
 
 impl Drop for Tracefs {
     fn drop(&mut self) {
-        if self.mounted_here {
+        let mut state = TRACEFS.lock().unwrap_or_else(|e| e.into_inner());
+        state.0 -= 1;
+        if state.0 == 0 && state.1 {
             let _ = std::process::Command::new("umount")
                 .arg("/sys/kernel/tracing")
                 .status();
+            state.1 = false;
         }
     }
 }
