@@ -36,10 +36,12 @@ pub const SLOT_IDLE: u32 = 4;
 pub const COUNTER_SLOTS: u32 = 5;
 
 /// Bound of `SCHED_RUNQ_START`. The key is a task pointer, which is not a small
-/// integer, hence a hash map. It holds only tasks that are runnable and not yet
-/// running, which is bounded by the run-queue lengths: 16384 is far above what
-/// a healthy host has at once. Failed inserts are counted in
-/// [`SLOT_RUNQ_START_FULL`].
+/// integer, hence a hash map. A task keeps its slot from its first wait until
+/// it exits (a slot is reset in place, not deleted, so that the hot path never
+/// allocates), so the map holds about one entry per live task that has
+/// waited: 16384 is far above the task count of most hosts. Failed inserts
+/// are counted in [`SLOT_RUNQ_START_FULL`]; the collector publishes the
+/// entries next to this capacity (`perch.bpf.map.entries`).
 pub const RUNQ_START_ENTRIES: u32 = 16384;
 
 /// Every map of the family's kernel side ([`crate::contract`]).

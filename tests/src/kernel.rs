@@ -158,6 +158,22 @@ impl Samples {
     }
 }
 
+/// Threads alive on the host now (`/proc/<pid>/task/*`).
+pub fn live_threads() -> usize {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_dir(e.path().join("task")).ok())
+        .map(Iterator::count)
+        .sum()
+}
+
 /// Mounts tracefs at /sys/kernel/tracing while any guard lives if it is
 /// not mounted (classic tracepoints need it), and unmounts it after the last
 /// guard goes. Guards are counted process-wide: tests of one binary run in

@@ -278,6 +278,25 @@ fn wait_time_case(extra: &[&str], pin: Option<usize>, clock: &str) {
         points(&snap, "perch.scheduler.wait.time").len(),
         kernel::online_cpus()
     );
+    // The wake-up clock keeps one slot per live task that has waited; the
+    // kernel's stamps need none. Entries are published with the capacity.
+    let entries = points(&snap, "perch.bpf.map.entries");
+    let point = entries
+        .iter()
+        .find(|p| p["attributes"]["perch.bpf.map"] == "SCHED_RUNQ_START")
+        .unwrap_or_else(|| panic!("{clock}: no SCHED_RUNQ_START entries in {entries:?}"));
+    assert_eq!(point["attributes"]["perch.bpf.map.capacity"], 16384);
+    let slots = point["value"].as_f64().expect("numeric");
+    let threads = kernel::live_threads();
+    eprintln!("{clock}: SCHED_RUNQ_START holds {slots} slots, the host {threads} threads");
+    if clock == "sched_info stamps" {
+        assert_eq!(slots, 0.0, "{clock}: SCHED_RUNQ_START is in use");
+    } else {
+        assert!(
+            slots > 0.0 && slots <= threads as f64,
+            "{clock}: {slots} SCHED_RUNQ_START slots for {threads} live threads"
+        );
+    }
 }
 
 /// A thread pinned to the last CPU spins in user space for 3 s: Perch's

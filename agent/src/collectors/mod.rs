@@ -104,6 +104,36 @@ pub fn map_insert_failure_point(
     }
 }
 
+/// `perch.bpf.map.entries`: entries in bounded BPF maps, each point
+/// carrying its map's capacity (0 when it has none of its own).
+pub fn map_entries(points: Vec<crate::model::NumberPoint>) -> Metric {
+    Metric::gauge(
+        crate::catalogue::BPF_MAP_ENTRIES,
+        "Entries in a bounded BPF map.",
+        "{entry}",
+        points,
+    )
+}
+
+/// One map's point of [`map_entries`].
+pub fn map_entries_point(
+    map: &'static str,
+    entries: u64,
+    capacity: u32,
+    now: SystemTime,
+) -> crate::model::NumberPoint {
+    let mut attributes: crate::model::Attributes = vec![("perch.bpf.map", map.into())];
+    if capacity > 0 {
+        attributes.push((crate::catalogue::BPF_MAP_CAPACITY, capacity.into()));
+    }
+    crate::model::NumberPoint {
+        attributes,
+        start_time: None,
+        time: now,
+        value: crate::model::Number::Int(i64::try_from(entries).unwrap_or(i64::MAX)),
+    }
+}
+
 /// Merges metrics of the same name (several collectors may report one
 /// self-metric), keeping the first one's description and unit.
 pub fn merge_same_name(metrics: Vec<Metric>) -> Vec<Metric> {

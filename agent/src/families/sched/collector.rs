@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use agent_common::{hist, sched as c};
-use aya::maps::{MapData, PerCpuArray};
+use aya::maps::{HashMap, MapData, PerCpuArray};
 
 use crate::families::{BuildCtx, BuildError};
 use crate::gate::Source;
@@ -37,6 +37,9 @@ const WAIT: &str = crate::catalogue::WAIT_TIME;
 struct Maps {
     counters: PerCpuArray<MapData, u64>,
     hist: PerCpuArray<MapData, u64>,
+    /// One slot per live task that has waited, where the wake-up clock
+    /// times waits (empty with the kernel's sched_info stamps).
+    runq_start: HashMap<MapData, u64, u64>,
     attached_at: SystemTime,
 }
 
@@ -61,6 +64,7 @@ impl SchedCollector {
             Source::Ebpf => Some(Maps {
                 counters: ctx.map(c::MAP_COUNTERS)?,
                 hist: ctx.map(c::MAP_RUNQ_HIST)?,
+                runq_start: ctx.map(c::MAP_RUNQ_START)?,
                 attached_at: ctx.attached_at()?,
             }),
             _ => None,
@@ -150,6 +154,21 @@ impl Collector for SchedCollector {
                         c::MAP_RUNQ_START,
                         self.runq_start_full,
                         maps.attached_at,
+                        now,
+                    ),
+                ]));
+                // A key walk: one syscall per entry (about one per live task
+                // with the wake-up clock, none with the kernel's stamps).
+                let entries = maps
+                    .runq_start
+                    .keys()
+                    .take(c::RUNQ_START_ENTRIES as usize)
+                    .count();
+                out.push(crate::collectors::map_entries(vec![
+                    crate::collectors::map_entries_point(
+                        c::MAP_RUNQ_START,
+                        entries as u64,
+                        c::RUNQ_START_ENTRIES,
                         now,
                     ),
                 ]));

@@ -2,6 +2,7 @@
 //! the walk, host counters and histograms from the per-CPU arrays.
 
 use super::*;
+use crate::collectors::map_entries_point;
 
 /// What [`TcpCollector::push_map_health`] reports besides the counter slots.
 #[derive(Clone, Copy)]
@@ -270,16 +271,22 @@ impl TcpCollector {
             ));
         }
         out.push(crate::collectors::map_insert_failures(full));
-        let mut entries = vec![gauge(c::MAP_PEERS, peer_entries, max_peers, now)];
+        let mut entries = vec![map_entries_point(
+            c::MAP_PEERS,
+            peer_entries,
+            max_peers,
+            now,
+        )];
         if has_rtt_peers {
-            entries.push(gauge(c::MAP_RTT_PEERS, rtt_peer_entries, 0, now));
+            let capacity = max_peers.saturating_mul(c::RTT_PEER_BUCKETS_PER_PEER);
+            entries.push(map_entries_point(
+                c::MAP_RTT_PEERS,
+                rtt_peer_entries,
+                capacity,
+                now,
+            ));
         }
-        out.push(Metric::gauge(
-            MAP_ENTRIES,
-            "Entries in a bounded BPF map.",
-            "{entry}",
-            entries,
-        ));
+        out.push(crate::collectors::map_entries(entries));
         let (evicted, forgotten_n) = (self.table.evicted(), self.table.forgotten());
         self.push_peer_churn(evicted, forgotten_n, now, out);
         if sockets {

@@ -32,7 +32,6 @@ const FAILED: &str = crate::catalogue::TCP_FAILED;
 const CONNECT: &str = crate::catalogue::TCP_CONNECT_DURATION;
 const RTT: &str = crate::catalogue::TCP_RTT;
 const MAP_FULL: &str = crate::catalogue::BPF_MAP_INSERT_FAILURES;
-const MAP_ENTRIES: &str = crate::catalogue::BPF_MAP_ENTRIES;
 const EVICTED: &str = crate::catalogue::TCP_PEERS_EVICTED;
 const FORGOTTEN: &str = crate::catalogue::TCP_PEERS_FORGOTTEN;
 const ADOPTED: &str = crate::catalogue::TCP_SOCKETS_ADOPTED;
@@ -331,19 +330,6 @@ fn retain_peers(starts: &mut StartTimes, present: &HashSet<String>) {
             _ => true,
         }
     });
-}
-
-fn gauge(map: &'static str, v: u64, capacity: u32, now: SystemTime) -> NumberPoint {
-    let mut attributes: Attributes = vec![("perch.bpf.map", map.into())];
-    if capacity > 0 {
-        attributes.push((crate::catalogue::BPF_MAP_CAPACITY, capacity.into()));
-    }
-    NumberPoint {
-        attributes,
-        start_time: None,
-        time: now,
-        value: Number::Int(v as i64),
-    }
 }
 
 impl Collector for TcpCollector {
