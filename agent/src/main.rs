@@ -429,12 +429,20 @@ fn real_main() -> Result<()> {
                 set_log_level,
                 text,
             };
+            // Start-up happens on this thread before any other exists: the
+            // signal mask and the capabilities dropped after attach are
+            // per thread, and every later thread inherits them.
+            let held = perch::runtime::HeldSignals::block()?;
+            let listener = std::net::TcpListener::bind(cfg.agent.listen)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .with_context(|| format!("listening on {} (agent.listen)", cfg.agent.listen))?;
+            let agent = perch::runtime::Agent::start(&cfg)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(perch::runtime::run(cfg, reload))
+            rt.block_on(perch::runtime::run(cfg, reload, agent, listener, held))
         }
     }
 }

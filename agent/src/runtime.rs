@@ -49,6 +49,24 @@ impl Agent {
         let collectors =
             crate::families::build_collectors(&cfg.probes, proc, sys, &mut probes, boot)?;
         probes.finish();
+        // Attached: give up what reading the maps does not need, before any
+        // thread exists that would keep them (capabilities are per thread).
+        let capabilities = crate::probes::caps::drop_after_attach(cfg.agent.drop_capabilities);
+        if capabilities.held != capabilities.kept {
+            let kept = if capabilities.kept.is_empty() {
+                "none".to_owned()
+            } else {
+                capabilities.kept.join(",")
+            };
+            info!(
+                %kept,
+                held = %capabilities.held.join(","),
+                reason = %capabilities.reason,
+                "capabilities dropped after attach"
+            );
+        } else if !capabilities.held.is_empty() {
+            info!(kept = %capabilities.kept.join(","), reason = %capabilities.reason, "capabilities kept");
+        }
         // build_collectors makes one collector per family the final plan
         // does not turn off, in Family::ALL order.
         let collector_families: Vec<Family> = Family::ALL
@@ -83,14 +101,16 @@ impl Agent {
         }
         let memory = MemoryGauge::default();
         let pipeline = Pipeline::new(&cfg.pipeline, selfm.clone(), memory.clone());
-        let shared = Arc::new(Shared::new(
+        let mut shared = Shared::new(
             selfm,
             probes.plan.clone(),
             probes.facts.clone(),
             cfg.interval(),
             cfg.pipeline.max_series_per_metric,
             memory.clone(),
-        ));
+        );
+        shared.capabilities = capabilities;
+        let shared = Arc::new(shared);
         Ok(Agent {
             probes,
             workers,
@@ -369,12 +389,46 @@ pub struct Reload {
 
 /// Runs the agent until SIGINT or SIGTERM. SIGHUP reloads the config
 /// ([`reload_config`]) and never stops the agent.
-pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
-    // First, before the seconds start-up can take: from here the three
-    // signals are handled, and SIGHUP's default action (exit 129, queued
-    // batches lost) can no longer happen.
+/// The stop and reload signals, held blocked from the first moment of
+/// `perch run`: set on the start-up thread before any other thread exists,
+/// so that every thread inherits the mask. [`run`] installs the handlers
+/// and then unblocks them on its own thread, which takes them all from
+/// there: a signal sent during start-up waits instead of taking SIGHUP's
+/// default action (exit 129, queued batches lost).
+pub struct HeldSignals(nix::sys::signal::SigSet);
+
+impl HeldSignals {
+    pub fn block() -> anyhow::Result<HeldSignals> {
+        use nix::sys::signal::{SigSet, Signal};
+        let mut set = SigSet::empty();
+        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+            set.add(s);
+        }
+        set.thread_block()
+            .context("blocking SIGTERM, SIGINT and SIGHUP during start-up")?;
+        Ok(HeldSignals(set))
+    }
+
+    fn release(self) -> anyhow::Result<()> {
+        self.0
+            .thread_unblock()
+            .context("unblocking SIGTERM, SIGINT and SIGHUP")
+    }
+}
+
+/// `perch run`: serves, collects and exports until SIGTERM or SIGINT.
+/// `agent` was started (attached, capabilities dropped) and `listener`
+/// bound before the async runtime's threads existed. Must be polled on the
+/// thread that blocked `held` (`Runtime::block_on` does).
+pub async fn run(
+    cfg: Config,
+    reload: Reload,
+    mut agent: Agent,
+    listener: std::net::TcpListener,
+    held: HeldSignals,
+) -> anyhow::Result<()> {
     let mut signals = Signals::install()?;
-    let mut agent = Agent::start(&cfg)?;
+    held.release()?;
     // Start-up parsed the kernel's BTF (megabytes) and freed it; give that
     // heap back to the kernel so the steady-state RSS is the agent's own.
     // SAFETY: malloc_trim only releases free memory held by glibc's malloc.
@@ -398,8 +452,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         ));
     }
 
-    let listener = tokio::net::TcpListener::bind(cfg.agent.listen)
-        .await
+    let listener = tokio::net::TcpListener::from_std(listener)
         .with_context(|| format!("listening on {} (agent.listen)", cfg.agent.listen))?;
     info!(listen = %cfg.agent.listen, interval_secs = cfg.interval().as_secs_f64(), "serving /metrics and /healthz");
     let server = tokio::spawn(crate::server::serve(listener, shared.clone()));

@@ -36,6 +36,8 @@ pub struct Shared {
     pub last: Mutex<Option<(Instant, Arc<Snapshot>)>>,
     /// The OTLP exporter, once started (unset when export is disabled).
     pub exporter: OnceLock<ExporterHandle>,
+    /// What start-up did with the capabilities after attach.
+    pub capabilities: crate::probes::caps::Report,
 }
 
 /// What `/status` and `/readyz` know about the OTLP exporter. The exporter
@@ -122,6 +124,7 @@ impl Shared {
             produced,
             last: Mutex::new(None),
             exporter: OnceLock::new(),
+            capabilities: Default::default(),
         }
     }
 

@@ -291,3 +291,141 @@ fn readyz_names_the_placement_warning() {
         .expect("/readyz");
     assert!(!host.contains("warning:"), "on the host: {host}");
 }
+
+/// `/proc/<pid>/task/*/status` capability masks of every thread of `pid`:
+/// (thread name, CapPrm, CapEff, CapAmb, NoNewPrivs).
+fn thread_caps(pid: u32) -> Vec<(String, u64, u64, u64, bool)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir") {
+        let t = t.expect("task").path();
+        let Ok(status) = std::fs::read_to_string(t.join("status")) else {
+            continue; // exited meanwhile
+        };
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(str::trim)
+                .unwrap_or_else(|| panic!("{k} missing from {}", t.display()))
+                .to_owned()
+        };
+        let mask = |k: &str| u64::from_str_radix(&field(k), 16).expect("hex mask");
+        out.push((
+            field("Name:"),
+            mask("CapPrm:"),
+            mask("CapEff:"),
+            mask("CapAmb:"),
+            field("NoNewPrivs:") == "1",
+        ));
+    }
+    out
+}
+
+/// `CAP_*` names -> mask (the two this agent may keep).
+fn mask_of(names: &[serde_json::Value]) -> u64 {
+    names
+        .iter()
+        .map(|n| match n.as_str() {
+            Some("CAP_BPF") => 1u64 << 39,
+            Some("CAP_SYS_ADMIN") => 1 << 21,
+            other => panic!("unexpected capability kept: {other:?}"),
+        })
+        .sum()
+}
+
+/// After attach every thread of the agent holds only what map reads still
+/// need on this kernel (nothing from 6.5 on; CAP_BPF before), CAP_PERFMON
+/// never, no ambient set, and no_new_privs; and the eBPF counters still
+/// move. Run as the unit runs it (nobody with ambient CAP_BPF and
+/// CAP_PERFMON) and as the DaemonSet does (uid 0, bounding set of the two).
+#[test]
+fn capabilities_are_dropped_after_attach_on_every_thread() {
+    let _serial = perch_tests::kernel::privileged();
+    let root = tempfile::tempdir().expect("tempdir");
+    let as_unit = |run: &[&str]| {
+        let set = "-all,+bpf,+perfmon";
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args([format!("--inh-caps={set}"), format!("--bounding-set={set}")])
+            .arg(format!("--ambient-caps={set}"))
+            .arg(public_perch())
+            .args(run);
+        cmd
+    };
+    let unit = perch_tests::perch::Agent::start_cmd(as_unit, &["--interval", "1s"]);
+    let daemonset =
+        perch_tests::perch::Agent::start_as_daemonset(root.path(), &["--interval", "1s"]);
+    for (how, agent) in [("unit", &unit), ("daemonset", &daemonset)] {
+        let status: serde_json::Value =
+            serde_json::from_str(&agent.get("/status").expect("/status").1).expect("JSON");
+        let caps = &status["capabilities"];
+        let held: Vec<&str> = caps["held"]
+            .as_array()
+            .expect("held")
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert_eq!(held, ["CAP_PERFMON", "CAP_BPF"], "{how}: {caps}");
+        let kept = mask_of(caps["kept"].as_array().expect("kept"));
+        let threads = thread_caps(agent.pid());
+        eprintln!(
+            "{how}: kept {} ({}), {} threads",
+            caps["kept"],
+            caps["reason"],
+            threads.len()
+        );
+        assert!(threads.len() >= 8, "{how}: {threads:?}");
+        for (name, prm, eff, amb, nnp) in &threads {
+            assert_eq!(
+                (*prm, *eff, *amb, *nnp),
+                (kept, kept, 0, true),
+                "{how}: thread {name} (CapPrm, CapEff, CapAmb, NoNewPrivs)"
+            );
+        }
+        // Kernel-side counting is still read: context switches grow.
+        let switches = |s: &std::collections::BTreeMap<String, f64>| -> f64 {
+            s.iter()
+                .filter(|(k, _)| k.starts_with("perch_cpu_context_switches_total{"))
+                .map(|(_, v)| v)
+                .sum()
+        };
+        let s0 = agent.scrape();
+        std::thread::sleep(std::time::Duration::from_millis(2200));
+        let s1 = agent.scrape();
+        assert!(
+            s1.contains_key(
+                "perch_probe_state{perch_family=\"sched\",perch_probe_source=\"ebpf\",perch_probe_hook=\"tp_btf\"}"
+            ),
+            "{how}: sched is not on eBPF"
+        );
+        assert!(
+            switches(&s1) > switches(&s0),
+            "{how}: context switches did not grow after the drop"
+        );
+        let (code, body) = agent.get("/readyz").expect("/readyz");
+        assert_eq!(code, 200, "{how}: {body}");
+    }
+    assert!(unit.stop(), "unit-style perch did not exit cleanly");
+    assert!(
+        daemonset.stop(),
+        "daemonset-style perch did not exit cleanly"
+    );
+}
+
+/// `agent.drop_capabilities = false` keeps what the agent was given.
+#[test]
+fn drop_capabilities_false_keeps_them() {
+    let _serial = perch_tests::kernel::privileged();
+    let root = tempfile::tempdir().expect("tempdir");
+    let cfg = root.path().join("perch.toml");
+    std::fs::write(&cfg, "[agent]\ndrop_capabilities = false\n").expect("config");
+    let agent = perch_tests::perch::Agent::start_as_daemonset(
+        root.path(),
+        &["--interval", "1s", "--config", cfg.to_str().expect("utf-8")],
+    );
+    let both = (1u64 << 38) | (1 << 39);
+    for (name, prm, eff, _, _) in thread_caps(agent.pid()) {
+        assert_eq!((prm, eff), (both, both), "thread {name}");
+    }
+    assert!(agent.stop());
+}

@@ -211,6 +211,10 @@ pub struct AgentConfig {
     pub log_level: String,
     /// Log line format. Default `text`.
     pub log_format: LogFormat,
+    /// Drop every capability after the programs are attached but what map
+    /// reads still need on this kernel (CAP_BPF before Linux 6.5). Default
+    /// true.
+    pub drop_capabilities: bool,
 }
 
 impl Default for AgentConfig {
@@ -222,6 +226,7 @@ impl Default for AgentConfig {
             sys_root: PathBuf::from("/sys"),
             log_level: "info".to_owned(),
             log_format: LogFormat::Text,
+            drop_capabilities: true,
         }
     }
 }

@@ -72,6 +72,7 @@ mod unit {
                 sys_root: PathBuf::from("/host/sys"),
                 log_level: "warn,perch::gate=debug".to_owned(),
                 log_format: LogFormat::Json,
+                drop_capabilities: false,
             },
             // `..default()` (needless today) keeps a new family's section
             // at its defaults here, so adding one needs no edit of this test.

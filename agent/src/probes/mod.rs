@@ -10,6 +10,7 @@
 //! Programs of variants that are not used are unloaded. Dropping [`Probes`]
 //! detaches and unloads everything: nothing is pinned.
 
+pub mod caps;
 #[cfg(test)]
 mod contract;
 pub mod iter;

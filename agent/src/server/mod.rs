@@ -209,6 +209,7 @@ pub fn status_json(shared: &Shared) -> Value {
         "not_ready_reason": ready.err(),
         "families": families,
         "programs": programs,
+        "capabilities": shared.capabilities,
         "bpf_stats": match crate::probes::bpf_stats_enabled() {
             Some(true) => serde_json::json!({"enabled": true}),
             Some(false) => serde_json::json!({
