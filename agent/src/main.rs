@@ -33,6 +33,10 @@ struct Common {
     /// cgroup_skb. `--skip-hook tp_btf` runs the families on raw_tp.
     #[arg(long = "skip-hook", value_name = "HOOK")]
     skip_hooks: Vec<perch::gate::Hook>,
+    /// BTF file to use in place of /sys/kernel/btf/vmlinux (probes.btf_path):
+    /// a BTFhub file for a kernel without BTF, or one extracted from it.
+    #[arg(long = "btf-path", value_name = "FILE")]
+    btf_path: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -174,6 +178,9 @@ fn load_config(common: &Common) -> Result<(Config, String)> {
     if !common.skip_hooks.is_empty() {
         cfg.probes.skip_hooks = common.skip_hooks.clone();
     }
+    if let Some(p) = &common.btf_path {
+        cfg.probes.btf_path = Some(p.clone());
+    }
     cfg.validate()?;
     Ok((cfg, text))
 }
@@ -251,11 +258,14 @@ fn print_features(
     facts: &perch::gate::KernelFacts,
     plan: &perch::gate::Plan,
 ) -> std::io::Result<()> {
+    let btf = match (&facts.btf_source, facts.btf) {
+        (Some(src), true) => format!("yes ({src})"),
+        (_, b) => yes(b).to_owned(),
+    };
     writeln!(
         out,
-        "kernel {}  BTF: {}  tracefs: {}",
+        "kernel {}  BTF: {btf}  tracefs: {}",
         facts.release,
-        yes(facts.btf),
         yes(facts.tracefs)
     )?;
     if let Some(e) = &facts.object_error {

@@ -57,6 +57,11 @@ impl Config {
                 .collect::<Result<_, String>>()
                 .map_err(|m| env_error(ENV_SKIP_HOOKS, m))?;
         }
+        if let Some(v) = get(ENV_BTF_PATH)? {
+            let path = PathBuf::from(v);
+            check_root(&path).map_err(|m| env_error(ENV_BTF_PATH, m))?;
+            self.probes.btf_path = Some(path);
+        }
         for &family in Family::ALL {
             let var = env_mode_var(family);
             if let Some(v) = get(&var)? {
@@ -82,6 +87,7 @@ pub fn known_env_vars() -> Vec<String> {
         ENV_PROC_ROOT,
         ENV_SYS_ROOT,
         ENV_SKIP_HOOKS,
+        ENV_BTF_PATH,
     ]
     .iter()
     .map(|s| (*s).to_owned())

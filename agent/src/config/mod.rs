@@ -165,6 +165,8 @@ pub const ENV_PROC_ROOT: &str = "PERCH_PROC_ROOT";
 pub const ENV_SYS_ROOT: &str = "PERCH_SYS_ROOT";
 /// Comma-separated hook types never to use (`probes.skip_hooks`).
 pub const ENV_SKIP_HOOKS: &str = "PERCH_PROBES_SKIP_HOOKS";
+/// Overrides `probes.btf_path`.
+pub const ENV_BTF_PATH: &str = "PERCH_PROBES_BTF_PATH";
 
 /// Allowed values of `agent.interval_secs`. One second is the finest step
 /// the in-kernel histograms are read at; an hour is the coarsest interval at

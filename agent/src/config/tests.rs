@@ -82,6 +82,7 @@ mod unit {
             )]
             probes: ProbesConfig {
                 skip_hooks: vec![crate::gate::Hook::RawTp, crate::gate::Hook::Tracepoint],
+                btf_path: Some(PathBuf::from("/var/lib/perch/btf/vmlinux.btf")),
                 cpu: ProbeConfig { mode: Mode::Procfs },
                 sched: SchedProbeConfig {
                     mode: Mode::Ebpf,

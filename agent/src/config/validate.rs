@@ -14,6 +14,9 @@ impl Config {
         check_root(&a.sys_root).map_err(|m| ConfigError::invalid("agent.sys_root", m))?;
         check_log_level(&a.log_level).map_err(|m| ConfigError::invalid("agent.log_level", m))?;
 
+        if let Some(p) = &self.probes.btf_path {
+            check_root(p).map_err(|m| ConfigError::invalid("probes.btf_path", m))?;
+        }
         for &family in Family::ALL {
             let section = self.probes.section(family);
             check_mode(family, section.mode())

@@ -83,6 +83,11 @@ macro_rules! registry {
             /// variant). A family left with no variant falls back to procfs,
             /// and the plan says why.
             pub skip_hooks: Vec<Hook>,
+            /// A BTF file to read struct layouts and attach targets from in
+            /// place of `/sys/kernel/btf/vmlinux`: for kernels built without
+            /// `CONFIG_DEBUG_INFO_BTF` (a BTFhub file) or whose BTF is not
+            /// visible (one extracted from the same kernel). Absolute.
+            pub btf_path: Option<std::path::PathBuf>,
             $( $(#[doc = $doc])* pub $module: $module::Config, )*
         }
 
@@ -259,17 +264,34 @@ impl Prepared {
 }
 
 /// Kernel BTF, parsed at most once per start-up and shared by every family
-/// that reads struct offsets or enums from it.
+/// that reads struct offsets or enums from it: `probes.btf_path` when set,
+/// else `/sys/kernel/btf/vmlinux`.
 #[derive(Default)]
 pub struct BtfCell {
+    /// `probes.btf_path`.
+    file: Option<std::path::PathBuf>,
     cell: OnceLock<Result<KernelBtf, String>>,
 }
 
 impl BtfCell {
+    /// Reads `file` when set, else the kernel's own BTF.
+    pub fn new(file: Option<std::path::PathBuf>) -> Self {
+        BtfCell {
+            file,
+            cell: OnceLock::new(),
+        }
+    }
+
     /// The parsed kernel BTF, or why there is none.
     pub fn get(&self) -> Result<&KernelBtf, String> {
         self.cell
-            .get_or_init(|| KernelBtf::from_sys_fs().map_err(|e| e.to_string()))
+            .get_or_init(|| {
+                match &self.file {
+                    Some(f) => KernelBtf::from_file(f),
+                    None => KernelBtf::from_sys_fs(),
+                }
+                .map_err(|e| e.to_string())
+            })
             .as_ref()
             .map_err(Clone::clone)
     }

@@ -40,6 +40,7 @@ pub fn detect() -> KernelFacts {
         version: parse_release(&release),
         release,
         btf: Path::new(crate::sources::btf::VMLINUX).exists(),
+        btf_source: None,
         tracefs: tracefs_mounted(),
         program_types,
         map_types,

@@ -38,8 +38,11 @@ pub struct KernelFacts {
     pub release: String,
     /// Parsed from the release, for display only: no decision uses it.
     pub version: Option<(u32, u32, u32)>,
-    /// `/sys/kernel/btf/vmlinux` is readable.
+    /// Kernel BTF is available: `/sys/kernel/btf/vmlinux`, or the file
+    /// `probes.btf_path` names.
     pub btf: bool,
+    /// Where the BTF in use was read from.
+    pub btf_source: Option<String>,
     /// tracefs is mounted (classic tracepoints need it).
     pub tracefs: bool,
     /// Generic program-type support, by probing the kernel (informational).

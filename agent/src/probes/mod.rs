@@ -40,6 +40,9 @@ pub enum ProbeError {
     /// kernel's reason.
     #[error(transparent)]
     Plan(#[from] gate::PlanError),
+    /// `probes.btf_path` names a file that is not usable BTF.
+    #[error("probes.btf_path: {0}")]
+    BtfFile(String),
 }
 
 /// Kernel-side run statistics of one attached program (`kernel.bpf_stats_enabled`).
@@ -94,20 +97,34 @@ impl Probes {
                     .iter()
                     .any(|v| !cfg.skip_hooks.contains(&v.hook))
         });
-        let btf = if facts.btf {
-            match Btf::from_sys_fs() {
-                Ok(b) => Some(b),
+        let btf = match &cfg.btf_path {
+            // Asked for by name: a file that is not BTF is an error.
+            Some(path) => {
+                let data = crate::sources::btf::read_btf_file(path)
+                    .map_err(|e| ProbeError::BtfFile(e.to_string()))?;
+                let btf = Btf::parse(&data, aya::Endianness::default()).map_err(|e| {
+                    ProbeError::BtfFile(format!("{}: {}", path.display(), error_chain(&e)))
+                })?;
+                facts.btf = true;
+                facts.btf_source = Some(path.display().to_string());
+                Some(btf)
+            }
+            None if facts.btf => match Btf::from_sys_fs() {
+                Ok(b) => {
+                    facts.btf_source = Some(VMLINUX.to_owned());
+                    Some(b)
+                }
                 Err(e) => {
                     warn!(error = %e, path = VMLINUX, "kernel BTF unreadable; tp_btf variants disabled");
+                    facts.btf = false;
                     None
                 }
-            }
-        } else {
-            None
+            },
+            None => None,
         };
 
         // Each family that may run on eBPF says what its programs need.
-        let shared_btf = BtfCell::default();
+        let shared_btf = BtfCell::new(cfg.btf_path.clone());
         let tracefs = if facts.tracefs {
             crate::sources::tracefs::mount()
         } else {
@@ -174,7 +191,9 @@ impl Probes {
                 } else if let Some(err) = &facts.object_error {
                     HookStatus::NotTried(format!("eBPF object not loaded: {err}"))
                 } else if v.needs_btf && btf.is_none() {
-                    HookStatus::NotTried(format!("kernel BTF not available at {VMLINUX}"))
+                    HookStatus::NotTried(format!(
+                        "kernel BTF not available at {VMLINUX} (probes.btf_path can name a BTF file for this kernel)"
+                    ))
                 } else if let Some(why) = refused {
                     HookStatus::NotTried(why.clone())
                 } else if let Some(ebpf) = ebpf.as_mut() {

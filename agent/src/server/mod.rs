@@ -200,6 +200,7 @@ pub fn status_json(shared: &Shared) -> Value {
         "kernel": {
             "release": facts.release,
             "btf": facts.btf,
+            "btf_source": facts.btf_source,
             "tracefs": facts.tracefs,
             "object_error": facts.object_error,
         },

@@ -25,6 +25,59 @@ pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
 const MAGIC: u16 = 0xeb9f;
 
+/// Largest BTF file `probes.btf_path` may name. A distribution kernel's
+/// vmlinux BTF is 5 to 10 MiB and BTFhub's files are smaller: anything past
+/// 64 MiB is not a kernel's BTF.
+pub const MAX_BTF_FILE_BYTES: u64 = 64 << 20;
+
+/// Reads the BTF file `probes.btf_path` names (a BTFhub-style file, or one
+/// extracted from the same kernel): a regular file of at most
+/// [`MAX_BTF_FILE_BYTES`] that starts with the BTF magic. Errors name the
+/// path and the cause.
+pub fn read_btf_file(path: &std::path::Path) -> Result<Vec<u8>, BtfError> {
+    use std::io::Read;
+    let shown = path.display().to_string();
+    let unusable = |reason: String| BtfError::Unusable {
+        path: shown.clone(),
+        reason,
+    };
+    let io = |source| BtfError::Io {
+        path: shown.clone(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        return Err(unusable(format!(
+            "not a regular file ({})",
+            super::file_type_name(&meta.file_type())
+        )));
+    }
+    if meta.len() > MAX_BTF_FILE_BYTES {
+        return Err(unusable(format!(
+            "{} bytes; a kernel's BTF is at most {MAX_BTF_FILE_BYTES} bytes (64 MiB)",
+            meta.len()
+        )));
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_BTF_FILE_BYTES + 1).read_to_end(&mut data))
+        .map_err(io)?;
+    if data.len() as u64 > MAX_BTF_FILE_BYTES {
+        return Err(unusable(format!(
+            "grew past {MAX_BTF_FILE_BYTES} bytes while read"
+        )));
+    }
+    match data.get(0..2).map(|b| u16::from_le_bytes([b[0], b[1]])) {
+        Some(MAGIC) => Ok(data),
+        Some(m) => Err(unusable(format!(
+            "not raw BTF: starts with {m:#06x}, BTF starts with {MAGIC:#06x} \
+             (an ELF or compressed file must be extracted first, e.g. \
+             `bpftool btf dump file vmlinux format raw` or BTFhub's .btf.tar.xz unpacked)"
+        ))),
+        None => Err(unusable("empty or shorter than a BTF header".to_owned())),
+    }
+}
+
 pub(crate) const KIND_INT: u32 = 1;
 pub(crate) const KIND_PTR: u32 = 2;
 pub(crate) const KIND_ARRAY: u32 = 3;
@@ -57,6 +110,14 @@ pub enum BtfError {
         /// The underlying error.
         #[source]
         source: std::io::Error,
+    },
+    /// A BTF file handed over by path that cannot be BTF.
+    #[error("{path}: {reason}")]
+    Unusable {
+        /// The file named.
+        path: String,
+        /// Why it is refused.
+        reason: String,
     },
     /// The data is not BTF this reader understands.
     #[error("{source_name}: malformed BTF at byte {at}: {reason}")]
@@ -161,6 +222,12 @@ impl KernelBtf {
             source,
         })?;
         Self::parse(data, VMLINUX)
+    }
+
+    /// Reads a BTF file named by path ([`read_btf_file`]).
+    pub fn from_file(path: &std::path::Path) -> Result<Self, BtfError> {
+        let data = read_btf_file(path)?;
+        Self::parse(data, &path.display().to_string())
     }
 
     /// Parses a BTF blob; `source_name` names it in errors.

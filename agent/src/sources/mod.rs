@@ -243,7 +243,7 @@ pub fn name_from_os(name: &std::ffi::OsStr) -> String {
 }
 
 /// A file type, as [`ProcError::NotRegular`] names it.
-fn file_type_name(t: &std::fs::FileType) -> &'static str {
+pub(crate) fn file_type_name(t: &std::fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
     if t.is_fifo() {
         "FIFO"
