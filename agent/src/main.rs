@@ -72,6 +72,10 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Print the whole verifier log of each program the kernel refused,
+        /// for one family or `all` (the table's reasons are one line each).
+        #[arg(long, value_name = "FAMILY|all")]
+        verifier_log: Option<String>,
     },
     /// Check a config file and exit: non-zero with the key and line on error.
     Validate {
@@ -253,6 +257,39 @@ fn init_logging(cfg: &Config) -> perch::runtime::SetLogLevel {
     }
 }
 
+/// `perch features --verifier-log`: each refused program's whole log, or
+/// a line saying that none was refused.
+fn print_verifier_logs(
+    out: &mut impl std::io::Write,
+    facts: &perch::gate::KernelFacts,
+    only: Option<Family>,
+) -> std::io::Result<()> {
+    let logs: Vec<_> = facts
+        .verifier_logs
+        .iter()
+        .filter(|l| only.is_none_or(|f| l.family == f))
+        .collect();
+    if logs.is_empty() {
+        let what = only.map_or("any family".to_owned(), |f| f.name().to_owned());
+        return writeln!(
+            out,
+            "the verifier refused no program of {what} on kernel {}",
+            facts.release
+        );
+    }
+    for l in logs {
+        writeln!(
+            out,
+            "=== {} {} {}: verifier log ===",
+            l.family.name(),
+            l.hook,
+            l.program
+        )?;
+        writeln!(out, "{}", l.log.trim_end())?;
+    }
+    Ok(())
+}
+
 fn print_features(
     out: &mut impl std::io::Write,
     facts: &perch::gate::KernelFacts,
@@ -371,12 +408,28 @@ fn real_main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Features { common, json } => {
+        Command::Features {
+            common,
+            json,
+            verifier_log,
+        } => {
+            let only = match verifier_log.as_deref() {
+                None | Some("all") => None,
+                Some(name) => Some(Family::from_name(name).with_context(|| {
+                    format!(
+                        "--verifier-log {name}: unknown family (one of {}, or all)",
+                        perch::runtime::family_names()
+                    )
+                })?),
+            };
             let (cfg, _) = load_config(&common)?;
             let _ = init_logging(&cfg);
             let agent = perch::runtime::Agent::start(&cfg)?;
             let shared = &agent.shared;
-            if json {
+            if verifier_log.is_some() {
+                let mut out = std::io::stdout().lock();
+                print_verifier_logs(&mut out, &shared.facts, only).context(STDOUT)?;
+            } else if json {
                 let v = serde_json::json!({"kernel": shared.facts, "plan": shared.plan});
                 writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&v)?)
                     .context(STDOUT)?;

@@ -199,3 +199,120 @@ fn a_file_that_is_not_btf_is_refused_with_the_cause() {
         "relative probes.btf_path: {err}"
     );
 }
+
+/// A copy of `btf` in which the first typedef takes the name of the
+/// typedef `target`: a loader that looks `target` up by name finds the
+/// wrong type id, as with a BTF file of another kernel build.
+fn with_first_typedef_named(btf: &[u8], target: &str) -> Vec<u8> {
+    let u32_at = |d: &[u8], at: usize| u32::from_le_bytes(d[at..at + 4].try_into().unwrap());
+    let hdr_len = u32_at(btf, 4) as usize;
+    let (type_off, type_len) = (u32_at(btf, 8) as usize, u32_at(btf, 12) as usize);
+    let str_off = u32_at(btf, 16) as usize;
+    let strings = hdr_len + str_off;
+    let name = |off: u32| {
+        let s = &btf[strings + off as usize..];
+        std::str::from_utf8(&s[..s.iter().position(|&b| b == 0).unwrap()]).unwrap()
+    };
+    let (mut at, end) = (hdr_len + type_off, hdr_len + type_off + type_len);
+    let (mut first, mut wanted) = (None, None);
+    while at < end {
+        let info = u32_at(btf, at + 4);
+        let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
+        if kind == 8 {
+            first.get_or_insert(at);
+            if name(u32_at(btf, at)) == target {
+                wanted = Some(u32_at(btf, at));
+            }
+        }
+        // The kind's data after the 12-byte common header (uapi btf.h).
+        at += 12
+            + match kind {
+                1 | 14 | 17 => 4,
+                3 => 12,
+                4 | 5 | 15 | 19 => 12 * vlen,
+                6 | 13 => 8 * vlen,
+                _ => 0,
+            };
+    }
+    let (first, wanted) = (
+        first.expect("a typedef"),
+        wanted.expect("the target typedef"),
+    );
+    let mut out = btf.to_vec();
+    out[first..first + 4].copy_from_slice(&wanted.to_le_bytes());
+    out
+}
+
+/// `perch features --verifier-log`: with a BTF file whose type ids are not
+/// the running kernel's, the kernel refuses sched's `tp_btf` program; the
+/// whole log is printed, the one-line reason names the kernel's complaint,
+/// and sched goes on on `raw_tp`.
+#[test]
+fn verifier_log_prints_the_kernels_whole_refusal() {
+    let _serial = perch_tests::kernel::privileged();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let btf = std::fs::read("/sys/kernel/btf/vmlinux")
+        .expect("this test needs kernel BTF on the host: /sys/kernel/btf/vmlinux");
+    let file = dir.path().join("other-build.btf");
+    std::fs::write(
+        &file,
+        with_first_typedef_named(&btf, "btf_trace_sched_switch"),
+    )
+    .expect("write");
+    let file = file.to_str().expect("utf-8");
+
+    let out = Command::new(perch_bin())
+        .args(["features", "--verifier-log", "sched", "--btf-path", file])
+        .output()
+        .expect("perch");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    assert!(
+        text.contains("=== sched tp_btf sched_switch_btf: verifier log ===")
+            && text.contains("points to wrong type name"),
+        "the whole log of the refused program: {text}"
+    );
+
+    let v = json(
+        &Command::new(perch_bin())
+            .args(["features", "--json", "--btf-path", file])
+            .output()
+            .expect("perch"),
+    );
+    assert_eq!(plan_entry(&v, "sched")["hook"], "raw_tp");
+    let status = v["kernel"]["hooks"]
+        .as_array()
+        .expect("hooks")
+        .iter()
+        .find(|h| h["family"] == "sched" && h["hook"] == "tp_btf")
+        .map(|h| h["error"].as_str().unwrap_or_default().to_owned())
+        .unwrap_or_default();
+    assert!(
+        status.contains("points to wrong type name") && status.len() < 600,
+        "one-line reason: {status}"
+    );
+    let logs = v["kernel"]["verifier_logs"]
+        .as_array()
+        .expect("verifier_logs");
+    assert!(
+        logs.iter().any(|l| l["program"] == "sched_switch_btf"),
+        "verifier_logs in the JSON: {logs:?}"
+    );
+
+    // With nothing refused, it says so.
+    let out = Command::new(perch_bin())
+        .args(["features", "--verifier-log", "all"])
+        .output()
+        .expect("perch");
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("the verifier refused no program of any family"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -41,6 +41,7 @@ pub fn detect() -> KernelFacts {
         release,
         btf: Path::new(crate::sources::btf::VMLINUX).exists(),
         btf_source: None,
+        verifier_logs: Vec::new(),
         tracefs: tracefs_mounted(),
         program_types,
         map_types,

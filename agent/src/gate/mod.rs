@@ -31,6 +31,15 @@ pub enum HookStatus {
     NotTried(String),
 }
 
+/// A program the verifier refused, with its log as the kernel wrote it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct VerifierLog {
+    pub family: Family,
+    pub hook: Hook,
+    pub program: &'static str,
+    pub log: String,
+}
+
 /// Facts about the running kernel.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct KernelFacts {
@@ -43,6 +52,9 @@ pub struct KernelFacts {
     pub btf: bool,
     /// Where the BTF in use was read from.
     pub btf_source: Option<String>,
+    /// The whole verifier log of each program the kernel refused
+    /// (`perch features --verifier-log`).
+    pub verifier_logs: Vec<VerifierLog>,
     /// tracefs is mounted (classic tracepoints need it).
     pub tracefs: bool,
     /// Generic program-type support, by probing the kernel (informational).

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 
 use aya::programs::{Program, ProgramError};
 use aya::{Btf, Ebpf, EbpfLoader};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::families::{BtfCell, PrepareCtx, Prepared};
@@ -197,7 +197,18 @@ impl Probes {
                 } else if let Some(why) = refused {
                     HookStatus::NotTried(why.clone())
                 } else if let Some(ebpf) = ebpf.as_mut() {
-                    load_variant(ebpf, v, btf.as_ref())
+                    let mut logs = Vec::new();
+                    let status = load_variant(ebpf, v, btf.as_ref(), &mut logs);
+                    for (program, log) in logs {
+                        debug!(%family, hook = %v.hook, program, log = %log, "verifier log of a refused program");
+                        facts.verifier_logs.push(gate::VerifierLog {
+                            family,
+                            hook: v.hook,
+                            program,
+                            log,
+                        });
+                    }
+                    status
                 } else {
                     HookStatus::NotTried("eBPF object not loaded".into())
                 };
@@ -414,7 +425,13 @@ fn variant(family: Family, hook: Hook) -> &'static Variant {
 }
 
 /// Loads every program of a variant; the verifier's verdict is the test.
-fn load_variant(ebpf: &mut Ebpf, v: &Variant, btf: Option<&Btf>) -> HookStatus {
+/// A refused program's whole verifier log goes to `logs`.
+fn load_variant(
+    ebpf: &mut Ebpf,
+    v: &Variant,
+    btf: Option<&Btf>,
+    logs: &mut Vec<(&'static str, String)>,
+) -> HookStatus {
     for p in v.programs {
         let Some(prog) = ebpf.program_mut(p.program) else {
             return HookStatus::Failed(format!("program {} missing from the object", p.program));
@@ -435,6 +452,12 @@ fn load_variant(ebpf: &mut Ebpf, v: &Variant, btf: Option<&Btf>) -> HookStatus {
             }
         };
         if let Err(e) = r {
+            if let ProgramError::LoadError { verifier_log, .. } = &e {
+                let log = verifier_log.to_string();
+                if !log.trim().is_empty() {
+                    logs.push((p.program, log));
+                }
+            }
             return HookStatus::Failed(format!("load {}: {}", p.program, program_error(&e)));
         }
     }
