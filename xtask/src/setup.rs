@@ -33,6 +33,11 @@ const APT_TEST: &[&str] = &[
     "bpftool",
     "prometheus",
     "procps",
+    // `cargo xtask kernels` (issue 12): boots Debian kernels under qemu with
+    // a busybox initramfs built with cpio.
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
 ];
 
 pub fn setup(with_tests: bool) -> Result<()> {
