@@ -6,6 +6,7 @@
 
 mod bench;
 mod fuzz;
+mod kernels;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -24,6 +25,8 @@ usage: cargo xtask <command>
                       30 s of fuzzing per target
   bench cpu|net|export
                       benchmarks (see docs/performance.md)
+  kernels             boot Debian's 5.10, 6.1 and 6.12 kernels under qemu, run
+                      perch in each, check its figures, write docs/kernels.md
   fuzz [--secs N] [TARGET...]
                       run the fuzz targets in fuzz/ for N s each (30)
   package deb         build target/debian/perch_<version>_<arch>.deb
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("bench") => bench::bench(&args[1..]),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
+        Some("kernels") => setup::setup(true).and_then(|()| kernels::kernels(&args[1..])),
         Some("package") if args.get(1).map(String::as_str) == Some("deb") => setup::setup(false)
             .and_then(|()| setup::install_cargo_deb())
             .and_then(|()| package_deb()),

@@ -1,0 +1,65 @@
+//! The guests' workload (tests/kernels/init), built static by `cargo xtask
+//! kernels` with plain rustc: busybox has no sender that moves a known
+//! number of bytes (its nc stops after 1 KiB).
+//!
+//!   blast recv PORT      accept one connection, read to EOF, print the bytes
+//!   blast send PORT N    connect to 127.0.0.1:PORT, write N bytes, close
+//!   blast pingpong N     N round trips between two threads over pipes
+//!                        (at least 2N context switches)
+use std::io::{Read, Write};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let num = |i: usize| -> u64 { args[i].parse().expect("a number") };
+    match args.get(1).map(String::as_str) {
+        Some("recv") => {
+            let l = std::net::TcpListener::bind(("127.0.0.1", num(2) as u16)).expect("bind");
+            println!("listening");
+            let (mut s, _) = l.accept().expect("accept");
+            let mut buf = vec![0u8; 1 << 16];
+            let mut n = 0u64;
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(k) => n += k as u64,
+                    Err(e) => panic!("read: {e}"),
+                }
+            }
+            println!("{n}");
+        }
+        Some("send") => {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", num(2) as u16)).expect("connect");
+            let chunk = vec![7u8; 1000];
+            let mut left = num(3);
+            while left > 0 {
+                let k = left.min(chunk.len() as u64) as usize;
+                s.write_all(&chunk[..k]).expect("write");
+                left -= k as u64;
+            }
+            s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+            let _ = s.read(&mut [0u8; 1]);
+        }
+        Some("pingpong") => {
+            let n = num(2);
+            let (mut a_rx, mut b_tx) = std::io::pipe().expect("pipe");
+            let (mut b_rx, mut a_tx) = std::io::pipe().expect("pipe");
+            let t = std::thread::spawn(move || {
+                let mut b = [0u8; 1];
+                for _ in 0..n {
+                    a_rx.read_exact(&mut b).expect("read");
+                    a_tx.write_all(&b).expect("write");
+                }
+            });
+            let mut b = [0u8; 1];
+            for _ in 0..n {
+                b_tx.write_all(&b).expect("write");
+                b_rx.read_exact(&mut b).expect("read");
+            }
+            t.join().expect("join");
+        }
+        _ => {
+            eprintln!("usage: blast recv PORT | send PORT N | pingpong N");
+            std::process::exit(2);
+        }
+    }
+}

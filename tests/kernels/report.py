@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Checks the kernel matrix's console logs and writes docs/kernels.md.
+
+Usage: report.py --write docs/kernels.md LABEL=LOG [LABEL=LOG ...]
+
+Each LOG is the serial console of one guest running tests/kernels/init.
+Fails (exit 1) when a case did not finish, a command failed, or a figure
+is wrong:
+  - TCP: with the tcp family on eBPF, the 3 000 000 bytes sent to port 5000
+    must be counted exactly (received by the server end);
+  - context switches: with sched on eBPF, Perch's count must lie between
+    the /proc/stat ctxt movement during the workloads (inside the window)
+    and the movement from before perch starts to after it exits;
+  - BTF: without BTF no family may run on tp_btf, and with the kernel's own
+    BTF handed over as a file the plan must equal the plan with BTF.
+"""
+
+import json
+import re
+import sys
+
+EBPF_FAMILIES = ["sched", "softirq", "tcp", "drops"]
+CASES = ["base", "collect", "no-tracefs", "no-btf", "btf-file"]
+TCP_BYTES = 3_000_000
+
+
+def cases(text):
+    out = {}
+    for name in CASES:
+        m = re.search(
+            r"PERCH-CASE-BEGIN %s\n(.*?)PERCH-CASE-END %s rc=(\d+)\n" % (name, name),
+            text,
+            re.S,
+        )
+        if not m:
+            raise SystemExit(f"case {name} did not finish")
+        body, rc = m.group(1), int(m.group(2))
+        stderr = "\n".join(re.findall(r"PERCH-STDERR (.*)", text[m.end():].split("PERCH-CASE-BEGIN")[0]))
+        if rc != 0:
+            raise SystemExit(f"case {name}: perch exited {rc}: {stderr}")
+        out[name] = json.loads(body[body.index("{"):])
+    return out
+
+
+def plan(doc):
+    return {f["family"]: f for f in doc["plan"]["families"]}
+
+
+def cell(f):
+    return f"{f['source']} ({f['hook']})" if f["hook"] else f["source"]
+
+
+def points(snap, name):
+    return [p for m in snap["metrics"] if m["name"] == name for p in m["points"]]
+
+
+def check(label, text):
+    text = text.replace("\r", "")
+    if "PERCH-DONE" not in text:
+        raise SystemExit(f"{label}: the guest did not finish (no PERCH-DONE)")
+    kernel = re.search(r"PERCH-KERNEL (\S+)", text).group(1)
+    c = cases(text)
+    errors = []
+    rows = []
+    for name in ["base", "no-tracefs", "no-btf", "btf-file"]:
+        p = plan(c[name])
+        rows.append((name, [cell(p[f]) for f in EBPF_FAMILIES]))
+
+    # BTF hidden: no tp_btf; the file restores the plan with BTF.
+    for f, e in plan(c["no-btf"]).items():
+        if e["hook"] == "tp_btf":
+            errors.append(f"no-btf: {f} on tp_btf without BTF")
+    with_btf = {f: (e["source"], e["hook"]) for f, e in plan(c["no-tracefs"]).items()}
+    from_file = {f: (e["source"], e["hook"]) for f, e in plan(c["btf-file"]).items()}
+    if with_btf != from_file:
+        errors.append(f"btf-file plan {from_file} != plan with BTF {with_btf}")
+    if c["btf-file"]["kernel"].get("btf_source") != "/tmp/vmlinux.btf":
+        errors.append("btf-file: kernel.btf_source is not the file")
+
+    # Accuracy in the collect case.
+    snap = c["collect"]
+    sp = plan(snap)
+    figures = []
+    c0, c0a, c1a, c1 = map(int, re.search(r"PERCH-CTXT (\d+) (\d+) (\d+) (\d+)", text).groups())
+    ended = int(re.search(r"PERCH-WORKLOAD-END (\d+)", text).group(1))
+    if snap["time"] < ended + 1:
+        errors.append(
+            f"the workloads ended at {ended}, after the collection at {snap['time']:.0f}: "
+            "raise --duration in tests/kernels/init"
+        )
+    if sp["sched"]["source"] == "ebpf":
+        v = sum(p["value"] for p in points(snap, "perch.cpu.context_switches"))
+        # The window contains [c0a, c1a] and lies within [c0, c1].
+        figures.append(
+            f"context switches: {v} counted; /proc/stat ctxt moved {c1a - c0a} during the "
+            f"workloads (inside the window) and {c1 - c0} from before start to after exit"
+        )
+        if not c1a - c0a <= v <= c1 - c0:
+            errors.append(f"context switches {v} outside the ctxt bracket {c1a - c0a}..{c1 - c0}")
+    else:
+        figures.append(f"context switches: sched on {sp['sched']['source']}")
+    moved = int(re.search(r"PERCH-TCP (\d+)", text).group(1))
+    if moved != TCP_BYTES:
+        errors.append(f"the workload moved {moved} bytes, not {TCP_BYTES}")
+    if sp["tcp"]["source"] == "ebpf":
+        got = sum(
+            p["value"]
+            for p in points(snap, "perch.tcp.io")
+            if p["attributes"].get("server.port") == 5000
+            and p["attributes"].get("perch.tcp.role") == "server"
+            and p["attributes"].get("network.io.direction") == "receive"
+        )
+        figures.append(
+            f"TCP: {got} bytes counted received on port 5000; the receiver read {moved}"
+        )
+        if got != moved:
+            errors.append(f"TCP bytes {got} != {moved} read by the receiver")
+    else:
+        figures.append(f"TCP bytes: tcp on {sp['tcp']['source']}")
+
+    refused = [
+        (h["family"], h["hook"], h.get("error", ""))
+        for h in c["base"]["kernel"]["hooks"]
+        if h["status"] != "ok" and h["family"] in EBPF_FAMILIES
+    ]
+    return kernel, rows, figures, refused, errors
+
+
+def main():
+    args = sys.argv[1:]
+    out = None
+    if args[:1] == ["--write"]:
+        out, args = args[1], args[2:]
+    sections = []
+    failed = []
+    for a in args:
+        label, path = a.split("=", 1)
+        kernel, rows, figures, refused, errors = check(label, open(path, errors="replace").read())
+        for e in errors:
+            failed.append(f"{label}: {e}")
+            print(f"FAIL {label}: {e}", file=sys.stderr)
+        sections.append((label, kernel, rows, figures, refused, errors))
+    doc = [
+        "# Kernel matrix",
+        "",
+        "Written by `cargo xtask kernels` (part of `cargo xtask test`): Debian's own",
+        "cloud kernels booted under qemu with an initramfs holding the release",
+        "`perch` and busybox (`tests/kernels/init`), checked by",
+        "`tests/kernels/report.py`. Cases: `base` (tracefs mounted), `no-tracefs`,",
+        "`no-btf` (`/sys/kernel/btf` hidden under a tmpfs), `btf-file` (still hidden,",
+        "the kernel's own BTF handed over with `--btf-path`).",
+        "",
+        "| kernel | case | " + " | ".join(EBPF_FAMILIES) + " |",
+        "|---|---|" + "---|" * len(EBPF_FAMILIES),
+    ]
+    for label, kernel, rows, *_ in sections:
+        for name, cells in rows:
+            doc.append(f"| {label}: `{kernel}` | {name} | " + " | ".join(cells) + " |")
+    doc.append("")
+    for label, kernel, rows, figures, refused, errors in sections:
+        doc.append(f"## {label}: `{kernel}`")
+        doc.append("")
+        doc.append("Accuracy (collect case):")
+        doc.append("")
+        doc.extend(f"- {f}" for f in figures)
+        doc.append("")
+        if refused:
+            doc.append("Refused variants (base case), with the kernel's reason:")
+            doc.append("")
+            for fam, hook, err in refused:
+                doc.append(f"- {fam} `{hook}`: {err}")
+            doc.append("")
+        if errors:
+            doc.append("**Failures:** " + "; ".join(errors))
+            doc.append("")
+    text = "\n".join(doc)
+    if out:
+        open(out, "w").write(text)
+    print(text)
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
