@@ -292,7 +292,7 @@ mod tests {
 
     #[test]
     fn versions_sort_by_value() {
-        let mut v = vec![
+        let mut v = [
             "linux-image-6.12.9+deb12-cloud-amd64",
             "linux-image-6.12.118+deb12-cloud-amd64",
             "linux-image-6.12.100+deb12-cloud-amd64",
