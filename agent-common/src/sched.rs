@@ -67,7 +67,8 @@ pub const GLOBALS: &[GlobalSpec] = &[
 /// not waiting) and `last_arrival` (run-queue clock when it last got a CPU).
 /// The kernel updates both in `sched_info_switch()`, right after the
 /// `sched_switch` tracepoint. When `valid` is 0 the programs time wake-ups
-/// themselves (`sched_wakeup`, a clock read and a hash per task).
+/// themselves (`sched_wakeup`, a clock read and a hash per task). Also where
+/// the previous task's state is, on kernels whose tracepoint lacks it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SchedOffsets {
@@ -77,10 +78,19 @@ pub struct SchedOffsets {
     pub last_queued: u32,
     /// `task_struct.sched_info.last_arrival` (`unsigned long long`).
     pub last_arrival: u32,
+    /// Where the switch finds the previous task's state. Before 5.18
+    /// `sched_switch` has no `prev_state` argument: then this is the byte
+    /// offset of `task_struct.__state` (5.14+) or `task_struct.state`, and
+    /// [`Self::task_state_size`] its size. Found in BTF; used with or
+    /// without the stamps.
+    pub task_state: u32,
+    /// 0: `prev_state` is `sched_switch`'s fourth argument (5.18+). 4 or 8:
+    /// read [`Self::task_state`] from the task, a field of that many bytes.
+    pub task_state_size: u32,
     /// Explicit padding.
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<SchedOffsets>() == 16);
+const _: () = assert!(core::mem::size_of::<SchedOffsets>() == 24);
 
 /// Value of [`MAP_ARRIVAL`]: the task `sched_switch` last switched in on this
 /// CPU and its `last_queued` at that moment. At the next switch on the same

@@ -56,7 +56,10 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 
-use crate::{kmem::field, tracepoint::tp_offset};
+use crate::{
+    kmem::{field, read},
+    tracepoint::tp_offset,
+};
 
 /// Filled in by userspace from kernel BTF (`.rodata`: the verifier sees
 /// constants and prunes the design this kernel does not use).
@@ -65,6 +68,8 @@ static SCHED_OFFSETS: SchedOffsets = SchedOffsets {
     valid: 0,
     last_queued: 0,
     last_arrival: 0,
+    task_state: 0,
+    task_state_size: 0,
     _pad: 0,
 };
 
@@ -226,14 +231,34 @@ fn account_switch(involuntary: bool, idle_prev: bool, dead: bool, prev: u64, nex
     0
 }
 
+/// The previous task's state: the tracepoint's fourth argument (5.18+),
+/// or, where `sched_switch` has only three (before 5.18), the task's own
+/// `__state`/`state` field, as the kernel's classic tracepoint read it then.
+/// The choice is a `.rodata` constant: the verifier explores one branch
+/// only, so a kernel with three arguments never sees the fourth read.
+#[inline(always)]
+fn prev_state<const BTF: bool>(arg3: impl FnOnce() -> u64, prev: u64) -> u64 {
+    match off!(task_state_size) {
+        0 => arg3(),
+        4 => field::<u32, BTF>(prev, off!(task_state)).unwrap_or(0) as u64,
+        // `volatile long state` (before 5.14): its low 32 bits hold the
+        // flags (little-endian), read through the helper at any size.
+        _ => read::<u32>(prev, off!(task_state)).unwrap_or(0) as u64,
+    }
+}
+
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sched_switch_btf(ctx: BtfTracePointContext) -> u32 {
-    on_switch::<true>(ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3))
+    let prev: u64 = ctx.arg(1);
+    let state = prev_state::<true>(|| ctx.arg(3), prev);
+    on_switch::<true>(ctx.arg(0), prev, ctx.arg(2), state)
 }
 
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn sched_switch_raw(ctx: RawTracePointContext) -> u32 {
-    on_switch::<false>(ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3))
+    let prev: u64 = ctx.arg(1);
+    let state = prev_state::<false>(|| ctx.arg(3), prev);
+    on_switch::<false>(ctx.arg(0), prev, ctx.arg(2), state)
 }
 
 #[btf_tracepoint(function = "sched_wakeup")]

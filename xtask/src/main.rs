@@ -21,8 +21,8 @@ usage: cargo xtask <command>
                       (and with --test: the test tools and tests/.venv)
   run [-- ARGS]       setup, build in release mode, run `perch run ARGS` (as root)
   test                setup --test, then fmt, clippy (userspace and eBPF),
-                      build, unit and privileged integration tests, and
-                      30 s of fuzzing per target
+                      build, unit and privileged integration tests, the
+                      kernel matrix, and 30 s of fuzzing per target
   bench cpu|net|export
                       benchmarks (see docs/performance.md)
   kernels             boot Debian's 5.10, 6.1 and 6.12 kernels under qemu, run
@@ -183,6 +183,9 @@ fn test(args: &[String]) -> Result<()> {
         t.args(args);
     }
     sh(&mut t)?;
+    // The kernel matrix: Debian's 5.10, 6.1 and 6.12 under qemu (about
+    // 2 minutes under TCG), checked and written to docs/kernels.md.
+    kernels::kernels(&[])?;
     // Every parser of untrusted input, under libFuzzer for a short budget
     // each (docs/fuzzing.md has longer runs).
     sh(cargo().args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"]))?;

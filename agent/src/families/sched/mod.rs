@@ -136,7 +136,15 @@ impl Unit for Sched {
                     .map_err(|e| format!("{e} (kernel built without CONFIG_SCHED_INFO?)"))
             })
         };
-        let mut out = clock(stamps);
+        // Where the previous task's state is: without BTF, assume the
+        // argument (5.18+); an older kernel then refuses the load and says so.
+        let state = ctx
+            .btf
+            .get()
+            .ok()
+            .map(offsets::task_state)
+            .unwrap_or(Ok((0, 0)));
+        let mut out = clock(stamps, state);
         match ctx.tracefs.map(tracepoint_offsets) {
             Some(Ok(tp)) => out.global(c::GLOBAL_TP_OFFSETS, &tp),
             Some(Err(e)) => {
@@ -161,17 +169,37 @@ impl Unit for Sched {
 /// How `tp_btf`/`raw_tp` time run-queue waits: from the kernel's stamps
 /// when their offsets are known (the wake-up programs stay unattached), else
 /// from wake-ups, with why.
-fn clock(stamps: Result<c::SchedOffsets, String>) -> Prepared {
+fn clock(
+    stamps: Result<c::SchedOffsets, String>,
+    state: Result<(u32, u32), crate::sources::btf::BtfError>,
+) -> Prepared {
     let mut out = Prepared::default();
-    let note = match stamps {
-        Ok(offsets) => {
-            out.global(c::GLOBAL_OFFSETS, &offsets);
+    let mut offsets = stamps.clone().unwrap_or_default();
+    let mut note = match stamps {
+        Ok(_) => {
             out.unused_programs.extend(WAKEUP_PROGRAMS);
             "run-queue waits from the kernel's sched_info stamps (no sched_wakeup programs)"
                 .to_owned()
         }
         Err(e) => format!("run-queue waits timed from sched_wakeup: {e}"),
     };
+    match state {
+        Ok((0, 0)) => {}
+        Ok((at, size)) => {
+            (offsets.task_state, offsets.task_state_size) = (at, size);
+            note.push_str(
+                "; the previous task's state read from task_struct (sched_switch has no \
+                 prev_state before 5.18)",
+            );
+        }
+        Err(e) => {
+            let why =
+                format!("sched_switch has no prev_state and the task's state is not in BTF: {e}");
+            out.refused.insert(Hook::TpBtf, why.clone());
+            out.refused.insert(Hook::RawTp, why);
+        }
+    }
+    out.global(c::GLOBAL_OFFSETS, &offsets);
     out.notes.insert(Hook::TpBtf, note.clone());
     out.notes.insert(Hook::RawTp, note);
     out.notes.insert(
@@ -218,7 +246,7 @@ mod tests {
     /// classic tracepoint always times wake-ups.
     #[test]
     fn sched_reads_follow_the_runqueue_clock() {
-        let stamped = clock(Ok(c::SchedOffsets::default()));
+        let stamped = clock(Ok(c::SchedOffsets::default()), Ok((0, 0)));
         let p = plan(&facts(Hook::TpBtf, &stamped), |_| Mode::Auto).unwrap();
         let sched = p.get(Family::Sched).unwrap();
         assert_eq!(sched.reads, "tp_btf sched_switch");
@@ -230,7 +258,7 @@ mod tests {
             sched.reason
         );
 
-        let wakeup = clock(Err("no stamps".into()));
+        let wakeup = clock(Err("no stamps".into()), Ok((0, 0)));
         let p = plan(&facts(Hook::RawTp, &wakeup), |_| Mode::Auto).unwrap();
         let sched = p.get(Family::Sched).unwrap();
         assert_eq!(

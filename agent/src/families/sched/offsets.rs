@@ -11,8 +11,35 @@ pub fn sched_offsets(btf: &KernelBtf) -> Result<agent_common::sched::SchedOffset
         valid: 1,
         last_queued: btf.member_sized("task_struct", "sched_info.last_queued", 8)?,
         last_arrival: btf.member_sized("task_struct", "sched_info.last_arrival", 8)?,
-        _pad: 0,
+        ..Default::default()
     })
+}
+
+/// Where `sched_switch` finds the previous task's state, as
+/// ([`SchedOffsets::task_state`], [`SchedOffsets::task_state_size`]):
+/// `(0, 0)` where the tracepoint passes `prev_state` (a fourth argument,
+/// 5.18+), else the offset and size of `task_struct.__state` (5.14+,
+/// `unsigned int`) or `task_struct.state` (`long`).
+///
+/// [`SchedOffsets::task_state`]: agent_common::sched::SchedOffsets::task_state
+/// [`SchedOffsets::task_state_size`]: agent_common::sched::SchedOffsets::task_state_size
+pub fn task_state(btf: &KernelBtf) -> Result<(u32, u32), BtfError> {
+    if btf.tracepoint_args("sched_switch")? >= 4 {
+        return Ok((0, 0));
+    }
+    let f = btf
+        .member("task_struct", "__state")
+        .or_else(|_| btf.member("task_struct", "state"))?;
+    match f.size {
+        4 | 8 => Ok((f.offset, f.size)),
+        got => Err(BtfError::Size {
+            source_name: "task_struct".to_owned(),
+            ty: "task_struct".to_owned(),
+            member: "__state".to_owned(),
+            got,
+            want: 4,
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -43,6 +70,39 @@ mod tests {
         }
         b.composite(KIND_STRUCT, "task_struct", 256, &members);
         KernelBtf::parse(b.build(), "task").expect("task BTF parses")
+    }
+
+    /// 5.18+: the argument; 5.14..5.18: `__state` (u32); before: `state`
+    /// (long); no state member at all: an error naming it.
+    #[test]
+    fn the_previous_tasks_state_comes_from_the_argument_or_the_task() {
+        let kernel = |args: usize, member: Option<(&str, u32)>| {
+            let mut b = Builder::new();
+            let int = b.int("unsigned int", 4);
+            let long = b.int("long", 8);
+            let mut members = vec![("flags", long, 0, 0)];
+            if let Some((name, size)) = member {
+                members.push((name, if size == 4 { int } else { long }, 128, 0));
+            }
+            b.composite(KIND_STRUCT, "task_struct", 256, &members);
+            let void_ptr = b.ptr(0);
+            let params = vec![void_ptr; args + 1];
+            let proto = b.func_proto(&params);
+            let p = b.ptr(proto);
+            b.typedef("btf_trace_sched_switch", p);
+            KernelBtf::parse(b.build(), "task").expect("BTF parses")
+        };
+        assert_eq!(
+            task_state(&kernel(4, Some(("__state", 4)))).unwrap(),
+            (0, 0)
+        );
+        assert_eq!(
+            task_state(&kernel(3, Some(("__state", 4)))).unwrap(),
+            (16, 4)
+        );
+        assert_eq!(task_state(&kernel(3, Some(("state", 8)))).unwrap(), (16, 8));
+        let e = task_state(&kernel(3, None)).unwrap_err().to_string();
+        assert!(e.contains("state"), "{e}");
     }
 
     #[test]
