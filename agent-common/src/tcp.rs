@@ -376,8 +376,17 @@ pub struct TcpOffsets {
     /// `tcp_sock.tcp_mstamp` (`u64`, µs of `CLOCK_MONOTONIC`): the time the
     /// kernel stamped the segment it is processing.
     pub tcp_mstamp: u32,
+    /// Non-zero where the kernel has no `bpf_sock_from_file` (before 5.11):
+    /// the walk finds the socket itself, through the three offsets below.
+    pub no_sock_from_file: u32,
+    /// `file.f_inode` (`struct inode *`).
+    pub file_f_inode: u32,
+    /// `inode.i_mode` (`umode_t`, `u16`): `S_IFSOCK` for a socket.
+    pub inode_i_mode: u32,
+    /// `file.private_data` (`void *`): the `struct socket` of a socket file.
+    pub file_private_data: u32,
 }
-const _: () = assert!(core::mem::size_of::<TcpOffsets>() == 96);
+const _: () = assert!(core::mem::size_of::<TcpOffsets>() == 112);
 
 /// [`RTT_SAMPLE_INTERVAL_NS`] in ticks of `tick_ns` ns (the kernel's
 /// jiffy, `1e9 / CONFIG_HZ`), rounded up, at least 1.

@@ -4,6 +4,7 @@
 //!
 //!   blast recv PORT      accept one connection, read to EOF, print the bytes
 //!   blast send PORT N    connect to 127.0.0.1:PORT, write N bytes, close
+//!   blast hold PORT N    the same, then keep the connection open until killed
 //!   blast pingpong N     N round trips between two threads over pipes
 //!                        (at least 2N context switches)
 use std::io::{Read, Write};
@@ -39,6 +40,12 @@ fn main() {
             s.shutdown(std::net::Shutdown::Write).expect("shutdown");
             let _ = s.read(&mut [0u8; 1]);
         }
+        Some("hold") => {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", num(2) as u16)).expect("connect");
+            s.write_all(&vec![7u8; num(3) as usize]).expect("write");
+            println!("sent");
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
         Some("pingpong") => {
             let n = num(2);
             let (mut a_rx, mut b_tx) = std::io::pipe().expect("pipe");
@@ -58,7 +65,7 @@ fn main() {
             t.join().expect("join");
         }
         _ => {
-            eprintln!("usage: blast recv PORT | send PORT N | pingpong N");
+            eprintln!("usage: blast recv PORT | send PORT N | hold PORT N | pingpong N");
             std::process::exit(2);
         }
     }

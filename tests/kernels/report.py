@@ -7,7 +7,9 @@ Each LOG is the serial console of one guest running tests/kernels/init.
 Fails (exit 1) when a case did not finish, a command failed, or a figure
 is wrong:
   - TCP: with the tcp family on eBPF, the 3 000 000 bytes sent to port 5000
-    must be counted exactly (received by the server end);
+    must be counted exactly (received by the server end), and so must the
+    1 234 567 bytes of a connection still open at the collection (counted
+    by the socket walk);
   - context switches: with sched on eBPF, Perch's count must lie between
     the /proc/stat ctxt movement during the workloads (inside the window)
     and the movement from before perch starts to after it exits;
@@ -22,6 +24,7 @@ import sys
 EBPF_FAMILIES = ["sched", "softirq", "tcp", "drops"]
 CASES = ["base", "collect", "no-tracefs", "no-btf", "btf-file"]
 TCP_BYTES = 3_000_000
+OPEN_BYTES = 1_234_567
 
 
 def cases(text):
@@ -115,6 +118,20 @@ def check(label, text):
         )
         if got != moved:
             errors.append(f"TCP bytes {got} != {moved} read by the receiver")
+        held = int(re.search(r"PERCH-TCP-OPEN (\d+)", text).group(1))
+        live = sum(
+            p["value"]
+            for p in points(snap, "perch.tcp.io")
+            if p["attributes"].get("server.port") == 5001
+            and p["attributes"].get("perch.tcp.role") == "server"
+            and p["attributes"].get("network.io.direction") == "receive"
+        )
+        figures.append(
+            f"TCP, connection open at the collection (the socket walk): {live} bytes "
+            f"counted on port 5001; the receiver read {held}"
+        )
+        if live != held or held != OPEN_BYTES:
+            errors.append(f"open-connection bytes {live} (receiver {held}, sent {OPEN_BYTES})")
     else:
         figures.append(f"TCP bytes: tcp on {sp['tcp']['source']}")
 

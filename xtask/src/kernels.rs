@@ -225,7 +225,19 @@ fn boot(label: &str, vmlinuz: &Path, initrd: &Path) -> Result<PathBuf> {
         cmd.arg(BOOT_TIMEOUT_SECS.to_string())
             .arg("qemu-system-x86_64")
             .args(["-m", "1024", "-smp", "2", "-nographic", "-no-reboot"])
-            .args(["-accel", accel]);
+            // Single-threaded TCG: with one host thread per vCPU, the
+            // kernel's live code patching (text_poke, as attaching a
+            // tracepoint does) raced another vCPU here once: an int3 Oops
+            // in handle_softirqs on 6.12. One thread runs both vCPUs in
+            // turn and keeps them coherent.
+            .args([
+                "-accel",
+                if *accel == "tcg" {
+                    "tcg,thread=single"
+                } else {
+                    accel
+                },
+            ]);
         if *accel == "kvm" {
             cmd.args(["-cpu", "host"]);
         }

@@ -69,6 +69,10 @@ static TCP_OFFSETS: TcpOffsets = TcpOffsets {
     socket_sk: 0,
     tracked_mask: 0,
     tcp_mstamp: 0,
+    no_sock_from_file: 0,
+    file_f_inode: 0,
+    inode_i_mode: 0,
+    file_private_data: 0,
 };
 
 #[map]

@@ -261,19 +261,54 @@ pub fn tcp_walk(ctx: *mut c_void) -> i32 {
     if file == 0 {
         return 0;
     }
-    // SAFETY: NULL unless the file is a socket.
-    let sock = unsafe { bpf_sock_from_file(file as *mut _) } as u64;
-    if sock == 0 {
-        return 0;
+    if off!(no_sock_from_file) == 0 {
+        // SAFETY: NULL unless the file is a socket.
+        let sock = unsafe { bpf_sock_from_file(file as *mut _) } as u64;
+        if sock == 0 {
+            return 0;
+        }
+        // `socket->sk`: readable with plain loads inside `struct sock`, but
+        // untrusted, so helpers refuse it and `tcp_sock` fields go through
+        // `bpf_probe_read_kernel`.
+        walk_sock::<BTF>(meta, field::<u64, BTF>(sock, off!(socket_sk)).unwrap_or(0))
+    } else {
+        // Before 5.11 there is no `bpf_sock_from_file` (the verifier of
+        // such a kernel never sees the call: the branch is a `.rodata`
+        // constant). The kernel's own test: a socket's inode is S_IFSOCK,
+        // and its `file->private_data` is the `struct socket`. The pointer
+        // is untrusted, so the socket is read with `bpf_probe_read_kernel`.
+        let inode = field::<u64, BTF>(file, off!(file_f_inode)).unwrap_or(0);
+        if inode == 0 {
+            return 0;
+        }
+        let mode = field::<u16, BTF>(inode, off!(inode_i_mode)).unwrap_or(0);
+        if mode & S_IFMT != S_IFSOCK {
+            return 0;
+        }
+        let sock = field::<u64, BTF>(file, off!(file_private_data)).unwrap_or(0);
+        if sock == 0 {
+            return 0;
+        }
+        let sk = crate::kmem::read::<u64>(sock, off!(socket_sk)).unwrap_or(0);
+        if sk == 0 {
+            return 0;
+        }
+        walk_sock::<false>(meta, sk)
     }
-    // `socket->sk`: readable with plain loads inside `struct sock`, but
-    // untrusted, so helpers refuse it and `tcp_sock` fields go through
-    // `bpf_probe_read_kernel`.
-    let sk = field::<u64, BTF>(sock, off!(socket_sk)).unwrap_or(0);
-    let Some(family) = tcp_family::<BTF>(sk) else {
+}
+
+/// `S_IFMT` and `S_IFSOCK` (`include/uapi/linux/stat.h`).
+const S_IFMT: u16 = 0o170000;
+const S_IFSOCK: u16 = 0o140000;
+
+/// The walk's work for one socket `sk`; with `B`, `sk` is a BTF-typed
+/// pointer (plain loads), without, an address read through the helper.
+#[inline(always)]
+fn walk_sock<const B: bool>(meta: u64, sk: u64) -> i32 {
+    let Some(family) = tcp_family::<B>(sk) else {
         return 0;
     };
-    let state = field::<u8, BTF>(sk, off!(sk_state)).unwrap_or(0) as i32;
+    let state = field::<u8, B>(sk, off!(sk_state)).unwrap_or(0) as i32;
     if !was_established(state) {
         if state == TCP_CLOSE {
             // An entry a walk adopted while the socket was closing: the new
@@ -293,7 +328,7 @@ pub fn tcp_walk(ctx: *mut c_void) -> i32 {
     let session = field::<u64, BTF>(meta, 8).unwrap_or(0);
     let cur = counters::<false>(sk);
     let Some(slot) = tracked::get(sk) else {
-        adopt(sk, family, session, cur);
+        adopt::<B>(sk, family, session, cur);
         return 0;
     };
     let st = &mut slot.acct;
@@ -334,8 +369,8 @@ pub fn tcp_walk(ctx: *mut c_void) -> i32 {
 /// Starts tracking an established socket the walk found untracked: it
 /// predates the agent (or its start was missed), so it counts from now.
 #[inline(always)]
-fn adopt(sk: u64, family: u16, session: u64, now: PeerValue) {
-    let Some(key) = inferred_key::<BTF>(sk, family) else {
+fn adopt<const B: bool>(sk: u64, family: u16, session: u64, now: PeerValue) {
+    let Some(key) = inferred_key::<B>(sk, family) else {
         return;
     };
     let st = SockAcct {

@@ -44,6 +44,15 @@ pub fn tcp_offsets(
         socket_sk: btf.member_sized("socket", "sk", 8)?,
         tracked_mask: tracked_slots.saturating_sub(1),
         tcp_mstamp: btf.member_sized("tcp_sock", "tcp_mstamp", 8)?,
+        // The helper is in the kernel's own list of helpers (5.11+).
+        no_sock_from_file: u32::from(
+            !btf.enum_values("bpf_func_id")?
+                .iter()
+                .any(|(n, _)| n == "BPF_FUNC_sock_from_file"),
+        ),
+        file_f_inode: btf.member_sized("file", "f_inode", 8)?,
+        inode_i_mode: btf.member_sized("inode", "i_mode", 2)?,
+        file_private_data: btf.member_sized("file", "private_data", 8)?,
     })
 }
 
