@@ -387,8 +387,6 @@ pub struct Reload {
     pub text: String,
 }
 
-/// Runs the agent until SIGINT or SIGTERM. SIGHUP reloads the config
-/// ([`reload_config`]) and never stops the agent.
 /// The stop and reload signals, held blocked from the first moment of
 /// `perch run`: set on the start-up thread before any other thread exists,
 /// so that every thread inherits the mask. [`run`] installs the handlers
@@ -416,7 +414,8 @@ impl HeldSignals {
     }
 }
 
-/// `perch run`: serves, collects and exports until SIGTERM or SIGINT.
+/// `perch run`: serves, collects and exports until SIGINT or SIGTERM.
+/// SIGHUP reloads the config ([`reload_config`]) and never stops the agent.
 /// `agent` was started (attached, capabilities dropped) and `listener`
 /// bound before the async runtime's threads existed. Must be polled on the
 /// thread that blocked `held` (`Runtime::block_on` does).
