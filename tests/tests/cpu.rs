@@ -49,11 +49,39 @@ fn sched_matches_proc_stat_as_the_daemonset_runs_it() {
     sched_ebpf_case_in(&[], "tp_btf", Some(root.path()));
 }
 
-fn sched_ebpf_case(extra: &[&str], hook: &str) {
-    sched_ebpf_case_in(extra, hook, None)
+/// The same with the previous task's state read from `task_struct`, as
+/// kernels before 5.18 (no `prev_state` argument) must: the voluntary split
+/// still covers the workload's own voluntary switches.
+#[test]
+fn sched_state_from_task_struct_matches_proc_stat() {
+    let cfg = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(cfg.path(), "[probes.sched]\nprev_state = \"task_struct\"\n").unwrap();
+    let path = cfg.path().to_str().unwrap();
+    for (extra, hook) in [
+        (vec!["--config", path], "tp_btf"),
+        (vec!["--config", path, "--skip-hook", "tp_btf"], "raw_tp"),
+    ] {
+        let snap = sched_ebpf_case_in(&extra, hook, None);
+        let reason = perch::plan_entry(&snap, "sched")["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            reason.contains("state read from task_struct"),
+            "{hook}: sched plan reason `{reason}` does not say the state comes from task_struct"
+        );
+    }
 }
 
-fn sched_ebpf_case_in(extra: &[&str], hook: &str, daemonset: Option<&std::path::Path>) {
+fn sched_ebpf_case(extra: &[&str], hook: &str) {
+    sched_ebpf_case_in(extra, hook, None);
+}
+
+fn sched_ebpf_case_in(
+    extra: &[&str],
+    hook: &str,
+    daemonset: Option<&std::path::Path>,
+) -> serde_json::Value {
     let _serial = kernel::privileged();
     let window = Duration::from_secs(3);
     let sampler = kernel::CtxtSampler::start();
@@ -138,6 +166,7 @@ fn sched_ebpf_case_in(extra: &[&str], hook: &str, daemonset: Option<&std::path::
         mean > 0.0 && mean < 0.1,
         "mean run-queue latency {mean} s is implausible"
     );
+    snap
 }
 
 /// procfs mode: the counter is `/proc/stat ctxt` itself (no per-CPU or type

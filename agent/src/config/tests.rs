@@ -3,7 +3,7 @@
 mod unit {
     use super::super::*;
     use crate::families::interfaces::Config as InterfacesProbeConfig;
-    use crate::families::sched::{Config as SchedProbeConfig, RunqueueClock};
+    use crate::families::sched::{Config as SchedProbeConfig, PrevState, RunqueueClock};
     use crate::families::tcp::Config as TcpProbeConfig;
     use std::collections::HashMap;
 
@@ -54,6 +54,7 @@ mod unit {
         }
         assert!(!c.probes.sched.runqueue_per_cpu);
         assert_eq!(c.probes.sched.runqueue_clock, RunqueueClock::Auto);
+        assert_eq!(c.probes.sched.prev_state, PrevState::Auto);
         assert_eq!(c.probes.interfaces.include, ["*"]);
         assert!(c.probes.interfaces.exclude.is_empty());
         assert!(!c.probes.tcp.rtt_per_peer);
@@ -88,6 +89,7 @@ mod unit {
                     mode: Mode::Ebpf,
                     runqueue_per_cpu: true,
                     runqueue_clock: RunqueueClock::Wakeup,
+                    prev_state: PrevState::TaskStruct,
                 },
                 softirq: ProbeConfig { mode: Mode::Off },
                 interfaces: InterfacesProbeConfig {

@@ -93,6 +93,9 @@ pub struct Config {
     pub runqueue_per_cpu: bool,
     /// How run-queue waits are timed. Default `auto`.
     pub runqueue_clock: RunqueueClock,
+    /// Where `tp_btf`/`raw_tp` read the previous task's state. Default
+    /// `auto`.
+    pub prev_state: PrevState,
 }
 
 impl Section for Config {
@@ -119,6 +122,21 @@ pub enum RunqueueClock {
     Wakeup,
 }
 
+/// `probes.sched.prev_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrevState {
+    /// `sched_switch`'s `prev_state` argument where it has one (5.18+),
+    /// else `task_struct.__state`/`.state`.
+    #[default]
+    Auto,
+    /// Always `task_struct.__state`/`.state`, as kernels before 5.18 must:
+    /// one more load per switch, and a task that changes its state between
+    /// the scheduler's decision and the tracepoint is classified by the new
+    /// state. For testing and measuring the pre-5.18 path on a newer kernel.
+    TaskStruct,
+}
+
 pub struct Sched;
 pub static UNIT: Sched = Sched;
 
@@ -142,9 +160,20 @@ impl Unit for Sched {
             .btf
             .get()
             .ok()
-            .map(offsets::task_state)
+            .map(|btf| {
+                offsets::task_state(btf, ctx.config.sched.prev_state == PrevState::TaskStruct)
+            })
             .unwrap_or(Ok((0, 0)));
         let mut out = clock(stamps, state);
+        if ctx.config.sched.prev_state == PrevState::TaskStruct {
+            if let Err(e) = ctx.btf.get() {
+                let why = format!(
+                    "probes.sched.prev_state = \"task_struct\" needs the task's layout from BTF: {e}"
+                );
+                out.refused.insert(Hook::TpBtf, why.clone());
+                out.refused.insert(Hook::RawTp, why);
+            }
+        }
         match ctx.tracefs.map(tracepoint_offsets) {
             Some(Ok(tp)) => out.global(c::GLOBAL_TP_OFFSETS, &tp),
             Some(Err(e)) => {
@@ -189,7 +218,7 @@ fn clock(
             (offsets.task_state, offsets.task_state_size) = (at, size);
             note.push_str(
                 "; the previous task's state read from task_struct (sched_switch has no \
-                 prev_state before 5.18)",
+                 prev_state before 5.18, or probes.sched.prev_state = \"task_struct\")",
             );
         }
         Err(e) => {

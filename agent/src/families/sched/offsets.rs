@@ -23,10 +23,14 @@ pub fn sched_offsets(btf: &KernelBtf) -> Result<agent_common::sched::SchedOffset
 ///
 /// [`SchedOffsets::task_state`]: agent_common::sched::SchedOffsets::task_state
 /// [`SchedOffsets::task_state_size`]: agent_common::sched::SchedOffsets::task_state_size
-pub fn task_state(btf: &KernelBtf) -> Result<(u32, u32), BtfError> {
+///
+/// With `from_task` (`probes.sched.prev_state = "task_struct"`) the state is
+/// read from the task even where the argument exists: how the pre-5.18 path
+/// is tested and measured on a newer kernel.
+pub fn task_state(btf: &KernelBtf, from_task: bool) -> Result<(u32, u32), BtfError> {
     // A BTF without the tracepoint's typedef says nothing: assume the
     // argument, and let the kernel's verdict on the load tell.
-    if !btf.tracepoint_args("sched_switch").is_ok_and(|n| n < 4) {
+    if !from_task && !btf.tracepoint_args("sched_switch").is_ok_and(|n| n < 4) {
         return Ok((0, 0));
     }
     let f = btf
@@ -95,15 +99,23 @@ mod tests {
             KernelBtf::parse(b.build(), "task").expect("BTF parses")
         };
         assert_eq!(
-            task_state(&kernel(4, Some(("__state", 4)))).unwrap(),
+            task_state(&kernel(4, Some(("__state", 4))), false).unwrap(),
             (0, 0)
         );
+        // Forced: the task's field even where the argument exists.
         assert_eq!(
-            task_state(&kernel(3, Some(("__state", 4)))).unwrap(),
+            task_state(&kernel(4, Some(("__state", 4))), true).unwrap(),
             (16, 4)
         );
-        assert_eq!(task_state(&kernel(3, Some(("state", 8)))).unwrap(), (16, 8));
-        let e = task_state(&kernel(3, None)).unwrap_err().to_string();
+        assert_eq!(
+            task_state(&kernel(3, Some(("__state", 4))), false).unwrap(),
+            (16, 4)
+        );
+        assert_eq!(
+            task_state(&kernel(3, Some(("state", 8))), false).unwrap(),
+            (16, 8)
+        );
+        let e = task_state(&kernel(3, None), false).unwrap_err().to_string();
         assert!(e.contains("state"), "{e}");
     }
 
