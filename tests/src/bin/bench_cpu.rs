@@ -8,10 +8,12 @@
 //! - the load's slowdown: `stress-ng --switch` bogo-ops/s with and without
 //!   the agent, in alternating runs, as a ratio, with BPF stats off (the
 //!   stats themselves cost two clock reads per program run); the ns/event
-//!   figures come from one more run with them on.
+//!   figures come from one more run with them on, and one with
+//!   `probes.sched.prev_state = "task_struct"` (the pre-5.18 path).
 //!
 //! Usage: bench-cpu [--pairs N] [--secs S] [--interval-secs I]
 
+use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
@@ -37,6 +39,31 @@ fn stress(secs: u64) -> f64 {
             f.get(i + 5)?.parse().ok()
         })
         .unwrap_or_else(|| panic!("no switch metrics line in stress-ng output:\n{text}"))
+}
+
+/// Program label set → (run time in ns, run count) over one `secs` run of
+/// the load with an agent started with `args` (BPF stats must be on).
+fn measure_ns_per_event(args: &[&str], secs: u64, interval: u64) -> BTreeMap<String, (f64, f64)> {
+    let mut out: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    let agent = Agent::start(args);
+    std::thread::sleep(Duration::from_millis(1200));
+    let m0 = agent.scrape();
+    let _ = stress(secs);
+    std::thread::sleep(Duration::from_millis(1200 * interval));
+    let m1 = agent.scrape();
+    for (k, v) in &m1 {
+        if let Some(labels) = k.strip_prefix("perch_bpf_program_run_time_seconds") {
+            let count_key = format!("perch_bpf_program_run_count_total{labels}");
+            let dt = v - m0.get(k).copied().unwrap_or(0.0);
+            let dc = m1.get(&count_key).copied().unwrap_or(0.0)
+                - m0.get(&count_key).copied().unwrap_or(0.0);
+            let e = out.entry(labels.to_owned()).or_default();
+            e.0 += dt * 1e9;
+            e.1 += dc;
+        }
+    }
+    assert!(agent.stop(), "agent did not stop cleanly");
+    out
 }
 
 fn main() {
@@ -79,29 +106,23 @@ fn main() {
     }
 
     // 2. ns per event: one run under the same load with BPF stats on, read
-    //    from the agent's own perch.bpf.program.run.* self-metrics.
+    //    from the agent's own perch.bpf.program.run.* self-metrics; then the
+    //    same with the previous task's state read from task_struct (the
+    //    path kernels before 5.18 take), so the two sched_switch variants
+    //    are measured side by side.
     stats.set(true);
-    let mut ns_per_event: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
-    {
-        let agent = Agent::start(&["--interval", &format!("{interval}s")]);
-        std::thread::sleep(Duration::from_millis(1200));
-        let m0 = agent.scrape();
-        let _ = stress(secs);
-        std::thread::sleep(Duration::from_millis(1200 * interval));
-        let m1 = agent.scrape();
-        for (k, v) in &m1 {
-            if let Some(labels) = k.strip_prefix("perch_bpf_program_run_time_seconds") {
-                let count_key = format!("perch_bpf_program_run_count_total{labels}");
-                let dt = v - m0.get(k).copied().unwrap_or(0.0);
-                let dc = m1.get(&count_key).copied().unwrap_or(0.0)
-                    - m0.get(&count_key).copied().unwrap_or(0.0);
-                let e = ns_per_event.entry(labels.to_owned()).or_default();
-                e.0 += dt * 1e9;
-                e.1 += dc;
-            }
-        }
-        assert!(agent.stop(), "agent did not stop cleanly");
-    }
+    let interval_arg = format!("{interval}s");
+    let ns_per_event = measure_ns_per_event(&["--interval", &interval_arg], secs, interval);
+    let cfg = std::env::temp_dir().join(format!("perch-bench-cpu-{}.toml", std::process::id()));
+    std::fs::write(&cfg, "[probes.sched]\nprev_state = \"task_struct\"\n")
+        .expect("write the bench's config file");
+    let cfg_arg = cfg.to_str().expect("temp dir is UTF-8");
+    let ns_task_struct = measure_ns_per_event(
+        &["--interval", &interval_arg, "--config", cfg_arg],
+        secs,
+        interval,
+    );
+    let _ = std::fs::remove_file(&cfg);
     drop(stats);
 
     let ratio = mean(&with) / mean(&without);
@@ -111,6 +132,14 @@ fn main() {
     println!("|---|---:|---:|");
     for (labels, (ns, n)) in &ns_per_event {
         if *n > 0.0 {
+            println!("| {labels} | {n:.0} | {:.1} |", ns / n);
+        }
+    }
+    println!("\nwith probes.sched.prev_state = \"task_struct\" (the pre-5.18 path):\n");
+    println!("| program | events | ns/event |");
+    println!("|---|---:|---:|");
+    for (labels, (ns, n)) in &ns_task_struct {
+        if *n > 0.0 && labels.contains("sched_") {
             println!("| {labels} | {n:.0} | {:.1} |", ns / n);
         }
     }
