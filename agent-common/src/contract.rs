@@ -126,7 +126,7 @@ pub const CONTRACTS: &[Contract] = &[
     Contract {
         module: "drops",
         maps: crate::drops::MAPS,
-        globals: &[],
+        globals: crate::drops::GLOBALS,
     },
     Contract {
         module: "sched",

@@ -6,7 +6,9 @@
 //!   blast send PORT N    connect to 127.0.0.1:PORT, write N bytes, close
 //!   blast hold PORT N    the same, then keep the connection open until killed
 //!   blast pingpong N     N round trips between two threads over pipes
-//!                        (at least 2N context switches)
+//!                        (at least 2N context switches and 2N wake-ups)
+//!   blast udp PORT N     N datagrams to 127.0.0.1:PORT, paced (a closed
+//!                        port: each one is a drop, in Udp NoPorts)
 use std::io::{Read, Write};
 
 fn main() {
@@ -64,8 +66,15 @@ fn main() {
             }
             t.join().expect("join");
         }
+        Some("udp") => {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+            for _ in 0..num(3) {
+                s.send_to(&[1u8; 64], ("127.0.0.1", num(2) as u16)).expect("send_to");
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
         _ => {
-            eprintln!("usage: blast recv PORT | send PORT N | hold PORT N | pingpong N");
+            eprintln!("usage: blast recv PORT | send PORT N | hold PORT N | pingpong N | udp PORT N");
             std::process::exit(2);
         }
     }

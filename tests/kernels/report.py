@@ -13,6 +13,13 @@ is wrong:
   - context switches: with sched on eBPF, Perch's count must lie between
     the /proc/stat ctxt movement during the workloads (inside the window)
     and the movement from before perch starts to after it exits;
+  - run-queue latency: with sched on eBPF, at least one sample per wake-up
+    of the 10 000 pipe round trips (2 per round trip);
+  - drops: with drops on eBPF, each of the 1 000 UDP datagrams to a closed
+    port (the guest's Udp NoPorts must move by exactly that) must be
+    counted: as `no_socket` where the kernel gives reasons, else as
+    `unknown` with `network.type` `ipv4` (kernels before 5.17), at least
+    once (those kernels also pass frees that are not drops);
   - BTF: without BTF no family may run on tp_btf, and with the kernel's own
     BTF handed over as a file the plan must equal the plan with BTF.
 """
@@ -25,6 +32,8 @@ EBPF_FAMILIES = ["sched", "softirq", "tcp", "drops"]
 CASES = ["base", "collect", "no-tracefs", "no-btf", "btf-file"]
 TCP_BYTES = 3_000_000
 OPEN_BYTES = 1_234_567
+ROUND_TRIPS = 10_000
+DATAGRAMS = 1_000
 
 
 def cases(text):
@@ -100,8 +109,39 @@ def check(label, text):
         )
         if not c1a - c0a <= v <= c1 - c0:
             errors.append(f"context switches {v} outside the ctxt bracket {c1a - c0a}..{c1 - c0}")
+        runq = sum(p["count"] for p in points(snap, "perch.scheduler.runqueue.latency"))
+        figures.append(
+            f"run-queue latency: {runq} samples; the pipe round trips alone woke a task "
+            f"{2 * ROUND_TRIPS} times"
+        )
+        if runq < 2 * ROUND_TRIPS:
+            errors.append(f"run-queue samples {runq} < {2 * ROUND_TRIPS} wake-ups")
     else:
         figures.append(f"context switches: sched on {sp['sched']['source']}")
+    u0, u1 = map(int, re.search(r"PERCH-NOPORTS (\d+) (\d+)", text).groups())
+    if u1 - u0 != DATAGRAMS:
+        errors.append(f"Udp NoPorts moved {u1 - u0}, not {DATAGRAMS}")
+    if sp["drops"]["source"] == "ebpf":
+        drops = points(snap, "perch.network.packet.drops")
+        by = {}
+        for p in drops:
+            a = p["attributes"]
+            key = a["perch.drop.reason"] + (f"/{a['network.type']}" if "network.type" in a else "")
+            by[key] = by.get(key, 0) + p["value"]
+        # No reason on this kernel: every series is `unknown`.
+        by_protocol = any(k.startswith("unknown") for k in by)
+        want = "unknown/ipv4" if by_protocol else "no_socket"
+        got = by.get(want, 0)
+        if by_protocol and not all(k.startswith("unknown") for k in by):
+            errors.append(f"drops both with and without reasons: {by}")
+        figures.append(
+            f"drops: {got} counted as `{want}` (all: {by}); Udp NoPorts moved {u1 - u0} "
+            f"for {DATAGRAMS} datagrams to a closed port"
+        )
+        if got < u1 - u0:
+            errors.append(f"drops `{want}` {got} < Udp NoPorts delta {u1 - u0}")
+    else:
+        figures.append(f"drops: on {sp['drops']['source']}")
     moved = int(re.search(r"PERCH-TCP (\d+)", text).group(1))
     if moved != TCP_BYTES:
         errors.append(f"the workload moved {moved} bytes, not {TCP_BYTES}")
@@ -166,6 +206,15 @@ def main():
         "`tests/kernels/report.py`. Cases: `base` (tracefs mounted), `no-tracefs`,",
         "`no-btf` (`/sys/kernel/btf` hidden under a tmpfs), `btf-file` (still hidden,",
         "the kernel's own BTF handed over with `--btf-path`).",
+        "",
+        "`no-btf` runs after `no-tracefs`, so tracefs is unmounted there too. Without",
+        "BTF a 5.10 kernel keeps only softirq on eBPF: `sched_switch` has no",
+        "`prev_state` argument before 5.18 and the task's own state is found through",
+        "BTF (the classic tracepoint would serve, but needs tracefs); tcp reads",
+        "socket structs at offsets only BTF gives; and without BTF Perch cannot tell",
+        "that `kfree_skb` has no reason argument before 5.17, so its `raw_tp`",
+        "program reads one and the kernel refuses the attach (`EINVAL`). Handing",
+        "over a BTF file (`btf-file`, `probes.btf_path`) restores the full plan.",
         "",
         "| kernel | case | " + " | ".join(EBPF_FAMILIES) + " |",
         "|---|---|" + "---|" * len(EBPF_FAMILIES),

@@ -115,6 +115,55 @@ fn udp_to_a_closed_port_is_no_socket() {
     }
 }
 
+/// The path of kernels whose `kfree_skb` has no reason (before 5.17),
+/// forced with `probes.drops.by = "protocol"`: the same closed-port
+/// datagrams count as `perch.drop.reason = "unknown"` with `network.type
+/// = "ipv4"`, at least once each (the host's other frees count too: that
+/// is the documented loss), and no reason is invented.
+#[test]
+fn without_a_reason_drops_count_by_protocol() {
+    let cfg = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(cfg.path(), "[probes.drops]\nby = \"protocol\"\n").unwrap();
+    let path = cfg.path().to_str().unwrap();
+    for hook in ["tp_btf", "raw_tp"] {
+        let p = quiet_pair();
+        let dst = SocketAddr::from((p.ip_b, 40999));
+        let before = snmp(&p.b, "snmp", "Udp", "NoPorts");
+        let mut a = args("drops=ebpf");
+        a.extend(["--config", path]);
+        if hook == "raw_tp" {
+            a.extend(["--skip-hook", "tp_btf"]);
+        }
+        let (snap, ()) = collect_in_netns(&p.b, &a, Duration::from_secs(2), || udp_from_a(&p, dst));
+        let kernel = (snmp(&p.b, "snmp", "Udp", "NoPorts") - before) as f64;
+        assert_eq!(kernel, N as f64, "{hook}: the namespace's NoPorts");
+        let entry = perch::plan_entry(&snap, "drops");
+        assert_eq!(source(&snap, "drops"), "ebpf", "{hook}: {entry}");
+        assert_eq!(entry["hook"].as_str(), Some(hook));
+        let reason = entry["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("probes.drops.by") && reason.contains("by L3 protocol"),
+            "{hook}: the plan does not say drops count by protocol: `{reason}`"
+        );
+        let ipv4 = sum(
+            &snap,
+            "perch.network.packet.drops",
+            &[("perch.drop.reason", "unknown"), ("network.type", "ipv4")],
+        );
+        println!("{hook}: unknown/ipv4 {ipv4}, namespace Udp NoPorts +{kernel}");
+        assert!(
+            ipv4 >= kernel,
+            "{hook}: ipv4 drops {ipv4} < NoPorts delta {kernel}"
+        );
+        for pt in points(&snap, "perch.network.packet.drops") {
+            let attrs = &pt["attributes"];
+            assert_eq!(attrs["perch.drop.reason"].as_str(), Some("unknown"), "{pt}");
+            let t = attrs["network.type"].as_str();
+            assert!(matches!(t, Some("ipv4" | "ipv6" | "other")), "{pt}");
+        }
+    }
+}
+
 /// An iptables DROP rule in `b`: every datagram it matches is freed with
 /// `SKB_DROP_REASON_NETFILTER_DROP`; the rule's own packet counter is the
 /// reference. The fallback has no counter for it and must not invent one.

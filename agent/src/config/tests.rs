@@ -2,6 +2,7 @@
 
 mod unit {
     use super::super::*;
+    use crate::families::drops::{By as DropsBy, Config as DropsProbeConfig};
     use crate::families::interfaces::Config as InterfacesProbeConfig;
     use crate::families::sched::{Config as SchedProbeConfig, PrevState, RunqueueClock};
     use crate::families::tcp::Config as TcpProbeConfig;
@@ -55,6 +56,7 @@ mod unit {
         assert!(!c.probes.sched.runqueue_per_cpu);
         assert_eq!(c.probes.sched.runqueue_clock, RunqueueClock::Auto);
         assert_eq!(c.probes.sched.prev_state, PrevState::Auto);
+        assert_eq!(c.probes.drops.by, DropsBy::Auto);
         assert_eq!(c.probes.interfaces.include, ["*"]);
         assert!(c.probes.interfaces.exclude.is_empty());
         assert!(!c.probes.tcp.rtt_per_peer);
@@ -104,7 +106,10 @@ mod unit {
                     max_peers: 65536,
                     max_sockets: 32768,
                 },
-                drops: ProbeConfig { mode: Mode::Procfs },
+                drops: DropsProbeConfig {
+                    mode: Mode::Procfs,
+                    by: DropsBy::Protocol,
+                },
                 ..ProbesConfig::default()
             },
             export: Default::default(),

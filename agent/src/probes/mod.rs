@@ -501,7 +501,10 @@ fn attach_one(
     let perr = |e: ProgramError| program_error(&e);
     match ebpf.program_mut(p.program) {
         Some(Program::BtfTracePoint(prog)) => prog.attach().map(|_| None).map_err(perr),
-        Some(Program::RawTracePoint(prog)) => prog.attach(p.target).map(|_| None).map_err(perr),
+        Some(Program::RawTracePoint(prog)) => prog
+            .attach(p.target)
+            .map(|_| None)
+            .map_err(|e| raw_tp_hint(perr(e))),
         Some(Program::TracePoint(prog)) => {
             let (cat, name) = p.target.split_once('/').unwrap_or(("", p.target));
             prog.attach(cat, name).map(|_| None).map_err(perr)
@@ -513,6 +516,21 @@ fn attach_one(
             Ok(Some(link))
         }
         _ => Err(program_error(&ProgramError::NotLoaded)),
+    }
+}
+
+/// A `raw_tp` attach refused with `EINVAL` has one usual cause, which the
+/// errno alone does not say: the program reads more arguments than the
+/// tracepoint passes on this kernel (`bpf_probe_register()` checks the
+/// verifier's `max_ctx_offset` against `num_args * 8`).
+fn raw_tp_hint(e: String) -> String {
+    if e.contains("(os error 22)") {
+        format!(
+            "{e} (the program reads more tracepoint arguments than this kernel's \
+             tracepoint passes: an argument added in a later kernel)"
+        )
+    } else {
+        e
     }
 }
 
@@ -577,5 +595,18 @@ fn raise_memlock() {
             error = %std::io::Error::last_os_error(),
             "could not raise RLIMIT_MEMLOCK (needed only before Linux 5.11)"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::raw_tp_hint;
+
+    #[test]
+    fn raw_tp_einval_says_why() {
+        let e = "`bpf_raw_tracepoint_open` failed: Invalid argument (os error 22)";
+        assert!(raw_tp_hint(e.to_owned()).contains("more tracepoint arguments"));
+        let other = "`bpf_raw_tracepoint_open` failed: No such file or directory (os error 2)";
+        assert_eq!(raw_tp_hint(other.to_owned()), other);
     }
 }

@@ -10,6 +10,12 @@
 //!   subsystems with their own enums (mac80211, openvswitch, 6.4+);
 //!   `overflow` counts reasons past the map's bound; `reason_<n>` names a
 //!   reason when BTF is unreadable.
+//! - Where `kfree_skb` has no reason (before 5.17, or `probes.drops.by =
+//!   "protocol"`): `perch.drop.reason = "unknown"`, with `network.type`
+//!   (`ipv4`, `ipv6`, `other`; absent when no BTF gave `sk_buff`'s layout).
+//!   Those kernels cannot tell a drop from a free that some code paths make
+//!   with `kfree_skb` (the noise 5.17+ labels `not_specified`), so this
+//!   counts both.
 //! - Scope: eBPF sees every network namespace of the host; the fallback sees
 //!   the agent's namespace (its `/proc/net`), plus the host-wide
 //!   `softnet_stat`.
@@ -37,6 +43,11 @@ const METRIC: &str = crate::catalogue::PACKET_DROPS;
 const DESC: &str = "Packets the kernel dropped, by the kernel's drop reason.";
 /// Attribute: the drop reason.
 pub const ATTR_REASON: &str = "perch.drop.reason";
+
+/// Attribute: the dropped packet's L3 protocol, where no reason exists.
+pub const ATTR_NETWORK_TYPE: &str = "network.type";
+/// `perch.drop.reason` where the kernel gives none.
+pub const REASON_UNKNOWN: &str = "unknown";
 
 /// The BTF enum of drop reasons.
 const REASON_ENUM: &str = "skb_drop_reason";
@@ -220,6 +231,9 @@ pub const FALLBACK: &[FallbackCounter] = &[
 /// `/proc/net/softnet_stat` `dropped`, summed over CPUs.
 pub const SOFTNET_REASON: &str = "cpu_backlog";
 
+/// One series' value: (reason, network type, count).
+type Count = (String, Option<&'static str>, u64);
+
 pub struct DropsCollector {
     proc: Root,
     map: Option<PerCpuArray<MapData, u64>>,
@@ -259,8 +273,17 @@ impl DropsCollector {
         })
     }
 
-    fn point(&mut self, reason: String, value: u64, now: SystemTime) -> NumberPoint {
-        let attributes: Attributes = vec![(ATTR_REASON, reason.into())];
+    fn point(
+        &mut self,
+        reason: String,
+        network_type: Option<&'static str>,
+        value: u64,
+        now: SystemTime,
+    ) -> NumberPoint {
+        let mut attributes: Attributes = vec![(ATTR_REASON, reason.into())];
+        if let Some(t) = network_type {
+            attributes.push((ATTR_NETWORK_TYPE, t.into()));
+        }
         let start = self.starts.observe(METRIC, &attributes, value as f64, now);
         NumberPoint {
             attributes,
@@ -270,7 +293,8 @@ impl DropsCollector {
         }
     }
 
-    fn read_map(&self) -> Result<Vec<(String, u64)>, CollectError> {
+    /// Every non-zero slot.
+    fn read_map(&self) -> Result<Vec<Count>, CollectError> {
         let Some(map) = &self.map else {
             return Ok(Vec::new());
         };
@@ -279,6 +303,17 @@ impl DropsCollector {
         for slot in 0..c::SLOTS {
             let total = cpu_sum(&read_slot(map, slot, c::MAP_COUNTS)?, &cpus);
             if total == 0 {
+                continue;
+            }
+            let protocol = match slot {
+                c::SLOT_PROTO_IPV4 => Some(Some("ipv4")),
+                c::SLOT_PROTO_IPV6 => Some(Some("ipv6")),
+                c::SLOT_PROTO_OTHER => Some(Some("other")),
+                c::SLOT_PROTO_UNREAD => Some(None),
+                _ => None,
+            };
+            if let Some(network_type) = protocol {
+                out.push((REASON_UNKNOWN.to_owned(), network_type, total));
                 continue;
             }
             let name = match slot {
@@ -292,7 +327,7 @@ impl DropsCollector {
             if SKIPPED.contains(&name.as_str()) {
                 continue;
             }
-            out.push((name, total));
+            out.push((name, None, total));
         }
         Ok(out)
     }
@@ -342,10 +377,13 @@ impl Collector for DropsCollector {
             self.read_map()?
         } else {
             self.read_procfs()?
+                .into_iter()
+                .map(|(reason, v)| (reason, None, v))
+                .collect()
         };
         let points = values
             .into_iter()
-            .map(|(reason, v)| self.point(reason, v, now))
+            .map(|(reason, network_type, v)| self.point(reason, network_type, v, now))
             .collect();
         self.starts.end_collection(now);
         out.push(Metric::counter(METRIC, DESC, "{packet}", points));

@@ -2,42 +2,82 @@
 //!
 //! - Hook (kernel side `agent-ebpf/src/drops.rs`): `kfree_skb` as `tp_btf`
 //!   or `raw_tp`, reading its `reason` argument (5.17+), counted per reason
-//!   in a per-CPU array.
+//!   in a per-CPU array. Where `kfree_skb` has no reason (before 5.17, as
+//!   BTF shows, or `probes.drops.by = "protocol"`) the programs count by
+//!   `skb->protocol` instead.
 //! - Metric: `perch.network.packet.drops{perch.drop.reason}`, a counter
-//!   (see `collector.rs`).
+//!   (see `collector.rs`); `perch.drop.reason = "unknown"` with
+//!   `network.type` where the kernel gives no reason.
 //! - Fallback: the protocol counters of [`FALLBACK`], each mapped to the
 //!   kernel reason that the same code path passes to `kfree_skb_reason`, and
 //!   `/proc/net/softnet_stat` `dropped` as `cpu_backlog`. It misses drops no
 //!   counter records (netfilter, qdisc, TCP segments to closed ports,
 //!   IPv6 UDP to closed ports: that one is in `/proc/net/snmp6`).
-//! - Oldest kernel: 5.17 (eBPF); any (fallback).
+//! - Oldest kernel: 5.5 (`tp_btf`; by protocol before 5.17), 5.17
+//!   (`raw_tp`, which without BTF cannot tell); any (fallback).
 
 mod collector;
 pub mod softnet;
 
-use crate::gate::rules::{p, Hook, Rule, Variant};
+use agent_common::drops::{self as c, DropsConfig};
+use serde::Deserialize;
 
-use super::{BuildCtx, BuildError, ProbeConfig, Unit};
+use crate::gate::rules::{p, Hook, Rule, Variant};
+use crate::gate::Mode;
+
+use super::{BuildCtx, BuildError, PrepareCtx, Prepared, Section, Unit};
 
 pub use collector::{
-    fallback_values, reason_name, reason_names, FallbackCounter, ATTR_REASON, FALLBACK,
-    SOFTNET_REASON,
+    fallback_values, reason_name, reason_names, FallbackCounter, ATTR_NETWORK_TYPE, ATTR_REASON,
+    FALLBACK, REASON_UNKNOWN, SOFTNET_REASON,
 };
 
 /// `[probes.drops]`.
-pub type Config = ProbeConfig;
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `auto`, `ebpf`, `procfs` or `off`. Default `auto`.
+    pub mode: Mode,
+    /// What eBPF drops are counted by. Default `auto`.
+    pub by: By,
+}
+
+impl Section for Config {
+    fn mode(&self) -> Mode {
+        self.mode
+    }
+    fn set_mode(&mut self, mode: Mode) {
+        self.mode = mode;
+    }
+}
+
+/// `probes.drops.by`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum By {
+    /// The kernel's drop reason where `kfree_skb` passes one (5.17+), else
+    /// the packet's L3 protocol.
+    #[default]
+    Auto,
+    /// Always the L3 protocol, as kernels before 5.17 must: for testing
+    /// that path on a newer kernel.
+    Protocol,
+}
 
 pub const RULE: Rule = Rule {
     variants: &[
         // `kfree_skb` gained its `reason` argument in 5.17 (commit
         // c504e5c2f964, "net: skb: introduce kfree_skb_reason()"); `rx_sk`
-        // was appended in 6.10 and is not read. Before 5.17 `tp_btf` fails
-        // the verifier on the third argument, and `raw_tp` fails to attach
-        // (its context is larger than the tracepoint's).
+        // was appended in 6.10 and is not read. Before 5.17 the programs
+        // count by protocol and never read the third argument (reading it,
+        // `tp_btf` fails the verifier and `raw_tp` fails to attach: its
+        // context would be larger than the tracepoint's). Without BTF
+        // userspace cannot tell, so `raw_tp` reads the reason and a kernel
+        // before 5.17 refuses it.
         Variant {
             hook: Hook::TpBtf,
             programs: &[p("drops_kfree_skb_btf", "kfree_skb")],
-            min_kernel: (5, 17),
+            min_kernel: (5, 5),
             needs_btf: true,
         },
         Variant {
@@ -61,6 +101,51 @@ pub static UNIT: Drops = Drops;
 impl Unit for Drops {
     fn rule(&self) -> &'static Rule {
         &RULE
+    }
+
+    fn prepare(&self, ctx: &PrepareCtx<'_>) -> Prepared {
+        let forced = ctx.config.drops.by == By::Protocol;
+        let btf = ctx.btf.get();
+        // A BTF without the tracepoint's typedef says nothing: assume the
+        // reason, and let the kernel's verdict on the load tell.
+        let no_reason = forced
+            || btf
+                .as_ref()
+                .is_ok_and(|b| b.tracepoint_args("kfree_skb").is_ok_and(|n| n < 3));
+        let mut out = Prepared::default();
+        if !no_reason {
+            out.global(c::GLOBAL_CONFIG, &DropsConfig::default());
+            return out;
+        }
+        let (protocol, what) = match btf.and_then(|b| {
+            b.member_sized("sk_buff", "protocol", 2)
+                .map_err(|e| e.to_string())
+        }) {
+            Ok(at) => (at, "by L3 protocol".to_owned()),
+            Err(e) => (
+                0,
+                format!("all as protocol unknown (sk_buff.protocol: {e})"),
+            ),
+        };
+        let why = if forced {
+            "probes.drops.by = \"protocol\""
+        } else {
+            "kfree_skb has no drop reason before 5.17"
+        };
+        let note = format!(
+            "{why}: every kfree_skb counted {what}, including packets the kernel \
+             frees with kfree_skb that were not dropped"
+        );
+        out.notes.insert(Hook::TpBtf, note.clone());
+        out.notes.insert(Hook::RawTp, note);
+        out.global(
+            c::GLOBAL_CONFIG,
+            &DropsConfig {
+                no_reason: 1,
+                protocol,
+            },
+        );
+        out
     }
 
     fn build(
