@@ -7,6 +7,10 @@
 //!   blast hold PORT N    the same, then keep the connection open until killed
 //!   blast pingpong N     N round trips between two threads over pipes
 //!                        (at least 2N context switches and 2N wake-ups)
+//!   blast paced PORT N   like send, in 1 000-byte writes with TCP_NODELAY
+//!                        and a pause after each, so each is one segment
+//!                        (loopback's 64 KiB MSS would otherwise make a
+//!                        few large ones): for the loss rule's retransmits
 //!   blast udp PORT N     N datagrams to 127.0.0.1:PORT, paced (a closed
 //!                        port: each one is a drop, in Udp NoPorts)
 use std::io::{Read, Write};
@@ -38,6 +42,20 @@ fn main() {
                 let k = left.min(chunk.len() as u64) as usize;
                 s.write_all(&chunk[..k]).expect("write");
                 left -= k as u64;
+            }
+            s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+            let _ = s.read(&mut [0u8; 1]);
+        }
+        Some("paced") => {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", num(2) as u16)).expect("connect");
+            s.set_nodelay(true).expect("TCP_NODELAY");
+            let chunk = vec![7u8; 1000];
+            let mut left = num(3);
+            while left > 0 {
+                let k = left.min(chunk.len() as u64) as usize;
+                s.write_all(&chunk[..k]).expect("write");
+                left -= k as u64;
+                std::thread::sleep(std::time::Duration::from_micros(100));
             }
             s.shutdown(std::net::Shutdown::Write).expect("shutdown");
             let _ = s.read(&mut [0u8; 1]);
@@ -74,7 +92,7 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: blast recv PORT | send PORT N | hold PORT N | pingpong N | udp PORT N");
+            eprintln!("usage: blast recv PORT | send PORT N | hold PORT N | paced PORT N | pingpong N | udp PORT N");
             std::process::exit(2);
         }
     }

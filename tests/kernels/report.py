@@ -10,16 +10,22 @@ is wrong:
     must be counted exactly (received by the server end), and so must the
     1 234 567 bytes of a connection still open at the collection (counted
     by the socket walk);
+  - retransmits: with tcp on eBPF, under the iptables rule that drops every
+    20th segment to port 5003, Perch's `perch.tcp.retransmits` (all peers:
+    no other connection loses anything) must be within 2 % of the guest's
+    Tcp RetransSegs delta (more than 20), and the 2 000 000 bytes sent
+    through the loss must be counted exactly;
   - context switches: with sched on eBPF, Perch's count must lie between
     the /proc/stat ctxt movement during the workloads (inside the window)
     and the movement from before perch starts to after it exits;
   - run-queue latency: with sched on eBPF, at least one sample per wake-up
     of the 10 000 pipe round trips (2 per round trip);
   - drops: with drops on eBPF, each of the 1 000 UDP datagrams to a closed
-    port (the guest's Udp NoPorts must move by exactly that) must be
-    counted: as `no_socket` where the kernel gives reasons, else as
-    `unknown` with `network.type` `ipv4` (kernels before 5.17), at least
-    once (those kernels also pass frees that are not drops);
+    port (the guest's Udp NoPorts must move by exactly that) and each
+    segment the loss rule dropped (its own packet counter) must be counted:
+    as `no_socket` and `netfilter_drop` where the kernel gives reasons, else
+    together as `unknown` with `network.type` `ipv4` (kernels before 5.17),
+    at least once (those kernels also pass frees that are not drops);
   - BTF: without BTF no family may run on tp_btf, and with the kernel's own
     BTF handed over as a file the plan must equal the plan with BTF.
 """
@@ -32,6 +38,7 @@ EBPF_FAMILIES = ["sched", "softirq", "tcp", "drops"]
 CASES = ["base", "collect", "no-tracefs", "no-btf", "btf-file"]
 TCP_BYTES = 3_000_000
 OPEN_BYTES = 1_234_567
+LOSS_BYTES = 2_000_000
 ROUND_TRIPS = 10_000
 DATAGRAMS = 1_000
 
@@ -130,16 +137,22 @@ def check(label, text):
             by[key] = by.get(key, 0) + p["value"]
         # No reason on this kernel: every series is `unknown`.
         by_protocol = any(k.startswith("unknown") for k in by)
-        want = "unknown/ipv4" if by_protocol else "no_socket"
-        got = by.get(want, 0)
+        nf = int(re.search(r"PERCH-NF-DROPPED (\d+)", text).group(1))
         if by_protocol and not all(k.startswith("unknown") for k in by):
             errors.append(f"drops both with and without reasons: {by}")
+        if by_protocol:
+            want = [("unknown/ipv4", u1 - u0 + nf)]
+        else:
+            want = [("no_socket", u1 - u0), ("netfilter_drop", nf)]
         figures.append(
-            f"drops: {got} counted as `{want}` (all: {by}); Udp NoPorts moved {u1 - u0} "
-            f"for {DATAGRAMS} datagrams to a closed port"
+            "drops: "
+            + ", ".join(f"{by.get(k, 0)} counted as `{k}`" for k, _ in want)
+            + f" (all: {by}); Udp NoPorts moved {u1 - u0} for {DATAGRAMS} datagrams to a "
+            f"closed port, and the loss rule dropped {nf} segments"
         )
-        if got < u1 - u0:
-            errors.append(f"drops `{want}` {got} < Udp NoPorts delta {u1 - u0}")
+        for k, floor in want:
+            if by.get(k, 0) < floor:
+                errors.append(f"drops `{k}` {by.get(k, 0)} < {floor} (NoPorts delta and/or rule)")
     else:
         figures.append(f"drops: on {sp['drops']['source']}")
     moved = int(re.search(r"PERCH-TCP (\d+)", text).group(1))
@@ -172,8 +185,36 @@ def check(label, text):
         )
         if live != held or held != OPEN_BYTES:
             errors.append(f"open-connection bytes {live} (receiver {held}, sent {OPEN_BYTES})")
+        r0, r1 = map(int, re.search(r"PERCH-RETRANS (\d+) (\d+)", text).groups())
+        retrans = sum(p["value"] for p in points(snap, "perch.tcp.retransmits"))
+        figures.append(
+            f"TCP retransmits under the loss rule (every 20th segment to port 5003 dropped): "
+            f"{retrans} counted; Tcp RetransSegs moved {r1 - r0}"
+        )
+        if r1 - r0 <= 20:
+            errors.append(f"the loss rule caused too few retransmits ({r1 - r0}) to compare")
+        elif abs(retrans - (r1 - r0)) > 0.02 * (r1 - r0):
+            errors.append(f"retransmits {retrans} vs RetransSegs delta {r1 - r0}: more than 2 % apart")
+        lossy = int(re.search(r"PERCH-TCP-LOSS (\d+)", text).group(1))
+        got_loss = sum(
+            p["value"]
+            for p in points(snap, "perch.tcp.io")
+            if p["attributes"].get("server.port") == 5003
+            and p["attributes"].get("perch.tcp.role") == "server"
+            and p["attributes"].get("network.io.direction") == "receive"
+        )
+        figures.append(
+            f"TCP through the loss: {got_loss} bytes counted received on port 5003; "
+            f"the receiver read {lossy}"
+        )
+        if got_loss != lossy or lossy != LOSS_BYTES:
+            errors.append(f"bytes through the loss {got_loss} (receiver {lossy}, sent {LOSS_BYTES})")
     else:
         figures.append(f"TCP bytes: tcp on {sp['tcp']['source']}")
+    for m in re.findall(r"PERCH-INSMOD-FAILED (\S+)", text):
+        errors.append(f"insmod {m} failed")
+    if "PERCH-IPTABLES-FAILED" in text:
+        errors.append("the iptables loss rule could not be added")
 
     refused = [
         (h["family"], h["hook"], h.get("error", ""))

@@ -2,7 +2,8 @@
 //!
 //! Fetches Debian's own cloud kernels with apt from a private apt
 //! configuration under `target/kernels/apt` (never the machine's), builds an
-//! initramfs with the release `perch`, its libraries and busybox, boots each
+//! initramfs with the release `perch`, its libraries, busybox, the workload
+//! and iptables-legacy with each kernel's netfilter modules, boots each
 //! kernel with qemu (KVM when `/dev/kvm` opens, else TCG), and hands the
 //! serial console logs to `tests/kernels/report.py`, which checks the
 //! figures and writes `docs/kernels.md`. A package that cannot be fetched,
@@ -148,10 +149,59 @@ fn libraries(bin: &Path) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
+/// The netfilter modules of the guests' loss rule, in load order (each
+/// needs only earlier ones), copied from each kernel's package.
+const LOSS_MODULES: &[&str] = &[
+    "x_tables",
+    "ip_tables",
+    "iptable_filter",
+    "xt_tcpudp",
+    "xt_statistic",
+];
+
+/// iptables-legacy (apt iptables): the rule's tool, and the extensions it
+/// loads with dlopen (so `ldd` does not list them): `-p tcp`, `-m
+/// statistic`, `-j DROP`.
+const IPTABLES: &str = "/usr/sbin/xtables-legacy-multi";
+const XT_DIR: &str = "/usr/lib/x86_64-linux-gnu/xtables";
+const XT_EXTENSIONS: &[&str] = &["libxt_tcp.so", "libxt_statistic.so", "libxt_standard.so"];
+
+/// `name.ko` (or `.ko.xz`, decompressed) from an unpacked kernel package,
+/// written to `to`.
+fn copy_module(unpacked: &Path, release: &str, name: &str, to: &Path) -> Result<()> {
+    let tree = unpacked.join("lib/modules").join(release).join("kernel");
+    let mut stack = vec![tree.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(|e| format!("{}: {e}", d.display()))? {
+            let path = e.map_err(|e| e.to_string())?.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let file = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if file == format!("{name}.ko") {
+                return std::fs::copy(&path, to)
+                    .map(|_| ())
+                    .map_err(|e| format!("{}: {e}", path.display()));
+            }
+            if file == format!("{name}.ko.xz") {
+                let out =
+                    std::fs::File::create(to).map_err(|e| format!("{}: {e}", to.display()))?;
+                return sh(Command::new("xz").arg("-dc").arg(&path).stdout(out));
+            }
+        }
+    }
+    Err(format!(
+        "{name}.ko is not in {} (built in? the guests' loss rule loads it as a module)",
+        tree.display()
+    ))
+}
+
 /// target/kernels/initrd.gz: busybox, the stripped release perch and its
-/// libraries, the workload (tests/kernels/blast.rs), tests/kernels/init as
-/// /init.
-fn initramfs() -> Result<PathBuf> {
+/// libraries, the workload (tests/kernels/blast.rs), iptables-legacy and,
+/// for each kernel (`(release, unpacked package)`), the loss rule's
+/// modules under /lib/modules/RELEASE/, tests/kernels/init as /init.
+fn initramfs(kernels: &[(String, PathBuf)]) -> Result<PathBuf> {
     let staging = dir().join("initramfs");
     let _ = std::fs::remove_dir_all(&staging);
     for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "run"] {
@@ -173,6 +223,24 @@ fn initramfs() -> Result<PathBuf> {
         .arg(&perch))?;
     for lib in libraries(&perch)? {
         copy(&lib, &staging.join(lib.strip_prefix("/").unwrap_or(&lib)))?;
+    }
+    copy(Path::new(IPTABLES), &staging.join("xtables-legacy-multi"))?;
+    for lib in libraries(Path::new(IPTABLES))? {
+        copy(&lib, &staging.join(lib.strip_prefix("/").unwrap_or(&lib)))?;
+    }
+    for ext in XT_EXTENSIONS {
+        let from = Path::new(XT_DIR).join(ext);
+        copy(
+            &from,
+            &staging.join(from.strip_prefix("/").unwrap_or(&from)),
+        )?;
+    }
+    for (release, unpacked) in kernels {
+        let to = staging.join("lib/modules").join(release);
+        std::fs::create_dir_all(&to).map_err(|e| format!("{}: {e}", to.display()))?;
+        for m in LOSS_MODULES {
+            copy_module(unpacked, release, m, &to.join(format!("{m}.ko")))?;
+        }
     }
     copy(&root().join("tests/kernels/init"), &staging.join("init"))?;
     // The workload, static (the guest has only perch's libraries).
@@ -284,15 +352,31 @@ pub fn kernels(_args: &[String]) -> Result<()> {
         "--bin",
         "perch",
     ]))?;
-    let initrd = initramfs()?;
+    let mut fetched = Vec::new();
+    for (label, pattern) in KERNELS {
+        fetched.push((*label, fetch(pattern)?));
+    }
+    // vmlinuz is UNPACKED/boot/vmlinuz-RELEASE.
+    let trees: Vec<(String, PathBuf)> = fetched
+        .iter()
+        .map(|(_, vmlinuz)| {
+            let name = vmlinuz.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let release = name.trim_start_matches("vmlinuz-").to_owned();
+            let unpacked = vmlinuz
+                .parent()
+                .and_then(Path::parent)
+                .unwrap_or(Path::new("/"));
+            (release, unpacked.to_owned())
+        })
+        .collect();
+    let initrd = initramfs(&trees)?;
     let mut report = Command::new("python3");
     report
         .arg(root().join("tests/kernels/report.py"))
         .arg("--write")
         .arg(root().join("docs/kernels.md"));
-    for (label, pattern) in KERNELS {
-        let vmlinuz = fetch(pattern)?;
-        let log = boot(label, &vmlinuz, &initrd)?;
+    for (label, vmlinuz) in &fetched {
+        let log = boot(label, vmlinuz, &initrd)?;
         report.arg(format!("{label}={}", log.display()));
     }
     sh(&mut report)

@@ -34,10 +34,11 @@ const APT_TEST: &[&str] = &[
     "prometheus",
     "procps",
     // `cargo xtask kernels` (issue 12): boots Debian kernels under qemu with
-    // a busybox initramfs built with cpio.
+    // a busybox initramfs built with cpio; 6.12's modules are xz-compressed.
     "qemu-system-x86",
     "busybox-static",
     "cpio",
+    "xz-utils",
 ];
 
 pub fn setup(with_tests: bool) -> Result<()> {
