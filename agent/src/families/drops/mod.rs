@@ -24,6 +24,7 @@ use serde::Deserialize;
 
 use crate::gate::rules::{p, Hook, Rule, Variant};
 use crate::gate::Mode;
+use crate::sources::btf::KernelBtf;
 
 use super::{BuildCtx, BuildError, PrepareCtx, Prepared, Section, Unit};
 
@@ -104,47 +105,13 @@ impl Unit for Drops {
     }
 
     fn prepare(&self, ctx: &PrepareCtx<'_>) -> Prepared {
-        let forced = ctx.config.drops.by == By::Protocol;
-        let btf = ctx.btf.get();
-        // A BTF without the tracepoint's typedef says nothing: assume the
-        // reason, and let the kernel's verdict on the load tell.
-        let no_reason = forced
-            || btf
-                .as_ref()
-                .is_ok_and(|b| b.tracepoint_args("kfree_skb").is_ok_and(|n| n < 3));
+        let (config, note) = kernel_config(ctx.btf.get(), ctx.config.drops.by == By::Protocol);
         let mut out = Prepared::default();
-        if !no_reason {
-            out.global(c::GLOBAL_CONFIG, &DropsConfig::default());
-            return out;
+        out.global(c::GLOBAL_CONFIG, &config);
+        if let Some(note) = note {
+            out.notes.insert(Hook::TpBtf, note.clone());
+            out.notes.insert(Hook::RawTp, note);
         }
-        let (protocol, what) = match btf.and_then(|b| {
-            b.member_sized("sk_buff", "protocol", 2)
-                .map_err(|e| e.to_string())
-        }) {
-            Ok(at) => (at, "by L3 protocol".to_owned()),
-            Err(e) => (
-                0,
-                format!("all as protocol unknown (sk_buff.protocol: {e})"),
-            ),
-        };
-        let why = if forced {
-            "probes.drops.by = \"protocol\""
-        } else {
-            "kfree_skb has no drop reason before 5.17"
-        };
-        let note = format!(
-            "{why}: every kfree_skb counted {what}, including packets the kernel \
-             frees with kfree_skb that were not dropped"
-        );
-        out.notes.insert(Hook::TpBtf, note.clone());
-        out.notes.insert(Hook::RawTp, note);
-        out.global(
-            c::GLOBAL_CONFIG,
-            &DropsConfig {
-                no_reason: 1,
-                protocol,
-            },
-        );
         out
     }
 
@@ -153,5 +120,118 @@ impl Unit for Drops {
         ctx: &mut BuildCtx<'_>,
     ) -> Result<Box<dyn crate::collectors::Collector>, BuildError> {
         Ok(Box::new(collector::DropsCollector::new(ctx)?))
+    }
+}
+
+/// How the programs read `kfree_skb` on this kernel, and the plan's note
+/// when they count by protocol. `forced`: `probes.drops.by = "protocol"`.
+fn kernel_config(btf: Result<&KernelBtf, String>, forced: bool) -> (DropsConfig, Option<String>) {
+    // A BTF without the tracepoint's typedef says nothing: assume the
+    // reason, and let the kernel's verdict on the load tell.
+    let no_reason = forced
+        || btf
+            .as_ref()
+            .is_ok_and(|b| b.tracepoint_args("kfree_skb").is_ok_and(|n| n < 3));
+    if !no_reason {
+        return (DropsConfig::default(), None);
+    }
+    let (protocol, what) = match btf.and_then(|b| {
+        b.member_sized("sk_buff", "protocol", 2)
+            .map_err(|e| e.to_string())
+    }) {
+        Ok(at) => (at, "by L3 protocol".to_owned()),
+        Err(e) => (
+            0,
+            format!("all as protocol unknown (sk_buff.protocol: {e})"),
+        ),
+    };
+    let why = if forced {
+        "probes.drops.by = \"protocol\""
+    } else {
+        "kfree_skb has no drop reason before 5.17"
+    };
+    let note = format!(
+        "{why}: every kfree_skb counted {what}, including packets the kernel \
+         frees with kfree_skb that were not dropped"
+    );
+    (
+        DropsConfig {
+            no_reason: 1,
+            protocol,
+        },
+        Some(note),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::btf::testutil::Builder;
+    use crate::sources::btf::KIND_STRUCT;
+
+    /// `kfree_skb`'s tracepoint with `args` arguments after the context
+    /// (2 before 5.17, 3 after, 4 from 6.10), and `sk_buff` with
+    /// `protocol` at byte 180 or without it.
+    fn btf(args: usize, protocol: bool) -> KernelBtf {
+        let mut b = Builder::new();
+        let u16_ = b.int("unsigned short", 2);
+        let be16 = b.typedef("__be16", u16_);
+        let long = b.int("long", 8);
+        let mut members = vec![("len", long, 0, 0)];
+        if protocol {
+            members.push(("protocol", be16, 180 * 8, 0));
+        }
+        b.composite(KIND_STRUCT, "sk_buff", 232, &members);
+        let params = vec![long; args + 1];
+        let proto = b.func_proto(&params);
+        let ptr = b.ptr(proto);
+        b.typedef("btf_trace_kfree_skb", ptr);
+        KernelBtf::parse(b.build(), "test").expect("BTF parses")
+    }
+
+    #[test]
+    fn reason_where_the_tracepoint_has_one() {
+        for args in [3, 4] {
+            let (cfg, note) = kernel_config(Ok(&btf(args, true)), false);
+            assert_eq!(cfg, DropsConfig::default(), "{args} arguments");
+            assert!(note.is_none());
+        }
+        // No BTF, or no typedef in it: assume the reason.
+        assert_eq!(
+            kernel_config(Err("no BTF".into()), false).0,
+            DropsConfig::default()
+        );
+        let mut b = Builder::new();
+        b.int("int", 4);
+        let bare = KernelBtf::parse(b.build(), "bare").unwrap();
+        assert_eq!(kernel_config(Ok(&bare), false).0, DropsConfig::default());
+    }
+
+    #[test]
+    fn protocol_before_5_17_or_when_asked() {
+        let (cfg, note) = kernel_config(Ok(&btf(2, true)), false);
+        assert_eq!(
+            cfg,
+            DropsConfig {
+                no_reason: 1,
+                protocol: 180
+            }
+        );
+        let note = note.unwrap();
+        assert!(
+            note.contains("before 5.17") && note.contains("by L3 protocol"),
+            "{note}"
+        );
+
+        let (cfg, note) = kernel_config(Ok(&btf(3, true)), true);
+        assert_eq!((cfg.no_reason, cfg.protocol), (1, 180));
+        assert!(note.unwrap().contains("probes.drops.by"));
+
+        // Without the field's offset every drop is counted, as unread.
+        let (cfg, note) = kernel_config(Ok(&btf(2, false)), false);
+        assert_eq!((cfg.no_reason, cfg.protocol), (1, 0));
+        assert!(note.unwrap().contains("protocol unknown"));
+        let (cfg, _) = kernel_config(Err("no BTF".into()), true);
+        assert_eq!((cfg.no_reason, cfg.protocol), (1, 0));
     }
 }
