@@ -17,8 +17,8 @@
 //! - Metric: `perch.network.packet.drops{perch.drop.reason[, network.type]}`.
 //! - Fallback: a fixed mapping of `/proc/net/snmp`, `/proc/net/netstat` and
 //!   `/proc/net/softnet_stat` counters (see the collector).
-//! - Oldest kernel: 5.5 (`tp_btf`), 4.17 (`raw_tp`, with BTF for the
-//!   protocol); reasons from 5.17.
+//! - Oldest kernel: 5.5 (`tp_btf`); `raw_tp` 4.17 where BTF gives the
+//!   layout, else 5.17 (without BTF it reads the reason); reasons from 5.17.
 //!
 //! Every reason is counted, `NOT_SPECIFIED` included: the filter is by name
 //! in userspace, because reason numbers move between kernels and only BTF
