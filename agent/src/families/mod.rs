@@ -261,6 +261,14 @@ impl Prepared {
             self.refused.insert(v.hook, why.to_owned());
         }
     }
+
+    /// Sets the plan's note of every variant of `rule` that `hook_filter`
+    /// accepts.
+    pub fn note_all(&mut self, rule: &Rule, note: &str, hook_filter: impl Fn(Hook) -> bool) {
+        for v in rule.variants.iter().filter(|v| hook_filter(v.hook)) {
+            self.notes.insert(v.hook, note.to_owned());
+        }
+    }
 }
 
 /// Kernel BTF, parsed at most once per start-up and shared by every family

@@ -109,8 +109,7 @@ impl Unit for Drops {
         let mut out = Prepared::default();
         out.global(c::GLOBAL_CONFIG, &config);
         if let Some(note) = note {
-            out.notes.insert(Hook::TpBtf, note.clone());
-            out.notes.insert(Hook::RawTp, note);
+            out.note_all(&RULE, &note, |_| true);
         }
         out
     }

@@ -155,24 +155,20 @@ impl Unit for Sched {
             })
         };
         // Where the previous task's state is: without BTF, assume the
-        // argument (5.18+); an older kernel then refuses the load and says so.
-        let state = ctx
-            .btf
-            .get()
-            .ok()
-            .map(|btf| {
-                offsets::task_state(btf, ctx.config.sched.prev_state == PrevState::TaskStruct)
-            })
-            .unwrap_or(Ok((0, 0)));
+        // argument (5.18+); an older kernel then refuses the load and says
+        // so. Asked to read it from the task, without BTF there is no
+        // task layout: tp_btf and raw_tp are refused.
+        let from_task = ctx.config.sched.prev_state == PrevState::TaskStruct;
+        let (state, no_layout) = match ctx.btf.get() {
+            Ok(btf) => (offsets::task_state(btf, from_task), None),
+            Err(e) => (Ok((0, 0)), from_task.then_some(e)),
+        };
         let mut out = clock(stamps, state);
-        if ctx.config.sched.prev_state == PrevState::TaskStruct {
-            if let Err(e) = ctx.btf.get() {
-                let why = format!(
-                    "probes.sched.prev_state = \"task_struct\" needs the task's layout from BTF: {e}"
-                );
-                out.refused.insert(Hook::TpBtf, why.clone());
-                out.refused.insert(Hook::RawTp, why);
-            }
+        if let Some(e) = no_layout {
+            let why = format!(
+                "probes.sched.prev_state = \"task_struct\" needs the task's layout from BTF: {e}"
+            );
+            out.refuse_all(&RULE, &why, |h| h != Hook::Tracepoint);
         }
         match ctx.tracefs.map(tracepoint_offsets) {
             Some(Ok(tp)) => out.global(c::GLOBAL_TP_OFFSETS, &tp),
@@ -224,13 +220,11 @@ fn clock(
         Err(e) => {
             let why =
                 format!("sched_switch has no prev_state and the task's state is not in BTF: {e}");
-            out.refused.insert(Hook::TpBtf, why.clone());
-            out.refused.insert(Hook::RawTp, why);
+            out.refuse_all(&RULE, &why, |h| h != Hook::Tracepoint);
         }
     }
     out.global(c::GLOBAL_OFFSETS, &offsets);
-    out.notes.insert(Hook::TpBtf, note.clone());
-    out.notes.insert(Hook::RawTp, note);
+    out.note_all(&RULE, &note, |h| h != Hook::Tracepoint);
     out.notes.insert(
         Hook::Tracepoint,
         "run-queue waits timed from sched_wakeup (a classic tracepoint sees pids, not tasks)"
