@@ -140,6 +140,22 @@ pub fn only(keep: &[&str]) -> Vec<&'static str> {
         .collect()
 }
 
+/// A config file for `--config`, holding `toml`; removed when dropped.
+pub struct ConfigFile(tempfile::NamedTempFile);
+
+impl ConfigFile {
+    pub fn new(toml: &str) -> ConfigFile {
+        let f = tempfile::NamedTempFile::new().expect("temp config");
+        std::fs::write(f.path(), toml).expect("write config");
+        ConfigFile(f)
+    }
+
+    /// The path, as the argument of `--config`.
+    pub fn path(&self) -> &str {
+        self.0.path().to_str().expect("utf-8 temp path")
+    }
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

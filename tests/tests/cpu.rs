@@ -54,9 +54,8 @@ fn sched_matches_proc_stat_as_the_daemonset_runs_it() {
 /// still covers the workload's own voluntary switches.
 #[test]
 fn sched_state_from_task_struct_matches_proc_stat() {
-    let cfg = tempfile::NamedTempFile::new().expect("temp file");
-    std::fs::write(cfg.path(), "[probes.sched]\nprev_state = \"task_struct\"\n").unwrap();
-    let path = cfg.path().to_str().unwrap();
+    let cfg = perch::ConfigFile::new("[probes.sched]\nprev_state = \"task_struct\"\n");
+    let path = cfg.path();
     for (extra, hook) in [
         (vec!["--config", path], "tp_btf"),
         (vec!["--config", path, "--skip-hook", "tp_btf"], "raw_tp"),

@@ -122,9 +122,8 @@ fn udp_to_a_closed_port_is_no_socket() {
 /// is the documented loss), and no reason is invented.
 #[test]
 fn without_a_reason_drops_count_by_protocol() {
-    let cfg = tempfile::NamedTempFile::new().expect("temp file");
-    std::fs::write(cfg.path(), "[probes.drops]\nby = \"protocol\"\n").unwrap();
-    let path = cfg.path().to_str().unwrap();
+    let cfg = perch::ConfigFile::new("[probes.drops]\nby = \"protocol\"\n");
+    let path = cfg.path();
     for hook in ["tp_btf", "raw_tp"] {
         let p = quiet_pair();
         let dst = SocketAddr::from((p.ip_b, 40999));

@@ -579,9 +579,8 @@ fn tcp_rtt_is_sampled_during_the_connection_ebpf() {
     let pair = NetnsPair::new();
     let p = port(5);
     let l = listen(&pair, p);
-    let cfg = tempfile::NamedTempFile::new().expect("temp config");
-    std::fs::write(cfg.path(), "[probes.tcp]\nrtt_per_peer = true\n").expect("write config");
-    let cfg_path = cfg.path().to_str().expect("utf-8 path").to_owned();
+    let cfg = perch_tests::perch::ConfigFile::new("[probes.tcp]\nrtt_per_peer = true\n");
+    let cfg_path = cfg.path().to_owned();
     let agent = perch_tests::perch::Agent::start(&[
         "--interval",
         "1s",
@@ -661,9 +660,8 @@ fn tcp_rtt_is_sampled_during_the_connection_raw_tp() {
     let pair = NetnsPair::new();
     let p = port(10);
     let l = listen(&pair, p);
-    let cfg = tempfile::NamedTempFile::new().expect("temp config");
-    std::fs::write(cfg.path(), "[probes.tcp]\nrtt_per_peer = true\n").expect("write config");
-    let cfg_path = cfg.path().to_str().expect("utf-8 path").to_owned();
+    let cfg = perch_tests::perch::ConfigFile::new("[probes.tcp]\nrtt_per_peer = true\n");
+    let cfg_path = cfg.path().to_owned();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let window = Duration::from_secs(3);
     let (snap, (client, server)) = collect(
@@ -903,9 +901,8 @@ fn tcp_idle_peers_are_evicted_ebpf() {
         .join()
         .expect("bind thread");
     let server = serve(&pair, l, PEERS + 1);
-    let cfg = tempfile::NamedTempFile::new().expect("temp config");
-    std::fs::write(cfg.path(), "[probes.tcp]\nmax_peers = 16\n").expect("write config");
-    let cfg_path = cfg.path().to_str().expect("utf-8 path").to_owned();
+    let cfg = perch_tests::perch::ConfigFile::new("[probes.tcp]\nmax_peers = 16\n");
+    let cfg_path = cfg.path().to_owned();
     let agent = perch_tests::perch::Agent::start(&[
         "--interval",
         "1s",
@@ -1044,9 +1041,8 @@ fn tcp_sockdiag_sampler_procfs() {
     let pair = NetnsPair::new();
     let p = port(9);
     let l = listen(&pair, p);
-    let cfg = tempfile::NamedTempFile::new().expect("temp config");
-    std::fs::write(cfg.path(), "[probes.tcp]\nrtt_per_peer = true\n").expect("write config");
-    let cfg_path = cfg.path().to_str().expect("utf-8 path").to_owned();
+    let cfg = perch_tests::perch::ConfigFile::new("[probes.tcp]\nrtt_per_peer = true\n");
+    let cfg_path = cfg.path().to_owned();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (snap, (client, _server_end)) = collect_in_netns(
         &pair.a,

@@ -18,7 +18,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use perch_tests::bench::{arg, mean, process_cpu_rss};
-use perch_tests::perch::Agent;
+use perch_tests::perch::{Agent, ConfigFile};
 
 /// Runs `stress-ng --switch` for `secs` and returns its bogo-ops per second.
 fn stress(secs: u64) -> f64 {
@@ -64,6 +64,17 @@ fn measure_ns_per_event(args: &[&str], secs: u64, interval: u64) -> BTreeMap<Str
     }
     assert!(agent.stop(), "agent did not stop cleanly");
     out
+}
+
+/// The programs of `runs` that `keep` accepts and that ran, as a table.
+fn print_ns_per_event(runs: &BTreeMap<String, (f64, f64)>, keep: impl Fn(&str) -> bool) {
+    println!("| program | events | ns/event |");
+    println!("|---|---:|---:|");
+    for (labels, (ns, n)) in runs {
+        if *n > 0.0 && keep(labels) {
+            println!("| {labels} | {n:.0} | {:.1} |", ns / n);
+        }
+    }
 }
 
 fn main() {
@@ -113,36 +124,20 @@ fn main() {
     stats.set(true);
     let interval_arg = format!("{interval}s");
     let ns_per_event = measure_ns_per_event(&["--interval", &interval_arg], secs, interval);
-    let cfg = std::env::temp_dir().join(format!("perch-bench-cpu-{}.toml", std::process::id()));
-    std::fs::write(&cfg, "[probes.sched]\nprev_state = \"task_struct\"\n")
-        .expect("write the bench's config file");
-    let cfg_arg = cfg.to_str().expect("temp dir is UTF-8");
+    let cfg = ConfigFile::new("[probes.sched]\nprev_state = \"task_struct\"\n");
     let ns_task_struct = measure_ns_per_event(
-        &["--interval", &interval_arg, "--config", cfg_arg],
+        &["--interval", &interval_arg, "--config", cfg.path()],
         secs,
         interval,
     );
-    let _ = std::fs::remove_file(&cfg);
     drop(stats);
 
     let ratio = mean(&with) / mean(&without);
     println!("## bench cpu: stress-ng --switch 2, {pairs} alternating pairs of {secs} s, interval {interval} s\n");
     println!("ns/event: one more {secs} s run with kernel.bpf_stats_enabled=1\n");
-    println!("| program | events | ns/event |");
-    println!("|---|---:|---:|");
-    for (labels, (ns, n)) in &ns_per_event {
-        if *n > 0.0 {
-            println!("| {labels} | {n:.0} | {:.1} |", ns / n);
-        }
-    }
+    print_ns_per_event(&ns_per_event, |_| true);
     println!("\nwith probes.sched.prev_state = \"task_struct\" (the pre-5.18 path):\n");
-    println!("| program | events | ns/event |");
-    println!("|---|---:|---:|");
-    for (labels, (ns, n)) in &ns_task_struct {
-        if *n > 0.0 && labels.contains("sched_") {
-            println!("| {labels} | {n:.0} | {:.1} |", ns / n);
-        }
-    }
+    print_ns_per_event(&ns_task_struct, |labels| labels.contains("sched_"));
     println!();
     println!("| figure | value |");
     println!("|---|---:|");
