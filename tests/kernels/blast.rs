@@ -15,6 +15,28 @@
 //!                        port: each one is a drop, in Udp NoPorts)
 use std::io::{Read, Write};
 
+/// Connects to 127.0.0.1:`port`, writes `n` bytes in 1 000-byte writes
+/// (`paced`: TCP_NODELAY and a pause after each), closes its side and waits
+/// for the peer's close.
+fn send(port: u16, n: u64, paced: bool) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    if paced {
+        s.set_nodelay(true).expect("TCP_NODELAY");
+    }
+    let chunk = vec![7u8; 1000];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(chunk.len() as u64) as usize;
+        s.write_all(&chunk[..k]).expect("write");
+        left -= k as u64;
+        if paced {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+    }
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let _ = s.read(&mut [0u8; 1]);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let num = |i: usize| -> u64 { args[i].parse().expect("a number") };
@@ -34,32 +56,8 @@ fn main() {
             }
             println!("{n}");
         }
-        Some("send") => {
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", num(2) as u16)).expect("connect");
-            let chunk = vec![7u8; 1000];
-            let mut left = num(3);
-            while left > 0 {
-                let k = left.min(chunk.len() as u64) as usize;
-                s.write_all(&chunk[..k]).expect("write");
-                left -= k as u64;
-            }
-            s.shutdown(std::net::Shutdown::Write).expect("shutdown");
-            let _ = s.read(&mut [0u8; 1]);
-        }
-        Some("paced") => {
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", num(2) as u16)).expect("connect");
-            s.set_nodelay(true).expect("TCP_NODELAY");
-            let chunk = vec![7u8; 1000];
-            let mut left = num(3);
-            while left > 0 {
-                let k = left.min(chunk.len() as u64) as usize;
-                s.write_all(&chunk[..k]).expect("write");
-                left -= k as u64;
-                std::thread::sleep(std::time::Duration::from_micros(100));
-            }
-            s.shutdown(std::net::Shutdown::Write).expect("shutdown");
-            let _ = s.read(&mut [0u8; 1]);
-        }
+        Some("send") => send(num(2) as u16, num(3), false),
+        Some("paced") => send(num(2) as u16, num(3), true),
         Some("hold") => {
             let mut s = std::net::TcpStream::connect(("127.0.0.1", num(2) as u16)).expect("connect");
             s.write_all(&vec![7u8; num(3) as usize]).expect("write");

@@ -73,6 +73,17 @@ def points(snap, name):
     return [p for m in snap["metrics"] if m["name"] == name for p in m["points"]]
 
 
+def received(snap, port):
+    """Bytes Perch counted received by the server end of `port`."""
+    return sum(
+        p["value"]
+        for p in points(snap, "perch.tcp.io")
+        if p["attributes"].get("server.port") == port
+        and p["attributes"].get("perch.tcp.role") == "server"
+        and p["attributes"].get("network.io.direction") == "receive"
+    )
+
+
 def check(label, text):
     text = text.replace("\r", "")
     if "PERCH-DONE" not in text:
@@ -159,26 +170,14 @@ def check(label, text):
     if moved != TCP_BYTES:
         errors.append(f"the workload moved {moved} bytes, not {TCP_BYTES}")
     if sp["tcp"]["source"] == "ebpf":
-        got = sum(
-            p["value"]
-            for p in points(snap, "perch.tcp.io")
-            if p["attributes"].get("server.port") == 5000
-            and p["attributes"].get("perch.tcp.role") == "server"
-            and p["attributes"].get("network.io.direction") == "receive"
-        )
+        got = received(snap, 5000)
         figures.append(
             f"TCP: {got} bytes counted received on port 5000; the receiver read {moved}"
         )
         if got != moved:
             errors.append(f"TCP bytes {got} != {moved} read by the receiver")
         held = int(re.search(r"PERCH-TCP-OPEN (\d+)", text).group(1))
-        live = sum(
-            p["value"]
-            for p in points(snap, "perch.tcp.io")
-            if p["attributes"].get("server.port") == 5001
-            and p["attributes"].get("perch.tcp.role") == "server"
-            and p["attributes"].get("network.io.direction") == "receive"
-        )
+        live = received(snap, 5001)
         figures.append(
             f"TCP, connection open at the collection (the socket walk): {live} bytes "
             f"counted on port 5001; the receiver read {held}"
@@ -196,13 +195,7 @@ def check(label, text):
         elif abs(retrans - (r1 - r0)) > 0.02 * (r1 - r0):
             errors.append(f"retransmits {retrans} vs RetransSegs delta {r1 - r0}: more than 2 % apart")
         lossy = int(re.search(r"PERCH-TCP-LOSS (\d+)", text).group(1))
-        got_loss = sum(
-            p["value"]
-            for p in points(snap, "perch.tcp.io")
-            if p["attributes"].get("server.port") == 5003
-            and p["attributes"].get("perch.tcp.role") == "server"
-            and p["attributes"].get("network.io.direction") == "receive"
-        )
+        got_loss = received(snap, 5003)
         figures.append(
             f"TCP through the loss: {got_loss} bytes counted received on port 5003; "
             f"the receiver read {lossy}"

@@ -221,19 +221,17 @@ fn initramfs(kernels: &[(String, PathBuf)]) -> Result<PathBuf> {
         .arg("-o")
         .arg(staging.join("perch"))
         .arg(&perch))?;
+    // A file at its own path under the staging root.
+    let copy_in = |from: &Path| copy(from, &staging.join(from.strip_prefix("/").unwrap_or(from)));
     for lib in libraries(&perch)? {
-        copy(&lib, &staging.join(lib.strip_prefix("/").unwrap_or(&lib)))?;
+        copy_in(&lib)?;
     }
     copy(Path::new(IPTABLES), &staging.join("xtables-legacy-multi"))?;
     for lib in libraries(Path::new(IPTABLES))? {
-        copy(&lib, &staging.join(lib.strip_prefix("/").unwrap_or(&lib)))?;
+        copy_in(&lib)?;
     }
     for ext in XT_EXTENSIONS {
-        let from = Path::new(XT_DIR).join(ext);
-        copy(
-            &from,
-            &staging.join(from.strip_prefix("/").unwrap_or(&from)),
-        )?;
+        copy_in(&Path::new(XT_DIR).join(ext))?;
     }
     for (release, unpacked) in kernels {
         let to = staging.join("lib/modules").join(release);
