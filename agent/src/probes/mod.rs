@@ -504,7 +504,7 @@ fn attach_one(
         Some(Program::RawTracePoint(prog)) => prog
             .attach(p.target)
             .map(|_| None)
-            .map_err(|e| raw_tp_hint(perr(e))),
+            .map_err(|e| raw_tp_error(&e)),
         Some(Program::TracePoint(prog)) => {
             let (cat, name) = p.target.split_once('/').unwrap_or(("", p.target));
             prog.attach(cat, name).map(|_| None).map_err(perr)
@@ -523,14 +523,16 @@ fn attach_one(
 /// errno alone does not say: the program reads more arguments than the
 /// tracepoint passes on this kernel (`bpf_probe_register()` checks the
 /// verifier's `max_ctx_offset` against `num_args * 8`).
-fn raw_tp_hint(e: String) -> String {
-    if e.contains("(os error 22)") {
-        format!(
-            "{e} (the program reads more tracepoint arguments than this kernel's \
-             tracepoint passes: an argument added in a later kernel)"
-        )
-    } else {
-        e
+fn raw_tp_error(e: &ProgramError) -> String {
+    let text = program_error(e);
+    match e {
+        ProgramError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EINVAL) => {
+            format!(
+                "{text} (the program reads more tracepoint arguments than this kernel's \
+                 tracepoint passes: an argument added in a later kernel)"
+            )
+        }
+        _ => text,
     }
 }
 
@@ -600,13 +602,25 @@ fn raise_memlock() {
 
 #[cfg(test)]
 mod tests {
-    use super::raw_tp_hint;
+    use super::{program_error, raw_tp_error};
+    use aya::programs::ProgramError;
+    use aya::sys::SyscallError;
+
+    fn attach_failed(errno: i32) -> ProgramError {
+        ProgramError::SyscallError(SyscallError {
+            call: "bpf_raw_tracepoint_open",
+            io_error: std::io::Error::from_raw_os_error(errno),
+        })
+    }
 
     #[test]
     fn raw_tp_einval_says_why() {
-        let e = "`bpf_raw_tracepoint_open` failed: Invalid argument (os error 22)";
-        assert!(raw_tp_hint(e.to_owned()).contains("more tracepoint arguments"));
-        let other = "`bpf_raw_tracepoint_open` failed: No such file or directory (os error 2)";
-        assert_eq!(raw_tp_hint(other.to_owned()), other);
+        let e = raw_tp_error(&attach_failed(libc::EINVAL));
+        assert!(
+            e.contains("(os error 22)") && e.contains("more tracepoint arguments"),
+            "{e}"
+        );
+        let other = attach_failed(libc::ENOENT);
+        assert_eq!(raw_tp_error(&other), program_error(&other));
     }
 }
