@@ -129,6 +129,11 @@ pub const CONTRACTS: &[Contract] = &[
         globals: crate::drops::GLOBALS,
     },
     Contract {
+        module: "exp",
+        maps: &[],
+        globals: crate::exp::GLOBALS,
+    },
+    Contract {
         module: "sched",
         maps: crate::sched::MAPS,
         globals: crate::sched::GLOBALS,

@@ -11,7 +11,6 @@
 pub mod contract;
 pub mod drops;
 pub mod exp;
-pub mod hist;
 pub mod sched;
 pub mod softirq;
 pub mod tcp;

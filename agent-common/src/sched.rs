@@ -4,7 +4,7 @@ use crate::contract::{GlobalSpec, MapSpec};
 
 /// Per-CPU array of `u64` counters, indexed by the `SLOT_*` constants.
 pub const MAP_COUNTERS: &str = "SCHED_COUNTERS";
-/// Per-CPU array of `u64` bucket counts, indexed by [`crate::hist::bucket_index`]
+/// Per-CPU array of `u64` bucket counts, indexed by [`crate::exp::slot`]
 /// of the run-queue latency in nanoseconds.
 pub const MAP_RUNQ_HIST: &str = "SCHED_RUNQ_HIST";
 /// Hash map: task pointer -> time it became runnable (ns, `bpf_ktime_get_ns`).
@@ -47,7 +47,7 @@ pub const RUNQ_START_ENTRIES: u32 = 16384;
 /// Every map of the family's kernel side ([`crate::contract`]).
 pub const MAPS: &[MapSpec] = &[
     MapSpec::per_cpu_array::<u64>(MAP_COUNTERS, COUNTER_SLOTS),
-    MapSpec::per_cpu_array::<u64>(MAP_RUNQ_HIST, crate::hist::BUCKETS),
+    MapSpec::per_cpu_array::<u64>(MAP_RUNQ_HIST, crate::exp::SLOTS),
     // Keyed by `task_struct` pointer (`tp_btf`, `raw_tp`) or pid (classic
     // tracepoint), both as `u64`.
     MapSpec::hash::<u64, u64>(MAP_RUNQ_START, RUNQ_START_ENTRIES),

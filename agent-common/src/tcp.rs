@@ -39,7 +39,7 @@ pub const MAP_SCRATCH: &str = "TCP_SCRATCH";
 /// Per-CPU array of `u64` counters, indexed by the `SLOT_*` constants.
 pub const MAP_COUNTERS: &str = "TCP_COUNTERS";
 /// Per-CPU array of `u64` bucket counts of the connect duration in ns,
-/// indexed by [`crate::hist::bucket_index`].
+/// indexed by [`crate::exp::slot`].
 pub const MAP_CONNECT_HIST: &str = "TCP_CONNECT_HIST";
 /// Per-CPU array of `u64` bucket counts of the smoothed RTT in ns, host-wide.
 pub const MAP_RTT_HIST: &str = "TCP_RTT_HIST";
@@ -58,8 +58,8 @@ pub const MAPS: &[MapSpec] = &[
     MapSpec::array::<TrackedSlot>(MAP_TRACKED, TRACKED_DEFAULT_SLOTS),
     MapSpec::per_cpu_array::<u64>(MAP_SCRATCH, 1),
     MapSpec::per_cpu_array::<u64>(MAP_COUNTERS, COUNTER_SLOTS),
-    MapSpec::per_cpu_array::<u64>(MAP_CONNECT_HIST, crate::hist::BUCKETS),
-    MapSpec::per_cpu_array::<u64>(MAP_RTT_HIST, crate::hist::BUCKETS),
+    MapSpec::per_cpu_array::<u64>(MAP_CONNECT_HIST, crate::exp::SLOTS),
+    MapSpec::per_cpu_array::<u64>(MAP_RTT_HIST, crate::exp::SLOTS),
     // One entry in the object; the loader sizes it (see the map's doc).
     MapSpec::per_cpu_hash::<RttKey, u64>(MAP_RTT_PEERS, 1),
 ];
@@ -308,7 +308,7 @@ pub const RTT_SUM_BUCKET: u32 = u32::MAX;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RttKey {
     pub peer: PeerKey,
-    /// [`crate::hist::bucket_index`] of the RTT in ns.
+    /// [`crate::exp::slot`] of the RTT in ns.
     pub bucket: u32,
 }
 const _: () = assert!(core::mem::size_of::<RttKey>() == 24);

@@ -15,6 +15,7 @@
 #![no_main]
 
 mod drops;
+mod histogram;
 mod kmem;
 mod sched;
 mod softirq;

@@ -46,7 +46,7 @@
 //!   hash keyed by task, `sched_switch` looks `next` up.
 
 use agent_common::{
-    hist,
+    exp,
     sched::{self as c, Arrival, SchedOffsets, TpOffsets},
 };
 use aya_ebpf::{
@@ -97,7 +97,7 @@ static SCHED_ARRIVAL: PerCpuArray<Arrival> = PerCpuArray::with_max_entries(1, 0)
 static SCHED_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(c::COUNTER_SLOTS, 0);
 
 #[map]
-static SCHED_RUNQ_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(hist::BUCKETS, 0);
+static SCHED_RUNQ_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(exp::SLOTS, 0);
 
 #[map]
 static SCHED_RUNQ_START: HashMap<u64, u64> = HashMap::with_max_entries(c::RUNQ_START_ENTRIES, 0);
@@ -197,7 +197,7 @@ fn switch_slot(involuntary: bool, idle: bool) -> u32 {
 
 #[inline(always)]
 fn record_wait(latency: u64) {
-    bump(&SCHED_RUNQ_HIST, hist::bucket_index(latency));
+    bump(&SCHED_RUNQ_HIST, crate::histogram::slot(latency));
     if let Some(sum) = SCHED_COUNTERS.get_ptr_mut(c::SLOT_RUNQ_SUM_NS) {
         unsafe { *sum += latency };
     }

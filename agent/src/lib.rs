@@ -24,6 +24,7 @@ pub mod config;
 pub mod exporters;
 pub mod families;
 pub mod gate;
+pub mod histogram;
 pub mod model;
 pub mod pipeline;
 pub mod probes;

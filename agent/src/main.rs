@@ -452,7 +452,10 @@ fn real_main() -> Result<()> {
                     write!(
                         std::io::stdout(),
                         "{}",
-                        perch::exporters::prometheus::render(&snap.metrics)
+                        perch::exporters::prometheus::render(
+                            &snap.metrics,
+                            &cfg.export.classic_layout()?
+                        )
                     )
                     .context(STDOUT)?;
                 }

@@ -2,11 +2,11 @@
 //!
 //! It mirrors the OpenTelemetry data model closely enough that the OTLP
 //! exporter maps it one to one (cumulative sums with a start time, gauges,
-//! histograms with explicit bounds and exact bucket counts), but it is not
-//! tied to any wire format. Prometheus text is rendered from the same values.
+//! histograms with exact bucket counts: exponential as the kernel bins them,
+//! or explicit), but it is not tied to any wire format. Prometheus text and
+//! protobuf are rendered from the same values.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::SystemTime;
 
 /// One collection: every metric read at one instant.
@@ -88,7 +88,7 @@ pub enum Data {
     },
     /// A value sampled at `time`.
     Gauge { points: Vec<NumberPoint> },
-    /// A cumulative histogram with explicit bounds.
+    /// A cumulative histogram (exponential or explicit buckets).
     Histogram { points: Vec<HistogramPoint> },
 }
 
@@ -163,9 +163,9 @@ pub struct NumberPoint {
     pub value: Number,
 }
 
-/// One point of a histogram. `bucket_counts[i]` counts values in
-/// `(bounds[i-1], bounds[i]]`; the last count is the overflow above the last
-/// bound, so `bucket_counts.len() == bounds.len() + 1`.
+pub use crate::histogram::{Buckets, Exponential};
+
+/// One point of a histogram.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HistogramPoint {
     pub attributes: Attributes,
@@ -174,8 +174,7 @@ pub struct HistogramPoint {
     pub count: u64,
     /// Exact sum of the observed values, in the metric's unit.
     pub sum: f64,
-    pub bounds: Arc<[f64]>,
-    pub bucket_counts: Vec<u64>,
+    pub buckets: Buckets,
 }
 
 /// Assigns start times to cumulative series and detects resets.

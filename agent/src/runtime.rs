@@ -110,6 +110,7 @@ impl Agent {
             memory.clone(),
         );
         shared.capabilities = capabilities;
+        shared.classic = cfg.export.classic_layout()?;
         let shared = Arc::new(shared);
         Ok(Agent {
             probes,

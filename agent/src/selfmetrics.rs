@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use crate::model::{Attributes, Data, HistogramPoint, Metric, Number, NumberPoint};
+use crate::model::{Attributes, Buckets, Data, HistogramPoint, Metric, Number, NumberPoint};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
@@ -204,8 +204,10 @@ impl SelfMetrics {
                     time: now,
                     count: s.count,
                     sum: s.sum,
-                    bounds: f.bounds.clone(),
-                    bucket_counts: s.buckets.clone(),
+                    buckets: Buckets::Explicit {
+                        bounds: f.bounds.clone(),
+                        counts: s.buckets.clone(),
+                    },
                 })
                 .collect();
             Metric::histogram(name, f.description, f.unit, points)
@@ -273,9 +275,12 @@ mod histogram_tests {
         assert_eq!(points.len(), 2);
         let p = points.iter().find(|p| !p.attributes.is_empty()).unwrap();
         // Upper bounds are inclusive: 0.01 is in the first bucket.
-        assert_eq!(p.bucket_counts, vec![2, 1, 1, 2]);
+        let Buckets::Explicit { bounds, counts } = &p.buckets else {
+            panic!("self-histograms are explicit: {:?}", p.buckets);
+        };
+        assert_eq!(counts, &vec![2, 1, 1, 2]);
         assert_eq!(p.count, 6);
         assert!((p.sum - 4.565).abs() < 1e-9, "{}", p.sum);
-        assert_eq!(&*p.bounds, BOUNDS);
+        assert_eq!(&**bounds, BOUNDS);
     }
 }

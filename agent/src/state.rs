@@ -38,6 +38,9 @@ pub struct Shared {
     pub exporter: OnceLock<ExporterHandle>,
     /// What start-up did with the capabilities after attach.
     pub capabilities: crate::probes::caps::Report,
+    /// The classic histogram layout of `/metrics` text
+    /// (`export.histogram_bounds`).
+    pub classic: crate::histogram::ClassicLayout,
 }
 
 /// What `/status` and `/readyz` know about the OTLP exporter. The exporter
@@ -125,6 +128,7 @@ impl Shared {
             last: Mutex::new(None),
             exporter: OnceLock::new(),
             capabilities: Default::default(),
+            classic: Default::default(),
         }
     }
 

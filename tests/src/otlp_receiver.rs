@@ -483,6 +483,17 @@ pub fn flat_points(req: &ExportMetricsServiceRequest) -> Vec<FlatPoint> {
                             )
                         }
                     }
+                    Some(Data::ExponentialHistogram(h)) => {
+                        for p in &h.data_points {
+                            push(
+                                &p.attributes,
+                                p.count as f64,
+                                p.start_time_unix_nano,
+                                p.time_unix_nano,
+                                true,
+                            )
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -854,13 +865,25 @@ pub fn synthetic_snapshot(round: u64, peers: usize) -> Snapshot {
                         time: now,
                         count: 6 * round,
                         sum: 0.003 * round as f64,
-                        bounds: Arc::from(vec![0.000_001, 0.000_002, 0.000_004]),
-                        bucket_counts: vec![round, 2 * round, 3 * round, 0],
+                        buckets: kernel_buckets(&[
+                            (1_000, round),
+                            (2_000, 2 * round),
+                            (4_000, 3 * round),
+                        ]),
                     }],
                 },
             },
         ],
     }
+}
+
+/// Exponential buckets as the kernel fills them: `(ns, times)` pairs.
+pub fn kernel_buckets(values: &[(u64, u64)]) -> perch::model::Buckets {
+    let mut slots = vec![0u64; agent_common::exp::SLOTS as usize];
+    for &(ns, n) in values {
+        slots[agent_common::exp::slot(ns) as usize] += n;
+    }
+    perch::model::Buckets::Exponential(perch::model::Exponential::from_slots(&slots))
 }
 
 /// Points in a snapshot.

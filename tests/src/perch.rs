@@ -77,6 +77,48 @@ pub fn points<'a>(snapshot: &'a Value, name: &str) -> Vec<&'a Value> {
         .collect()
 }
 
+/// Checks one kernel histogram point of `perch collect --format json`
+/// against itself: the kernel's scale, `count` = zeros + buckets, only the
+/// populated range (both ends non-zero), and the exact sum's mean inside
+/// the populated buckets (OTel bucket `i` is `(2^(i/8), 2^((i+1)/8)]` s).
+/// Returns the mean.
+pub fn check_exponential(point: &Value) -> f64 {
+    assert_eq!(point["scale"], 3, "the kernel's exponential scale: {point}");
+    let count = point["count"].as_u64().expect("count");
+    let counts: Vec<u64> = point["bucket_counts"]
+        .as_array()
+        .expect("bucket_counts")
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .collect();
+    let zeros = point["zero_count"].as_u64().expect("zero_count");
+    assert_eq!(
+        count,
+        zeros + counts.iter().sum::<u64>(),
+        "count is the zero count plus the sum of the buckets: {point}"
+    );
+    assert!(count > 0, "an empty histogram: {point}");
+    if zeros < count {
+        assert!(
+            counts.first() > Some(&0) && counts.last() > Some(&0),
+            "only the populated range is exported: {counts:?}"
+        );
+    }
+    let mean = point["sum"].as_f64().expect("sum") / count as f64;
+    let offset = point["offset"].as_i64().expect("offset") as f64;
+    let lowest = if zeros > 0 {
+        0.0
+    } else {
+        2f64.powf(offset / 8.0)
+    };
+    let highest = 2f64.powf((offset + counts.len() as f64) / 8.0);
+    assert!(
+        lowest <= mean && mean <= highest,
+        "mean {mean} s outside the populated buckets [{lowest}, {highest}] s"
+    );
+    mean
+}
+
 /// Sum of the values of metric `name` whose attributes match every `(k, v)`.
 pub fn sum(snapshot: &Value, name: &str, filter: &[(&str, &str)]) -> f64 {
     points(snapshot, name)

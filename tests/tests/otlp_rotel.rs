@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use perch::config::export::{PipelineConfig, Protocol};
 use perch::exporters::otlp::OtlpExporter;
 use perch::pipeline::Pipeline;
@@ -121,6 +122,37 @@ async fn run_through_rotel(protocol: Protocol) {
     assert_eq!(
         hist.iter().map(|h| h.0).collect::<Vec<_>>(),
         vec![6.0, 12.0, 18.0]
+    );
+    // The kernel's exponential buckets arrive as they were sent: an
+    // ExponentialHistogram point at scale 3 with exactly the populated
+    // buckets, the count and the sum.
+    let last = received
+        .iter()
+        .filter(|r| r.accepted)
+        .flat_map(|r| &r.request.resource_metrics)
+        .flat_map(|rm| &rm.scope_metrics)
+        .flat_map(|sm| &sm.metrics)
+        .filter(|m| m.name == "perch.sched.runqueue.latency")
+        .filter_map(|m| match &m.data {
+            Some(Data::ExponentialHistogram(h)) => h.data_points.last().cloned(),
+            other => panic!("{protocol:?}: not an exponential histogram: {other:?}"),
+        })
+        .max_by_key(|p| p.time_unix_nano)
+        .expect("a run-queue point");
+    let perch::model::Buckets::Exponential(sent) =
+        kernel_buckets(&[(1_000, rounds), (2_000, 2 * rounds), (4_000, 3 * rounds)])
+    else {
+        unreachable!()
+    };
+    assert_eq!(last.scale, sent.scale, "{protocol:?}");
+    assert_eq!(last.zero_count, 0);
+    assert_eq!(last.count, 6 * rounds);
+    assert_eq!(last.sum, Some(0.003 * rounds as f64));
+    let positive = last.positive.expect("positive buckets");
+    assert_eq!(
+        (positive.offset, positive.bucket_counts),
+        (sent.offset, sent.counts),
+        "{protocol:?}: buckets changed on the way"
     );
 
     assert_eq!(

@@ -32,6 +32,8 @@ const APT_TEST: &[&str] = &[
     "python3-venv",
     "bpftool",
     "prometheus",
+    // `cargo xtask bench export` compares series with node_exporter's.
+    "prometheus-node-exporter",
     "procps",
     // `cargo xtask kernels` (issue 12): boots Debian kernels under qemu with
     // a busybox initramfs built with cpio; 6.12's modules are xz-compressed.

@@ -32,7 +32,7 @@ mod tracked;
 
 use crate::kmem::field;
 use agent_common::{
-    hist,
+    exp,
     tcp::{self as c, PeerKey, PeerValue, RttKey, TcpOffsets},
 };
 use aya_ebpf::{
@@ -83,10 +83,10 @@ static TCP_PEERS: PerCpuHashMap<PeerKey, PeerValue> =
 static TCP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(c::COUNTER_SLOTS, 0);
 
 #[map]
-static TCP_CONNECT_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(hist::BUCKETS, 0);
+static TCP_CONNECT_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(exp::SLOTS, 0);
 
 #[map]
-static TCP_RTT_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(hist::BUCKETS, 0);
+static TCP_RTT_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(exp::SLOTS, 0);
 
 #[map]
 static TCP_RTT_PEERS: PerCpuHashMap<RttKey, u64> = PerCpuHashMap::with_max_entries(1, 0);
@@ -257,7 +257,7 @@ fn record_rtt(srtt8: u32, key: &PeerKey) {
         return;
     }
     let ns = (srtt8 as u64 >> 3) * 1000;
-    let bucket = hist::bucket_index(ns);
+    let bucket = crate::histogram::slot(ns);
     add(&TCP_RTT_HIST, bucket, 1);
     add(&TCP_COUNTERS, c::SLOT_RTT_SUM_NS, ns);
     if off!(rtt_per_peer) != 0 {
@@ -291,7 +291,7 @@ fn add_rtt_peer(rk: &RttKey, v: u64) {
 fn record_connect(start: u64, now: u64) {
     if start != 0 && now >= start {
         let d = now - start;
-        add(&TCP_CONNECT_HIST, hist::bucket_index(d), 1);
+        add(&TCP_CONNECT_HIST, crate::histogram::slot(d), 1);
         add(&TCP_COUNTERS, c::SLOT_CONNECT_SUM_NS, d);
     }
 }

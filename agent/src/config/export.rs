@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::histogram::ClassicLayout;
+
 pub use super::pipeline::{
     PipelineConfig, DEFAULT_DENY_ATTRIBUTES, DEFAULT_EPHEMERAL_PORT_ATTRIBUTES,
 };
@@ -53,6 +55,8 @@ pub const ENV_CLIENT_KEY: &str = "OTEL_EXPORTER_OTLP_CLIENT_KEY";
 pub const ENV_METRICS_CLIENT_KEY: &str = "OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY";
 /// `OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`: `cumulative` or `delta`.
 pub const ENV_METRICS_TEMPORALITY: &str = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE";
+/// `explicit_bucket_histogram` or `base2_exponential_bucket_histogram`.
+pub const ENV_METRICS_HISTOGRAM: &str = "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION";
 /// `OTEL_RESOURCE_ATTRIBUTES`: `k=v,k2=v2`, values percent-encoded.
 pub const ENV_RESOURCE_ATTRIBUTES: &str = "OTEL_RESOURCE_ATTRIBUTES";
 /// `OTEL_SERVICE_NAME`: overrides `service.name`.
@@ -140,6 +144,22 @@ impl Compression {
     }
 }
 
+/// How kernel histograms go to OTLP.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HistogramFormat {
+    /// `ExponentialHistogram` points: the kernel's buckets as they are
+    /// (populated range only), downscaled exactly past `max_buckets`.
+    #[default]
+    Exponential,
+    /// Explicit-bounds `Histogram` points in the classic layout
+    /// (`histogram_bounds`), for backends without exponential histograms.
+    Explicit,
+}
+
+/// The default `export.max_buckets`: the OpenTelemetry SDK's default size.
+pub const DEFAULT_MAX_BUCKETS: usize = 160;
+
 /// Aggregation temporality of monotonic sums and histograms on the wire.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -193,6 +213,15 @@ pub struct ExportConfig {
     pub retry: RetryConfig,
     /// Circuit breaker.
     pub circuit: CircuitConfig,
+    /// Kernel histograms on OTLP: `exponential` or `explicit`.
+    pub histograms: HistogramFormat,
+    /// Most buckets in one exponential point (2 to 16384); a wider point is
+    /// downscaled by merging adjacent buckets exactly, with its scale lowered.
+    pub max_buckets: usize,
+    /// The classic layout: explicit upper bounds in seconds, used for OTLP
+    /// explicit histograms and for `/metrics` text. Each must be a kernel
+    /// bucket bound (`2^(m/8)` s). Not set: 16 powers of two, `2^-20` s (0.95 µs) to 1 s.
+    pub histogram_bounds: Option<Vec<f64>>,
 }
 
 impl Default for ExportConfig {
@@ -211,6 +240,24 @@ impl Default for ExportConfig {
             queue: QueueConfig::default(),
             retry: RetryConfig::default(),
             circuit: CircuitConfig::default(),
+            histograms: HistogramFormat::Exponential,
+            max_buckets: DEFAULT_MAX_BUCKETS,
+            histogram_bounds: None,
+        }
+    }
+}
+
+impl ExportConfig {
+    /// The classic histogram layout (`histogram_bounds`, or the default).
+    /// Checked by [`ExportConfig::validate`].
+    pub fn classic_layout(&self) -> Result<ClassicLayout, ExportConfigError> {
+        match &self.histogram_bounds {
+            None => Ok(ClassicLayout::default()),
+            Some(b) => ClassicLayout::from_bounds(b).map_err(|reason| ExportConfigError::Range {
+                key: "export.histogram_bounds",
+                value: format!("{b:?}"),
+                reason,
+            }),
         }
     }
 }
@@ -577,6 +624,18 @@ impl ExportConfig {
                 self.tls.client_key_file = Some(path);
             }
         }
+        if let Some(v) = get(ENV_METRICS_HISTOGRAM) {
+            self.histograms =
+                match v.trim().to_ascii_lowercase().as_str() {
+                    "explicit_bucket_histogram" => HistogramFormat::Explicit,
+                    "base2_exponential_bucket_histogram" => HistogramFormat::Exponential,
+                    _ => return Err(env_err(
+                        ENV_METRICS_HISTOGRAM,
+                        &v,
+                        "expected explicit_bucket_histogram or base2_exponential_bucket_histogram",
+                    )),
+                };
+        }
         if let Some(v) = get(ENV_METRICS_TEMPORALITY) {
             // The spec's third value, `lowmemory`, is cumulative for sums
             // that are not monotonic; Perch treats it as delta.
@@ -624,6 +683,14 @@ impl ExportConfig {
         if self.timeout_ms == 0 {
             return range("export.timeout_ms", "0".into(), "must be at least 1");
         }
+        if !(2..=16384).contains(&self.max_buckets) {
+            return range(
+                "export.max_buckets",
+                self.max_buckets.to_string(),
+                "must be 2 to 16384",
+            );
+        }
+        self.classic_layout()?;
         if self.batch.max_points == 0 {
             return range("export.batch.max_points", "0".into(), "must be at least 1");
         }
@@ -1083,6 +1150,11 @@ mod tests {
             (
                 "export.batch.max_bytes",
                 Box::new(|c| c.batch.max_bytes = 5 * 1024 * 1024),
+            ),
+            ("export.max_buckets", Box::new(|c| c.max_buckets = 1)),
+            (
+                "export.histogram_bounds",
+                Box::new(|c| c.histogram_bounds = Some(vec![0.001, 0.01])),
             ),
             (
                 "export.queue.max_bytes",

@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
-use crate::model::{AttrValue, Attributes, Data, Number, Snapshot};
+use crate::model::{AttrValue, Attributes, Buckets, Data, Number, Snapshot};
 
 fn secs(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH)
@@ -64,9 +64,21 @@ pub fn render(snapshot: &Snapshot) -> Value {
                     points
                         .iter()
                         .map(|p| {
-                            json!({"attributes": attrs(&p.attributes), "count": p.count, "sum": p.sum,
-                                   "bounds": &*p.bounds, "bucket_counts": p.bucket_counts,
-                                   "start_time": secs(p.start_time), "time": secs(p.time)})
+                            let buckets = match &p.buckets {
+                                Buckets::Explicit { bounds, counts } => {
+                                    json!({"bounds": &**bounds, "bucket_counts": counts})
+                                }
+                                Buckets::Exponential(e) => json!({
+                                    "scale": e.scale, "zero_count": e.zero_count,
+                                    "offset": e.offset, "bucket_counts": e.counts,
+                                }),
+                            };
+                            let mut v = json!({"attributes": attrs(&p.attributes), "count": p.count, "sum": p.sum,
+                                   "start_time": secs(p.start_time), "time": secs(p.time)});
+                            if let (Some(v), Some(b)) = (v.as_object_mut(), buckets.as_object()) {
+                                v.extend(b.clone());
+                            }
+                            v
                         })
                         .collect(),
                 ),

@@ -21,10 +21,9 @@
 //! `series_ttl_intervals`, so the set of exported series is stable.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::model::{AttrValue, Attributes, Number};
+use crate::model::{AttrValue, Attributes, Buckets, Number};
 
 use super::detail::{OTHER_PEER, PEER_ATTRIBUTE};
 
@@ -64,8 +63,7 @@ pub enum Val {
     Hist {
         count: u64,
         sum: f64,
-        bounds: Arc<[f64]>,
-        buckets: Vec<u64>,
+        buckets: Buckets,
     },
 }
 
@@ -102,28 +100,21 @@ impl Val {
                 Val::Hist {
                     count,
                     sum,
-                    bounds,
                     buckets,
                 },
                 Val::Hist {
                     count: pc,
                     sum: ps,
-                    bounds: pb,
-                    buckets: pbk,
+                    buckets: pb,
                 },
             ) => {
-                if bounds != pb || buckets.len() != pbk.len() || count < pc {
+                if count < pc {
                     return None;
-                }
-                let mut d = Vec::with_capacity(buckets.len());
-                for (a, b) in buckets.iter().zip(pbk) {
-                    d.push(a.checked_sub(*b)?);
                 }
                 Some(Val::Hist {
                     count: count - pc,
                     sum: sum - ps,
-                    bounds: bounds.clone(),
-                    buckets: d,
+                    buckets: buckets.delta(pb)?,
                 })
             }
             (Val::Hist { .. }, _) | (_, Val::Hist { .. }) => None,
@@ -154,9 +145,7 @@ impl Val {
             ) => {
                 *count += oc;
                 *sum += os;
-                for (a, b) in buckets.iter_mut().zip(ob) {
-                    *a += b;
-                }
+                buckets.add(ob);
             }
             (Val::Hist { .. }, _) => {}
             (a, b) => *a = Val::Dbl(a.f64() + b.f64()),
@@ -168,13 +157,10 @@ impl Val {
         match self {
             Val::Int(_) => Val::Int(0),
             Val::Dbl(_) => Val::Dbl(0.0),
-            Val::Hist {
-                bounds, buckets, ..
-            } => Val::Hist {
+            Val::Hist { buckets, .. } => Val::Hist {
                 count: 0,
                 sum: 0.0,
-                bounds: bounds.clone(),
-                buckets: vec![0; buckets.len()],
+                buckets: buckets.zero_like(),
             },
         }
     }
@@ -329,14 +315,20 @@ impl MetricState {
     }
 
     fn route(&mut self, kind: Kind, points: &[P], lim: &Limits) -> Vec<Route> {
-        // Histogram points whose bounds differ from the first one's cannot
-        // be added up: they keep their own series whatever the cap.
-        let bounds0 = points.iter().find_map(|p| match &p.val {
-            Val::Hist { bounds, .. } => Some(bounds.clone()),
+        // Histogram points whose explicit bounds differ from the first
+        // one's cannot be added up: they keep their own series whatever the
+        // cap. Exponential points add up at any scale.
+        let shape = |v: &Val| match v {
+            Val::Hist {
+                buckets: Buckets::Explicit { bounds, .. },
+                ..
+            } => Some(Some(bounds.clone())),
+            Val::Hist { .. } => Some(None),
             _ => None,
-        });
-        let odd_bounds = |p: &P| match (&p.val, &bounds0) {
-            (Val::Hist { bounds, .. }, Some(b0)) => bounds != b0,
+        };
+        let shape0 = points.iter().find_map(|p| shape(&p.val));
+        let odd_bounds = |p: &P| match (shape(&p.val), &shape0) {
+            (Some(s), Some(s0)) => &s != s0,
             _ => false,
         };
 

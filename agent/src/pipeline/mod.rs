@@ -333,8 +333,7 @@ fn to_working(data: Data) -> (Kind, Vec<P>, bool) {
                     val: Val::Hist {
                         count: h.count,
                         sum: h.sum,
-                        bounds: h.bounds,
-                        buckets: h.bucket_counts,
+                        buckets: h.buckets,
                     },
                 })
                 .collect(),
@@ -379,7 +378,6 @@ fn from_working(kind: Kind, monotonic: bool, points: Vec<P>) -> Data {
                     Val::Hist {
                         count,
                         sum,
-                        bounds,
                         buckets,
                     } => Some(HistogramPoint {
                         attributes: p.attrs,
@@ -387,8 +385,7 @@ fn from_working(kind: Kind, monotonic: bool, points: Vec<P>) -> Data {
                         time: p.time,
                         count,
                         sum,
-                        bounds,
-                        bucket_counts: buckets,
+                        buckets,
                     }),
                     _ => None,
                 })

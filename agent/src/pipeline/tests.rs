@@ -3,7 +3,7 @@
 
 use super::memory::{MemoryGauge, MemoryState};
 use super::*;
-use crate::model::Number;
+use crate::model::{Buckets, Number};
 use std::time::Duration;
 
 fn t(s: u64) -> SystemTime {
@@ -497,8 +497,10 @@ fn histograms_fold_bucket_wise() {
         time: t(at),
         count: buckets.iter().sum(),
         sum: buckets.iter().sum::<u64>() as f64,
-        bounds: bounds.clone(),
-        bucket_counts: buckets,
+        buckets: Buckets::Explicit {
+            bounds: bounds.clone(),
+            counts: buckets,
+        },
     };
     let (mut p, _) = pipeline(full_detail_cfg(2));
     let m = Metric {
@@ -522,6 +524,65 @@ fn histograms_fold_bucket_wise() {
         .iter()
         .find(|p| p.attributes == cardinality::overflow_attributes())
         .unwrap();
-    assert_eq!(over.bucket_counts, vec![0, 2, 3, 1]);
+    assert_eq!(
+        over.buckets,
+        Buckets::Explicit {
+            bounds,
+            counts: vec![0, 2, 3, 1]
+        }
+    );
     assert_eq!(over.count, 6);
+}
+
+#[test]
+fn exponential_histograms_fold_exactly() {
+    use crate::model::Exponential;
+    let slots = |values: &[(u64, u64)]| {
+        let mut s = vec![0u64; agent_common::exp::SLOTS as usize];
+        for &(ns, n) in values {
+            s[agent_common::exp::slot(ns) as usize] += n;
+        }
+        Exponential::from_slots(&s)
+    };
+    let parts = [
+        slots(&[(1_000, 1)]),
+        slots(&[(2_000_000, 2), (0, 1)]),
+        slots(&[(1_000, 3), (5_000_000_000, 4)]),
+    ];
+    let h = |k: i64, e: &Exponential| HistogramPoint {
+        attributes: vec![("k", k.into())],
+        start_time: t(0),
+        time: t(10),
+        count: e.count(),
+        sum: 1.0,
+        buckets: Buckets::Exponential(e.clone()),
+    };
+    let (mut p, _) = pipeline(full_detail_cfg(1));
+    let m = Metric {
+        name: "h",
+        description: "",
+        unit: "s",
+        data: Data::Histogram {
+            points: parts
+                .iter()
+                .enumerate()
+                .map(|(k, e)| h(k as i64, e))
+                .collect(),
+        },
+    };
+    let out = p.process(snap(10, vec![m]));
+    let Data::Histogram { points } = &out.metrics[0].data else {
+        panic!("not a histogram")
+    };
+    let over = points
+        .iter()
+        .find(|p| p.attributes == cardinality::overflow_attributes())
+        .unwrap();
+    // A cap of one: every series folds into the overflow series.
+    assert_eq!(points.len(), 1);
+    let mut want = parts[0].clone();
+    want.add(&parts[1]);
+    want.add(&parts[2]);
+    assert_eq!(over.buckets, Buckets::Exponential(want));
+    assert_eq!(over.count, 11);
 }

@@ -1,7 +1,9 @@
 //! The agent's own HTTP endpoint:
 //!
-//! - `/metrics`: Prometheus text, host metrics after the pipeline plus
-//!   self-metrics;
+//! - `/metrics`: host metrics after the pipeline plus self-metrics, as
+//!   Prometheus text (kernel histograms as compact classic histograms) or,
+//!   when the scraper's `Accept` asks for it, the protobuf format (kernel
+//!   histograms as native histograms);
 //! - `/healthz`: 200 while a collection finished within two intervals;
 //! - `/readyz`: 200 once every enabled family has produced and the exporter
 //!   is not in permanent failure, else 503 with the reason;
@@ -19,7 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -45,18 +47,21 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let body = match shared.last() {
-        Some((_, snap)) => crate::exporters::prometheus::render(&snap.metrics),
-        None => String::new(),
-    };
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
+async fn metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> impl IntoResponse {
+    use crate::exporters::prometheus::{self, protobuf, Format};
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let snap = shared.last().map(|(_, snap)| snap);
+    let metrics = snap.as_ref().map(|s| &s.metrics[..]).unwrap_or_default();
+    match prometheus::negotiate(accept) {
+        Format::Protobuf => (
+            [(header::CONTENT_TYPE, protobuf::CONTENT_TYPE)],
+            protobuf::render(metrics),
+        ),
+        Format::Text => (
+            [(header::CONTENT_TYPE, prometheus::TEXT_CONTENT_TYPE)],
+            prometheus::render(metrics, &shared.classic).into_bytes(),
+        ),
+    }
 }
 
 fn code(ok: bool) -> StatusCode {

@@ -11,19 +11,30 @@
 //!    10-minute figure is `--outage-secs 600`), and record the peak RSS and
 //!    queue bytes against the configured queue limit.
 //!
+//! 4. Exposition size (issue 13), against the real agent (`$PERCH_BIN`,
+//!    every family on, 1 s interval) on this host: series and bytes per
+//!    `/metrics` scrape in text and in protobuf (native histograms), OTLP
+//!    bytes per interval (all metrics and the histogram metrics alone,
+//!    plain and gzip) with exponential and with explicit histograms, and
+//!    node_exporter's series for the comparable collectors. Run it with
+//!    `PERCH_BIN` set to an older build for the before figures.
+//!
 //! Usage: bench_export [--points N] [--rounds N] [--outage-secs N]
+//!        [--exposition-only]
 
 use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use perch::config::export::{ExportConfig, Protocol, Temporality};
 use perch::exporters::otlp::encode::Encoder;
 use perch::exporters::otlp::{resource, OtlpExporter};
 use perch::pipeline::memory::rss_bytes;
 use perch::selfmetrics::SelfMetrics;
-use perch_tests::bench::arg;
+use perch_tests::bench::{arg, http_get_bytes, text_series};
 use perch_tests::otlp_receiver::*;
+use prost::Message;
 
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
@@ -55,7 +66,235 @@ fn mib(b: f64) -> String {
     format!("{:.1} MiB", b / (1024.0 * 1024.0))
 }
 
+/// What one agent run serves and sends.
+struct Exposition {
+    text_series: usize,
+    text_bytes: usize,
+    /// (series, bytes) of the protobuf scrape, if the agent serves one.
+    proto: Option<(usize, usize)>,
+    /// Mean bytes per interval: (all, gzip all, histograms, gzip histograms).
+    otlp: (f64, f64, f64, f64),
+    histogram_points: usize,
+}
+
+fn gzip_len(b: &[u8]) -> usize {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(b).expect("gzip");
+    enc.finish().expect("gzip").len()
+}
+
+/// Series a protobuf scrape gives Prometheus: one per counter or gauge, one
+/// per native histogram, buckets (+Inf included) + sum + count per classic one.
+fn proto_series(mut body: &[u8]) -> usize {
+    use perch::exporters::prometheus::protobuf::{MetricFamily, HISTOGRAM};
+    use prost::Message;
+    let mut n = 0;
+    while !body.is_empty() {
+        let f = MetricFamily::decode_length_delimited(&mut body).expect("a MetricFamily");
+        for m in &f.metric {
+            n += match (&m.histogram, f.r#type) {
+                (Some(h), HISTOGRAM) if !h.positive_span.is_empty() => 1,
+                (Some(h), HISTOGRAM) => {
+                    let inf = h.bucket.last().is_some_and(|b| b.upper_bound.is_infinite());
+                    h.bucket.len() + usize::from(!inf) + 2
+                }
+                _ => 1,
+            };
+        }
+    }
+    n
+}
+
+/// Runs the agent with `env` for a few intervals and measures what it serves.
+fn exposition(env: &[(&str, &str)]) -> Exposition {
+    use perch_tests::perch::Agent;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let sink = rt.block_on(Receiver::start());
+    let endpoint = format!("http://{}", sink.grpc);
+    let agent = Agent::start_cmd(
+        |run| {
+            let mut c = std::process::Command::new(perch_tests::perch_bin());
+            c.args(run).envs(env.iter().copied());
+            c
+        },
+        &["--interval", "1s", "--otlp-endpoint", &endpoint],
+    );
+    // Warm up (the first intervals' rates and peers settle), then measure.
+    std::thread::sleep(Duration::from_secs(4));
+    let warm = sink.received().len();
+    std::thread::sleep(Duration::from_secs(5));
+    let (code, _, text) = http_get_bytes(agent.addr, "/metrics", None).expect("text scrape");
+    assert_eq!(code, 200);
+    let native = "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;\
+                  encoding=delimited;q=0.8,text/plain;version=0.0.4;q=0.2";
+    let (code, ctype, proto) =
+        http_get_bytes(agent.addr, "/metrics", Some(native)).expect("protobuf scrape");
+    assert_eq!(code, 200);
+    let proto = ctype
+        .starts_with("application/vnd.google.protobuf")
+        .then(|| (proto_series(&proto), proto.len()));
+    drop(agent);
+    let received = sink.received();
+    let reqs: Vec<_> = received[warm..].iter().filter(|r| r.accepted).collect();
+    assert!(!reqs.is_empty(), "no OTLP request in the measured window");
+    let (mut all, mut all_gz, mut hist, mut hist_gz, mut hpoints) = (0, 0, 0, 0, 0);
+    for r in &reqs {
+        let body = r.request.encode_to_vec();
+        all += body.len();
+        all_gz += gzip_len(&body);
+        let mut only = r.request.clone();
+        for rm in &mut only.resource_metrics {
+            for sm in &mut rm.scope_metrics {
+                sm.metrics.retain(|m| match &m.data {
+                    Some(Data::Histogram(h)) => {
+                        hpoints += h.data_points.len();
+                        true
+                    }
+                    Some(Data::ExponentialHistogram(h)) => {
+                        hpoints += h.data_points.len();
+                        true
+                    }
+                    _ => false,
+                });
+            }
+        }
+        let body = only.encode_to_vec();
+        hist += body.len();
+        hist_gz += gzip_len(&body);
+    }
+    let k = reqs.len() as f64;
+    let text = String::from_utf8_lossy(&text).into_owned();
+    Exposition {
+        text_series: text_series(&text),
+        text_bytes: text.len(),
+        proto,
+        otlp: (
+            all as f64 / k,
+            all_gz as f64 / k,
+            hist as f64 / k,
+            hist_gz as f64 / k,
+        ),
+        histogram_points: hpoints / reqs.len(),
+    }
+}
+
+/// node_exporter with the collectors comparable to Perch's families (those
+/// this node_exporter has: Debian 12's 1.5.0 has no `softirqs`): the
+/// collectors used, and (series, bytes) of one scrape.
+fn node_exporter() -> (Vec<&'static str>, usize, usize) {
+    let bin = "prometheus-node-exporter";
+    let help = std::process::Command::new(bin)
+        .arg("--help")
+        .output()
+        .expect("prometheus-node-exporter (apt prometheus-node-exporter; cargo xtask setup --test installs it)");
+    let help =
+        String::from_utf8_lossy(&help.stdout).into_owned() + &String::from_utf8_lossy(&help.stderr);
+    let wanted = [
+        "cpu",
+        "stat",
+        "schedstat",
+        "loadavg",
+        "netdev",
+        "netstat",
+        "softnet",
+        "sockstat",
+        "softirqs",
+    ];
+    let have: Vec<&'static str> = wanted
+        .into_iter()
+        .filter(|c| {
+            help.contains(&format!("--[no-]collector.{c} "))
+                || help.contains(&format!("--collector.{c} "))
+        })
+        .collect();
+    let port = free_port();
+    let mut child = std::process::Command::new(bin)
+        .arg("--collector.disable-defaults")
+        .args(have.iter().map(|c| format!("--collector.{c}")))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting prometheus-node-exporter");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        if let Ok((200, _, b)) = http_get_bytes(addr, "/metrics", None) {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "node_exporter did not answer");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = String::from_utf8_lossy(&body);
+    (have, text_series(&text), body.len())
+}
+
+fn kb(b: f64) -> String {
+    format!("{:.1} kB", b / 1000.0)
+}
+
+fn exposition_rows(rows: &mut Vec<(String, String)>) {
+    let (collectors, ne_series, ne_bytes) = node_exporter();
+    let ne = (ne_series, ne_bytes);
+    rows.push((
+        format!(
+            "node_exporter ({}): series / bytes per scrape",
+            collectors.join(", ")
+        ),
+        format!("{} / {}", ne.0, kb(ne.1 as f64)),
+    ));
+    let exp = exposition(&[]);
+    rows.push((
+        "/metrics text (classic layout): series / bytes per scrape".into(),
+        format!(
+            "{} / {} ({:.2}× node_exporter's series)",
+            exp.text_series,
+            kb(exp.text_bytes as f64),
+            exp.text_series as f64 / ne.0 as f64
+        ),
+    ));
+    rows.push((
+        "/metrics protobuf (native histograms): series / bytes per scrape".into(),
+        match exp.proto {
+            Some((s, b)) => format!(
+                "{s} / {} ({:.2}× node_exporter's series)",
+                kb(b as f64),
+                s as f64 / ne.0 as f64
+            ),
+            None => "not served (text only)".into(),
+        },
+    ));
+    let explicit = exposition(&[(
+        "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION",
+        "explicit_bucket_histogram",
+    )]);
+    for (label, e) in [("exponential (default)", &exp), ("explicit", &explicit)] {
+        rows.push((
+            format!("OTLP per interval, histograms {label}: all metrics, plain / gzip"),
+            format!("{} / {}", kb(e.otlp.0), kb(e.otlp.1)),
+        ));
+        rows.push((
+            format!(
+                "OTLP per interval, histograms {label}: the {} histogram points alone, plain / gzip",
+                e.histogram_points
+            ),
+            format!("{} / {}", kb(e.otlp.2), kb(e.otlp.3)),
+        ));
+    }
+}
+
 fn main() {
+    if perch_tests::bench::flag("--exposition-only") {
+        let mut rows = vec![];
+        exposition_rows(&mut rows);
+        println!("| measurement | value |\n|---|---|");
+        for (k, v) in rows {
+            println!("| {k} | {v} |");
+        }
+        return;
+    }
     let points = arg("--points", 10_000);
     let rounds = arg("--rounds", 50);
     let outage = arg("--outage-secs", 10);
@@ -252,6 +491,8 @@ fn main() {
             format!("{sent} / {dropped}"),
         ));
     });
+
+    exposition_rows(&mut rows);
 
     println!("| measurement | value |\n|---|---|");
     for (k, v) in rows {

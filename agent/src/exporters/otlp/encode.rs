@@ -1,13 +1,16 @@
 //! Snapshot → OTLP `ExportMetricsServiceRequest` bytes, split into batches.
 //!
-//! Kernel histograms are sent as OTLP *explicit-bounds* histograms with the
-//! kernel's bucket counts unchanged, so there is no re-binning error.
-//! Exponential histograms are not used: a kernel log2 histogram has a
-//! saturating top bucket (everything above the last bound) that has no
-//! exact exponential equivalent, and switching a series' type with its
-//! data would break it. The OTel SDK is not used for the same reason: its
-//! instruments aggregate raw measurements, and Perch's histograms are
-//! already aggregated in the kernel.
+//! Kernel histograms are binned exponentially in the kernel (scale 3, see
+//! `agent_common::exp`), so by default they go out as OTLP
+//! `ExponentialHistogram` points carrying the kernel's counts unchanged: only
+//! the populated range, no re-binning. A point wider than
+//! `export.max_buckets` is downscaled by merging adjacent buckets exactly,
+//! as the OTel SDK does, and its lower scale is what it reports. With
+//! `export.histograms = "explicit"` they go out as explicit-bounds points in
+//! the classic layout, whose bounds are all kernel bounds, so that too is
+//! exact. `min` and `max` are not sent: the kernel does not keep them.
+//! The OTel SDK is not used: its instruments aggregate raw measurements,
+//! and Perch's histograms are already aggregated in the kernel.
 //!
 //! Batches are bounded by points and by encoded bytes (under the
 //! collector's default 4 MiB gRPC limit); a metric larger than a batch is
@@ -20,14 +23,16 @@ use bytes::Bytes;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
-    self as pm, metric::Data as PData, number_data_point, AggregationTemporality,
-    HistogramDataPoint, NumberDataPoint, ResourceMetrics, ScopeMetrics,
+    self as pm, exponential_histogram_data_point, metric::Data as PData, number_data_point,
+    AggregationTemporality, ExponentialHistogramDataPoint, HistogramDataPoint, NumberDataPoint,
+    ResourceMetrics, ScopeMetrics,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
 
-use crate::config::export::Temporality;
-use crate::model::{AttrValue, Attributes, Data, Metric, Number, Snapshot};
+use crate::config::export::{ExportConfig, HistogramFormat, Temporality, DEFAULT_MAX_BUCKETS};
+use crate::histogram::ClassicLayout;
+use crate::model::{AttrValue, Attributes, Buckets, Data, Metric, Number, Snapshot};
 use crate::pipeline::cardinality::{Val, OVERFLOW_ATTRIBUTE};
 
 /// One encoded request.
@@ -66,6 +71,36 @@ fn kvs(attrs: &Attributes) -> Vec<KeyValue> {
     attrs.iter().map(|(k, v)| kv(k, v)).collect()
 }
 
+/// How histograms are encoded (`export.histograms`, `max_buckets`,
+/// `histogram_bounds`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramExport {
+    pub format: HistogramFormat,
+    pub max_buckets: usize,
+    pub layout: ClassicLayout,
+}
+
+impl Default for HistogramExport {
+    fn default() -> Self {
+        Self {
+            format: HistogramFormat::Exponential,
+            max_buckets: DEFAULT_MAX_BUCKETS,
+            layout: ClassicLayout::default(),
+        }
+    }
+}
+
+impl HistogramExport {
+    /// From a validated config (an invalid layout falls back to the default).
+    pub fn from_config(cfg: &ExportConfig) -> Self {
+        Self {
+            format: cfg.histograms,
+            max_buckets: cfg.max_buckets.max(2),
+            layout: cfg.classic_layout().unwrap_or_default(),
+        }
+    }
+}
+
 /// Delta-temporality memory of one series.
 #[derive(Debug)]
 struct Prev {
@@ -84,6 +119,7 @@ pub struct Encoder {
     max_bytes: usize,
     prev: HashMap<(&'static str, Attributes), Prev>,
     generation: u64,
+    histograms: HistogramExport,
 }
 
 /// Keeps delta state of series absent for this many snapshots.
@@ -92,6 +128,7 @@ const DELTA_TTL: u64 = 10;
 enum Point {
     Number(NumberDataPoint),
     Histogram(HistogramDataPoint),
+    Exponential(ExponentialHistogramDataPoint),
 }
 
 impl Point {
@@ -99,6 +136,7 @@ impl Point {
         match self {
             Point::Number(p) => p.encoded_len(),
             Point::Histogram(p) => p.encoded_len(),
+            Point::Exponential(p) => p.encoded_len(),
         }
     }
 }
@@ -123,7 +161,14 @@ impl Encoder {
             max_bytes,
             prev: HashMap::new(),
             generation: 0,
+            histograms: HistogramExport::default(),
         }
+    }
+
+    /// Sets how histograms are encoded.
+    pub fn with_histograms(mut self, histograms: HistogramExport) -> Self {
+        self.histograms = histograms;
+        self
     }
 
     /// Converts one model metric's points, applying delta temporality.
@@ -196,18 +241,20 @@ impl Encoder {
                     .collect(),
             ),
             Data::Histogram { points } => {
+                let exponential = self.histograms.format == HistogramFormat::Exponential
+                    && points
+                        .first()
+                        .is_some_and(|p| matches!(p.buckets, Buckets::Exponential(_)));
                 let pts = points
                     .iter()
                     .map(|p| {
                         let mut start = p.start_time;
-                        let (mut count, mut sum, mut buckets) =
-                            (p.count, p.sum, p.bucket_counts.clone());
+                        let (mut count, mut sum, mut buckets) = (p.count, p.sum, p.buckets.clone());
                         if delta {
                             let cur = Val::Hist {
                                 count: p.count,
                                 sum: p.sum,
-                                bounds: p.bounds.clone(),
-                                buckets: p.bucket_counts.clone(),
+                                buckets: p.buckets.clone(),
                             };
                             let key = (m.name, p.attributes.clone());
                             if let Some(prev) = self.prev.get(&key) {
@@ -215,7 +262,6 @@ impl Encoder {
                                     count: c,
                                     sum: s,
                                     buckets: b,
-                                    ..
                                 }) = cur.delta(&prev.val)
                                 {
                                     (count, sum, buckets) = (c, s, b);
@@ -231,28 +277,72 @@ impl Encoder {
                                 },
                             );
                         }
-                        Point::Histogram(HistogramDataPoint {
-                            attributes: kvs(&p.attributes),
-                            start_time_unix_nano: unix_nanos(start),
-                            time_unix_nano: unix_nanos(p.time),
-                            count,
-                            sum: Some(sum),
-                            bucket_counts: buckets,
-                            explicit_bounds: p.bounds.to_vec(),
-                            exemplars: vec![],
-                            flags: 0,
-                            min: None,
-                            max: None,
-                        })
+                        let attributes = kvs(&p.attributes);
+                        let (start_time_unix_nano, time_unix_nano) =
+                            (unix_nanos(start), unix_nanos(p.time));
+                        match (&buckets, exponential) {
+                            (Buckets::Exponential(e), true) => {
+                                let e = e.downscaled(self.histograms.max_buckets);
+                                Point::Exponential(ExponentialHistogramDataPoint {
+                                    attributes,
+                                    start_time_unix_nano,
+                                    time_unix_nano,
+                                    count,
+                                    sum: Some(sum),
+                                    scale: e.scale,
+                                    zero_count: e.zero_count,
+                                    positive: Some(exponential_histogram_data_point::Buckets {
+                                        offset: e.offset,
+                                        bucket_counts: e.counts,
+                                    }),
+                                    negative: None,
+                                    flags: 0,
+                                    exemplars: vec![],
+                                    min: None,
+                                    max: None,
+                                    zero_threshold: 0.0,
+                                })
+                            }
+                            _ => {
+                                let (bounds, bucket_counts) = match buckets {
+                                    Buckets::Explicit { bounds, counts } => {
+                                        (bounds.to_vec(), counts)
+                                    }
+                                    Buckets::Exponential(e) => (
+                                        self.histograms.layout.bounds().to_vec(),
+                                        self.histograms.layout.counts(&e),
+                                    ),
+                                };
+                                Point::Histogram(HistogramDataPoint {
+                                    attributes,
+                                    start_time_unix_nano,
+                                    time_unix_nano,
+                                    count,
+                                    sum: Some(sum),
+                                    bucket_counts,
+                                    explicit_bounds: bounds,
+                                    exemplars: vec![],
+                                    flags: 0,
+                                    min: None,
+                                    max: None,
+                                })
+                            }
+                        }
                     })
                     .collect();
-                (
+                let aggregation_temporality = if delta { delta_t } else { cumulative };
+                let shape = if exponential {
+                    PData::ExponentialHistogram(pm::ExponentialHistogram {
+                        data_points: vec![],
+                        aggregation_temporality,
+                    })
+                } else {
                     PData::Histogram(pm::Histogram {
                         data_points: vec![],
-                        aggregation_temporality: if delta { delta_t } else { cumulative },
-                    }),
-                    pts,
-                )
+                        aggregation_temporality,
+                    })
+                };
+                (shape, pts)
             }
         }
     }
@@ -316,6 +406,9 @@ impl Encoder {
                     (Some(PData::Sum(s)), Point::Number(n)) => s.data_points.push(n),
                     (Some(PData::Gauge(g)), Point::Number(n)) => g.data_points.push(n),
                     (Some(PData::Histogram(h)), Point::Histogram(hp)) => h.data_points.push(hp),
+                    (Some(PData::ExponentialHistogram(h)), Point::Exponential(hp)) => {
+                        h.data_points.push(hp)
+                    }
                     _ => {}
                 }
             }
@@ -465,8 +558,10 @@ mod tests {
                         time: t(10),
                         count: 6,
                         sum: 0.5,
-                        bounds: Arc::from(vec![0.001, 0.002, 0.004]),
-                        bucket_counts: vec![1, 2, 3, 0],
+                        buckets: Buckets::Explicit {
+                            bounds: Arc::from(vec![0.001, 0.002, 0.004]),
+                            counts: vec![1, 2, 3, 0],
+                        },
                     }],
                 },
             }],
@@ -487,5 +582,151 @@ mod tests {
             p.attributes[0].value.as_ref().unwrap().value,
             Some(any_value::Value::BoolValue(true))
         );
+    }
+
+    /// A kernel-shaped run-queue snapshot: `values` ns, `n` times each.
+    fn kernel_snapshot(at: u64, values: &[(u64, u64)]) -> Snapshot {
+        let mut slots = vec![0u64; agent_common::exp::SLOTS as usize];
+        let mut sum = 0.0;
+        for &(ns, n) in values {
+            slots[agent_common::exp::slot(ns) as usize] += n;
+            sum += ns as f64 * n as f64 / 1e9;
+        }
+        let e = crate::model::Exponential::from_slots(&slots);
+        Snapshot {
+            time: t(at),
+            metrics: vec![Metric::histogram(
+                crate::catalogue::RUNQUEUE_LATENCY,
+                "",
+                "s",
+                vec![HistogramPoint {
+                    attributes: vec![],
+                    start_time: t(1),
+                    time: t(at),
+                    count: e.count(),
+                    sum,
+                    buckets: Buckets::Exponential(e),
+                }],
+            )],
+        }
+    }
+
+    fn exponential_point(r: &ExportMetricsServiceRequest) -> ExponentialHistogramDataPoint {
+        let m = &r.resource_metrics[0].scope_metrics[0].metrics[0];
+        let Some(PData::ExponentialHistogram(h)) = &m.data else {
+            panic!("not an exponential histogram: {m:?}")
+        };
+        h.data_points[0].clone()
+    }
+
+    #[test]
+    fn kernel_histograms_are_exponential_with_the_kernels_counts() {
+        let values = [
+            (0, 2),
+            (900, 1),
+            (1_000, 4),
+            (3_000_000, 7),
+            (40_000_000, 1),
+        ];
+        let s = kernel_snapshot(10, &values);
+        let mut e = Encoder::new(Resource::default(), Temporality::Cumulative, 100, 1 << 20);
+        let p = exponential_point(&decode(&e.encode(&s)[0]));
+        assert_eq!(p.scale, 3);
+        assert_eq!(p.zero_count, 2);
+        assert_eq!(p.count, 15);
+        assert!((p.sum.unwrap() - 0.061000900 - 4e-6).abs() < 1e-12);
+        assert_eq!(p.min, None, "the kernel keeps no min");
+        let pos = p.positive.unwrap();
+        // Every value is in the OTel bucket (2^(i/8), 2^((i+1)/8)] s of its index.
+        for &(ns, n) in &values[1..] {
+            let i = agent_common::exp::index(ns);
+            let v = ns as f64 / 1e9;
+            assert!(2f64.powf(i as f64 / 8.0) < v && v <= 2f64.powf((i + 1) as f64 / 8.0));
+            assert!(pos.bucket_counts[(i - pos.offset) as usize] >= n);
+        }
+        assert_eq!(pos.bucket_counts.iter().sum::<u64>(), 13);
+        assert_eq!(pos.offset, agent_common::exp::index(900));
+        assert_eq!(
+            *pos.bucket_counts.last().unwrap(),
+            1,
+            "populated range only"
+        );
+    }
+
+    #[test]
+    fn max_buckets_downscales_exactly() {
+        let s = kernel_snapshot(10, &[(1_000, 1), (1_000_000, 2), (1_000_000_000, 3)]);
+        let wide = {
+            let mut e = Encoder::new(Resource::default(), Temporality::Cumulative, 100, 1 << 20);
+            exponential_point(&decode(&e.encode(&s)[0]))
+        };
+        assert!(wide.positive.as_ref().unwrap().bucket_counts.len() > 100);
+        let mut e = Encoder::new(Resource::default(), Temporality::Cumulative, 100, 1 << 20)
+            .with_histograms(HistogramExport {
+                max_buckets: 20,
+                ..HistogramExport::default()
+            });
+        let p = exponential_point(&decode(&e.encode(&s)[0]));
+        let pos = p.positive.unwrap();
+        assert!(pos.bucket_counts.len() <= 20);
+        assert_eq!(
+            p.scale, 0,
+            "three buckets per 2^10 range fit in 20 at scale 0"
+        );
+        assert_eq!(pos.bucket_counts.iter().sum::<u64>(), 6);
+        // At scale 0 the buckets are (2^i, 2^(i+1)] s.
+        for (ns, n) in [(1_000u64, 1u64), (1_000_000, 2), (1_000_000_000, 3)] {
+            let v = ns as f64 / 1e9;
+            let i = (v.log2().ceil() as i32) - 1;
+            assert_eq!(pos.bucket_counts[(i - pos.offset) as usize], n, "{ns} ns");
+        }
+    }
+
+    #[test]
+    fn explicit_mode_sums_into_the_classic_layout() {
+        let s = kernel_snapshot(
+            10,
+            &[(0, 1), (3_000, 2), (1_000_000, 5), (2_000_000_000, 1)],
+        );
+        let mut e = Encoder::new(Resource::default(), Temporality::Cumulative, 100, 1 << 20)
+            .with_histograms(HistogramExport {
+                format: HistogramFormat::Explicit,
+                ..HistogramExport::default()
+            });
+        let r = decode(&e.encode(&s)[0]);
+        let Some(PData::Histogram(h)) = &r.resource_metrics[0].scope_metrics[0].metrics[0].data
+        else {
+            panic!("not an explicit histogram")
+        };
+        let p = &h.data_points[0];
+        assert_eq!(p.explicit_bounds.len(), 16);
+        assert_eq!(p.bucket_counts.len(), 17);
+        assert_eq!(p.count, 9);
+        assert_eq!(p.bucket_counts.iter().sum::<u64>(), 9);
+        for (v, k) in [(0.0, 0usize), (3e-6, 2), (1e-3, 11), (2.0, 16)] {
+            let want = p.explicit_bounds.partition_point(|b| *b < v);
+            assert_eq!(want, k, "{v} s");
+            assert!(
+                p.bucket_counts[k] > 0,
+                "{v} s in bucket {k}: {:?}",
+                p.bucket_counts
+            );
+        }
+    }
+
+    #[test]
+    fn delta_exponential_points_subtract_bucket_wise() {
+        let mut e = Encoder::new(Resource::default(), Temporality::Delta, 100, 1 << 20);
+        let first = kernel_snapshot(10, &[(1_000, 1), (5_000, 2)]);
+        let second = kernel_snapshot(20, &[(1_000, 1), (5_000, 5), (9_000_000, 1)]);
+        let _ = e.encode(&first);
+        let p = exponential_point(&decode(&e.encode(&second)[0]));
+        assert_eq!(p.count, 4);
+        let pos = p.positive.unwrap();
+        assert_eq!(pos.offset, agent_common::exp::index(5_000));
+        assert_eq!(pos.bucket_counts[0], 3);
+        assert_eq!(*pos.bucket_counts.last().unwrap(), 1);
+        assert_eq!(pos.bucket_counts.iter().sum::<u64>(), 4);
+        assert_eq!(p.start_time_unix_nano, unix_nanos(t(10)));
     }
 }

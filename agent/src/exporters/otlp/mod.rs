@@ -334,7 +334,8 @@ impl OtlpExporter {
             cfg.temporality,
             cfg.batch.max_points,
             usize::try_from(cfg.batch.max_bytes).unwrap_or(usize::MAX),
-        );
+        )
+        .with_histograms(encode::HistogramExport::from_config(cfg));
         let shared = Arc::new(Shared {
             selfm,
             pending: Mutex::new(VecDeque::new()),

@@ -13,15 +13,16 @@
 //!
 //! Counting happens in per-CPU maps; this reads them once per interval.
 
-use std::sync::Arc;
 use std::time::SystemTime;
 
-use agent_common::{hist, sched as c};
+use agent_common::{exp, sched as c};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 
 use crate::families::{BuildCtx, BuildError};
 use crate::gate::Source;
-use crate::model::{Attributes, HistogramPoint, Metric, Number, NumberPoint, StartTimes};
+use crate::model::{
+    Attributes, Buckets, Exponential, HistogramPoint, Metric, Number, NumberPoint, StartTimes,
+};
 use crate::sources::{stat, Root};
 
 use super::schedstat;
@@ -52,7 +53,6 @@ pub struct SchedCollector {
     starts: StartTimes,
     /// Start times of the schedstat series: boot time.
     wait_starts: StartTimes,
-    bounds: Arc<[f64]>,
     runq_start_full: u64,
     /// `/proc/schedstat` exists (`CONFIG_SCHEDSTATS=y`).
     schedstat: bool,
@@ -91,19 +91,9 @@ impl SchedCollector {
             starts: StartTimes::new(maps.as_ref().map(|m| m.attached_at).unwrap_or(boot)),
             maps,
             per_cpu_runq,
-            bounds: runq_bounds(),
             runq_start_full: 0,
         })
     }
-}
-
-/// Histogram bounds in seconds, exactly the kernel's buckets: bucket `i`
-/// holds `bucket_lower(i)..=bucket_upper(i)` ns, so its inclusive upper bound
-/// is `bucket_upper(i)`; the last bucket is the overflow.
-pub fn runq_bounds() -> Arc<[f64]> {
-    (0..hist::BUCKETS - 1)
-        .map(|i| hist::bucket_upper(i) as f64 / 1e9)
-        .collect()
 }
 
 fn sum_point(attributes: Attributes, start: SystemTime, now: SystemTime, v: Number) -> NumberPoint {
@@ -176,8 +166,8 @@ impl Collector for SchedCollector {
                 runq_sums = Some(cpus.iter().map(|c| (*c, cpu_value(&sum_ns, *c))).collect());
                 // Read each bucket once: per CPU values, summed or kept.
                 let width = if self.per_cpu_runq { cpus.len() } else { 1 };
-                let mut buckets = vec![vec![0u64; hist::BUCKETS as usize]; width];
-                for b in 0..hist::BUCKETS {
+                let mut buckets = vec![vec![0u64; exp::SLOTS as usize]; width];
+                for b in 0..exp::SLOTS {
                     let values = read_slot(&maps.hist, b, c::MAP_RUNQ_HIST)?;
                     for (k, cpu) in cpus.iter().enumerate() {
                         let v = cpu_value(&values, *cpu);
@@ -205,8 +195,7 @@ impl Collector for SchedCollector {
                             time: now,
                             count,
                             sum: sum as f64 / 1e9,
-                            bounds: self.bounds.clone(),
-                            bucket_counts: counts,
+                            buckets: Buckets::Exponential(Exponential::from_slots(&counts)),
                         }
                     })
                     .collect();

@@ -24,8 +24,6 @@ use crate::sources::tracefs;
 
 use super::{BuildCtx, BuildError, PrepareCtx, Prepared, Section, Unit};
 
-pub use collector::runq_bounds;
-
 /// Programs that time run-queue waits from wake-ups, left unattached where
 /// `sched_switch` reads the kernel's stamps.
 const WAKEUP_PROGRAMS: [&str; 4] = [

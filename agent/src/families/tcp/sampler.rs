@@ -39,7 +39,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::SystemTime;
 
-use agent_common::hist;
+use agent_common::exp;
 
 use crate::sources::netlink::{DiagError, SockDiag, TcpInfo, TcpSock, TABLES};
 
@@ -74,7 +74,7 @@ pub struct Totals {
     pub rx_bytes: u64,
 }
 
-/// A histogram in [`hist`] buckets of ns, with its exact sum.
+/// A histogram of ns in [`exp::slot`] slots, with its exact sum.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hist {
     pub counts: Vec<u64>,
@@ -84,7 +84,7 @@ pub struct Hist {
 impl Default for Hist {
     fn default() -> Self {
         Self {
-            counts: vec![0; hist::BUCKETS as usize],
+            counts: vec![0; exp::SLOTS as usize],
             sum_ns: 0,
         }
     }
@@ -92,7 +92,7 @@ impl Default for Hist {
 
 impl Hist {
     fn record(&mut self, ns: u64) {
-        if let Some(c) = self.counts.get_mut(hist::bucket_index(ns) as usize) {
+        if let Some(c) = self.counts.get_mut(exp::slot(ns) as usize) {
             *c += 1;
         }
         self.sum_ns += ns;

@@ -43,8 +43,8 @@ impl TcpCollector {
         };
         let cpus = online_cpus();
         let slots = read_summed(&maps.counters, c::COUNTER_SLOTS, c::MAP_COUNTERS, &cpus)?;
-        let connect = read_summed(&maps.connect, hist::BUCKETS, c::MAP_CONNECT_HIST, &cpus)?;
-        let rtt = read_summed(&maps.rtt, hist::BUCKETS, c::MAP_RTT_HIST, &cpus)?;
+        let connect = read_summed(&maps.connect, exp::SLOTS, c::MAP_CONNECT_HIST, &cpus)?;
+        let rtt = read_summed(&maps.rtt, exp::SLOTS, c::MAP_RTT_HIST, &cpus)?;
 
         // Peers: summed over CPUs; idle ones evicted into the base table;
         // v4-mapped folded into IPv4; live sockets added.
@@ -88,7 +88,7 @@ impl TcpCollector {
                         key.peer.server_port,
                         role_name(key.peer.role),
                     ))
-                    .or_insert_with(|| (vec![0; hist::BUCKETS as usize], 0));
+                    .or_insert_with(|| (vec![0; exp::SLOTS as usize], 0));
                 if key.bucket == c::RTT_SUM_BUCKET {
                     e.1 += total;
                 } else if let Some(b) = e.0.get_mut(key.bucket as usize) {

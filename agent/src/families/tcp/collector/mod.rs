@@ -8,17 +8,18 @@ mod procfs;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use agent_common::{hist, tcp as c};
+use agent_common::{exp, tcp as c};
 use aya::maps::{MapData, MapError, PerCpuArray, PerCpuHashMap};
 use aya::sys::SyscallError;
 
 use crate::collectors::{online_cpus, read_summed, CollectError, Collector};
 use crate::families::{BuildCtx, BuildError};
 use crate::gate::Source;
-use crate::model::{Attributes, Data, HistogramPoint, Metric, Number, NumberPoint, StartTimes};
+use crate::model::{
+    Attributes, Buckets, Data, Exponential, HistogramPoint, Metric, Number, NumberPoint, StartTimes,
+};
 use crate::sources::{snmp, ProcError, Root};
 
 use super::peers::{peer_address, role_name, Counters, Peer, PeerTable, Take, OVERFLOW_PEER};
@@ -93,7 +94,6 @@ pub struct TcpCollector {
     sampler_starts: StartTimes,
     /// Failed sock_diag samples not yet counted by the run loop.
     sampler_errors: u64,
-    bounds: Arc<[f64]>,
 }
 
 impl TcpCollector {
@@ -145,7 +145,6 @@ impl TcpCollector {
             sampler_errors: 0,
             sampler,
             starts: StartTimes::new(start),
-            bounds: crate::families::sched::runq_bounds(),
         })
     }
 
@@ -167,15 +166,7 @@ impl TcpCollector {
         sum_ns: u64,
         now: SystemTime,
     ) -> HistogramPoint {
-        hist_point(
-            &mut self.starts,
-            &self.bounds,
-            name,
-            attributes,
-            counts,
-            sum_ns,
-            now,
-        )
+        hist_point(&mut self.starts, name, attributes, counts, sum_ns, now)
     }
 
     /// `perch.tcp.peers.evicted` and `perch.tcp.peers.forgotten`.
@@ -245,11 +236,10 @@ fn number_point(
     }
 }
 
-/// A cumulative histogram point (bucket counts in [`hist`] buckets, sum in
-/// ns), its start time from `starts`.
+/// A cumulative histogram point (counts per [`agent_common::exp::slot`],
+/// sum in ns), its start time from `starts`.
 fn hist_point(
     starts: &mut StartTimes,
-    bounds: &Arc<[f64]>,
     name: &'static str,
     attributes: Attributes,
     counts: Vec<u64>,
@@ -264,8 +254,7 @@ fn hist_point(
         time: now,
         count,
         sum: sum_ns as f64 / 1e9,
-        bounds: bounds.clone(),
-        bucket_counts: counts,
+        buckets: Buckets::Exponential(Exponential::from_slots(&counts)),
     }
 }
 

@@ -36,7 +36,6 @@ impl TcpCollector {
         out.push(Metric::counter(IO, IO_SAMPLED_DESC, "By", io));
         let mut points = vec![hist_point(
             &mut self.sampler_starts,
-            &self.bounds,
             RTT,
             Vec::new(),
             rtt.counts,
@@ -51,7 +50,6 @@ impl TcpCollector {
             ];
             points.push(hist_point(
                 &mut self.sampler_starts,
-                &self.bounds,
                 RTT,
                 attrs,
                 h.counts,
@@ -143,7 +141,6 @@ mod tests {
             starts: StartTimes::new(SystemTime::UNIX_EPOCH),
             sampler_starts: StartTimes::new(SystemTime::UNIX_EPOCH),
             sampler_errors: 0,
-            bounds: crate::families::sched::runq_bounds(),
         }
     }
 

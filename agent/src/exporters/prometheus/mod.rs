@@ -1,12 +1,73 @@
-//! Prometheus text exposition (format 0.0.4) of model metrics, with names
-//! translated per the OpenTelemetry → Prometheus compatibility rules:
-//! dots become underscores, the unit is appended as a word (`s` → `seconds`,
-//! `By` → `bytes`; `{annotations}` are dropped), and monotonic sums get
-//! `_total`. So `system.cpu.time` (unit `s`) is `system_cpu_time_seconds_total`.
+//! Prometheus exposition of model metrics, with names translated per the
+//! OpenTelemetry → Prometheus compatibility rules: dots become underscores,
+//! the unit is appended as a word (`s` → `seconds`, `By` → `bytes`;
+//! `{annotations}` are dropped), and monotonic sums get `_total`. So
+//! `system.cpu.time` (unit `s`) is `system_cpu_time_seconds_total`.
+//!
+//! Two formats, chosen by the scraper's `Accept` header ([`negotiate`]):
+//! - **text** (format 0.0.4): kernel histograms as classic histograms in the
+//!   [`ClassicLayout`] (`export.histogram_bounds`; by default 20 buckets,
+//!   one per power of two seconds), every bound a kernel bucket bound;
+//! - **protobuf** ([`protobuf`], delimited `io.prometheus.client.MetricFamily`):
+//!   kernel histograms as native histograms, schema = the kernel's scale,
+//!   the kernel's buckets as they are and no `_bucket` series.
+
+pub mod protobuf;
 
 use std::fmt::Write;
 
-use crate::model::{Data, Metric, Number};
+use crate::histogram::ClassicLayout;
+use crate::model::{Buckets, Data, Metric, Number};
+
+/// The text format's content type.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// An exposition format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Protobuf,
+}
+
+/// The format an `Accept` header asks for: protobuf when it names the
+/// delimited `io.prometheus.client.MetricFamily` type with a quality at
+/// least that of any text type it accepts, text otherwise (also for no
+/// header, or one that accepts neither: text is what every scraper reads).
+pub fn negotiate(accept: Option<&str>) -> Format {
+    let Some(accept) = accept else {
+        return Format::Text;
+    };
+    let (mut proto_q, mut text_q) = (-1.0f64, -1.0f64);
+    for range in accept.split(',') {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let mut q = 1.0;
+        let (mut proto, mut delimited) = (false, false);
+        for param in parts {
+            let (k, v) = param.split_once('=').unwrap_or((param, ""));
+            let v = v.trim().trim_matches('"');
+            match k.trim().to_ascii_lowercase().as_str() {
+                "q" => q = v.parse().unwrap_or(0.0),
+                "proto" => proto = v == "io.prometheus.client.MetricFamily",
+                "encoding" => delimited = v == "delimited",
+                _ => {}
+            }
+        }
+        if media == "application/vnd.google.protobuf" && proto && delimited {
+            proto_q = proto_q.max(q);
+        } else if media.starts_with("text/")
+            || media.starts_with("application/openmetrics-text")
+            || media == "*/*"
+        {
+            text_q = text_q.max(q);
+        }
+    }
+    if proto_q > 0.0 && proto_q >= text_q {
+        Format::Protobuf
+    } else {
+        Format::Text
+    }
+}
 
 /// The Prometheus name of an OpenTelemetry metric. The agent's own process
 /// metrics take the names every Prometheus client gives them
@@ -107,8 +168,8 @@ fn labels(
     format!("{{{}}}", parts.join(","))
 }
 
-/// Renders metrics as Prometheus text.
-pub fn render(metrics: &[Metric]) -> String {
+/// Renders metrics as Prometheus text, kernel histograms in `layout`.
+pub fn render(metrics: &[Metric], layout: &ClassicLayout) -> String {
     let mut out = String::with_capacity(16 * 1024);
     for m in metrics {
         let (kind, counter) = match &m.data {
@@ -134,11 +195,14 @@ pub fn render(metrics: &[Metric]) -> String {
             }
             Data::Histogram { points } => {
                 for p in points {
+                    let (bounds, counts) = match &p.buckets {
+                        Buckets::Explicit { bounds, counts } => (&bounds[..], counts.clone()),
+                        Buckets::Exponential(e) => (&layout.bounds()[..], layout.counts(e)),
+                    };
                     let mut cumulative = 0u64;
-                    for (i, c) in p.bucket_counts.iter().enumerate() {
+                    for (i, c) in counts.iter().enumerate() {
                         cumulative += c;
-                        let le = p
-                            .bounds
+                        let le = bounds
                             .get(i)
                             .map(|b| float(*b))
                             .unwrap_or_else(|| "+Inf".into());
@@ -161,7 +225,7 @@ pub fn render(metrics: &[Metric]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{HistogramPoint, NumberPoint};
+    use crate::model::{Buckets, HistogramPoint, NumberPoint};
     use std::time::SystemTime;
 
     #[test]
@@ -241,13 +305,15 @@ mod tests {
                         time: now,
                         count: 6,
                         sum: 3.5,
-                        bounds: vec![0.5, 1.0].into(),
-                        bucket_counts: vec![1, 2, 3],
+                        buckets: Buckets::Explicit {
+                            bounds: vec![0.5, 1.0].into(),
+                            counts: vec![1, 2, 3],
+                        },
                     }],
                 },
             },
         ];
-        let text = render(&metrics);
+        let text = render(&metrics, &ClassicLayout::default());
         assert!(
             text.contains("# TYPE system_cpu_time_seconds_total counter\n"),
             "{text}"
@@ -268,6 +334,74 @@ mod tests {
     }
 
     #[test]
+    fn kernel_histograms_render_in_the_classic_layout() {
+        use crate::model::Exponential;
+        let now = SystemTime::now();
+        let mut slots = vec![0u64; agent_common::exp::SLOTS as usize];
+        // 3 µs x2, 1 ms x5, 2 s x1.
+        for (ns, n) in [(3_000u64, 2u64), (1_000_000, 5), (2_000_000_000, 1)] {
+            slots[agent_common::exp::slot(ns) as usize] += n;
+        }
+        let m = Metric {
+            name: "k",
+            description: "d",
+            unit: "s",
+            data: Data::Histogram {
+                points: vec![HistogramPoint {
+                    attributes: vec![],
+                    start_time: now,
+                    time: now,
+                    count: 8,
+                    sum: 2.005006,
+                    buckets: Buckets::Exponential(Exponential::from_slots(&slots)),
+                }],
+            },
+        };
+        let text = render(&[m], &ClassicLayout::default());
+        assert_eq!(text.matches("k_seconds_bucket{").count(), 17, "{text}");
+        // 3 µs <= 2^-18 s (3.81 µs); 1 ms <= 2^-8 s (3.9 ms); 2 s only in +Inf.
+        assert!(
+            text.contains("k_seconds_bucket{le=\"0.000003814697265625\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("k_seconds_bucket{le=\"0.0009765625\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("k_seconds_bucket{le=\"0.00390625\"} 7\n"),
+            "{text}"
+        );
+        assert!(text.contains("k_seconds_bucket{le=\"1\"} 7\n"), "{text}");
+        assert!(text.contains("k_seconds_bucket{le=\"+Inf\"} 8\n"), "{text}");
+        assert!(text.contains("k_seconds_count 8\n"), "{text}");
+    }
+
+    #[test]
+    fn negotiation_prefers_protobuf_only_when_asked() {
+        // What Prometheus 2.42 sends with --enable-feature=native-histograms.
+        let native = "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;\
+                      encoding=delimited;q=0.8,application/openmetrics-text;version=1.0.0;q=0.5,\
+                      text/plain;version=0.0.4;q=0.2,*/*;q=0.1";
+        assert_eq!(negotiate(Some(native)), Format::Protobuf);
+        // ... and without it.
+        let classic = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                       version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(negotiate(Some(classic)), Format::Text);
+        assert_eq!(negotiate(None), Format::Text);
+        assert_eq!(negotiate(Some("*/*")), Format::Text);
+        assert_eq!(
+            negotiate(Some("application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=text")),
+            Format::Text,
+            "only the delimited encoding is served"
+        );
+        assert_eq!(
+            negotiate(Some("application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0")),
+            Format::Text
+        );
+    }
+
+    #[test]
     fn escapes_label_values() {
         let now = SystemTime::now();
         let m = Metric {
@@ -283,6 +417,6 @@ mod tests {
                 }],
             },
         };
-        assert!(render(&[m]).contains(r#"g_ratio{k="a\"b\\c\nd"} 1"#));
+        assert!(render(&[m], &ClassicLayout::default()).contains(r#"g_ratio{k="a\"b\\c\nd"} 1"#));
     }
 }
