@@ -10,18 +10,27 @@
 //!
 //! The kernel sees integer nanoseconds `v`. The bucket of `v` is the largest
 //! `m` with `2^(m/8) s < v ns`, i.e. with `T(m) < v` where
-//! `T(m) = floor(1e9 * 2^(m/8))` (the product is irrational unless `8 | m`,
-//! and an integer when it is not, so the floor changes nothing). [`BOUNDS_NS`]
-//! holds these thresholds; a big-integer test checks every one of them.
+//! `T(m) = floor(1e9 * 2^(m/8))` ([`threshold_ns`]): for an integer `v`,
+//! `v > R` iff `v > floor(R)`, for any real `R`. Big-integer tests check
+//! every threshold and every boundary.
 //!
 //! The index is computed without floating point and without a loop (the
-//! verifier wants bounded code):
-//! 1. a leading-zero count and seven compares give the bucket of `v` **in
-//!    nanoseconds**, `n = ceil(8 * log2 v) - 1` (the compares are against
-//!    `floor(2^(63 + j/8))`, exact for a value normalised to bit 63);
-//! 2. `8 * log2(1e9) = 239.18`, so nanosecond bucket `n` holds exactly one
-//!    seconds boundary, `T(n - 239)`, and the seconds bucket is `n - 240`
-//!    or `n - 239`: one table compare decides.
+//! verifier wants bounded code). `8 * log2(1e9) = 239.18` is not an
+//! integer, but both spacings are 2^(1/8), so the seconds boundaries sit at
+//! the **same eight mantissa positions in every power of two of
+//! nanoseconds**: inside `[2^k, 2^(k+1))` ns they are `2^k * 2^(0.0224 +
+//! j/8)`, `j = 0..8`. So:
+//! 1. a leading-zero count gives the power `k`, and the value is shifted so
+//!    its top bit is bit 63 (`x`);
+//! 2. the next four bits pick one of 16 equal segments of the octave; each
+//!    holds at most one of the eight boundaries (they are at least 0.092
+//!    apart, a segment is 0.0625 wide). A 16-entry table gives the number
+//!    of boundaries below the segment, and a second one the boundary inside
+//!    it (normalised to bit 63, floored: exact for integer `x`);
+//! 3. the index is `8k - 240 + below + (x > boundary)`.
+//!
+//! Two table loads and one compare after the leading-zero count; the
+//! kernel keeps the tables in `.rodata`.
 //!
 //! Tracked range: 1 ns up to `2^40` ns (about 18 min), indexes
 //! [`MIN_INDEX`] ..= [`MAX_INDEX`]. `0` goes to the zero bucket, values
@@ -31,17 +40,10 @@
 pub const SCALE: i32 = 3;
 /// The largest tracked value is `2^MAX_POWER` ns.
 pub const MAX_POWER: u32 = 40;
-/// `floor(8 * log2(1e9))`: nanosecond bucket `n` holds seconds boundary `n - 239`.
-const SECONDS_SHIFT: i32 = 239;
-/// The smallest nanosecond bucket, `(2^(-1/8), 1]` ns.
-const NS_MIN_INDEX: i32 = -1;
-/// The largest nanosecond bucket, `(2^(MAX_POWER - 1/8), 2^MAX_POWER]` ns.
-const NS_MAX_INDEX: i32 = (MAX_POWER as i32) * 8 - 1;
-/// The smallest tracked (seconds) index: bucket `(2^-30, 2^-29.875]` s,
-/// which holds 1 ns.
-pub const MIN_INDEX: i32 = NS_MIN_INDEX - SECONDS_SHIFT;
-/// The largest tracked (seconds) index: the bucket of `2^MAX_POWER` ns.
-pub const MAX_INDEX: i32 = NS_MAX_INDEX - SECONDS_SHIFT;
+/// The smallest tracked index: bucket `(2^-30, 2^-29.875]` s, which holds 1 ns.
+pub const MIN_INDEX: i32 = -240;
+/// The largest tracked index: the bucket of `2^MAX_POWER` ns.
+pub const MAX_INDEX: i32 = (MAX_POWER as i32) * 8 - 240;
 /// Slot holding the count of zero values.
 pub const ZERO_SLOT: u32 = 0;
 /// Slot holding the count of values above `2^MAX_POWER` ns.
@@ -49,18 +51,16 @@ pub const OVERFLOW_SLOT: u32 = (MAX_INDEX - MIN_INDEX) as u32 + 2;
 /// The number of map slots: zero, every tracked index, overflow.
 pub const SLOTS: u32 = OVERFLOW_SLOT + 1;
 
-/// The kernel's `.rodata` copy of [`BOUNDS_NS`]. Never overridden: it is
+/// The kernel's `.rodata` copy of [`TABLES`]. Never overridden: it is
 /// listed so the object check sees every global the object defines.
-pub const GLOBAL_BOUNDS: &str = "EXP_BOUNDS_NS";
+pub const GLOBAL_TABLES: &str = "EXP_TABLES";
 
 /// The object's histogram globals (no maps: each family owns its histograms).
-pub const GLOBALS: &[crate::contract::GlobalSpec] = &[crate::contract::GlobalSpec::of::<
-    [u64; BOUNDS_LEN],
->(GLOBAL_BOUNDS)];
+pub const GLOBALS: &[crate::contract::GlobalSpec] =
+    &[crate::contract::GlobalSpec::of::<Tables>(GLOBAL_TABLES)];
 
-/// `floor(2^(63 + j/8))` for `j = 1..=7`: the sub-bucket thresholds of a
-/// value normalised to bit 63. Checked exactly (big-integer 8th powers) in
-/// the tests.
+/// `floor(2^(63 + j/8))` for `j = 1..=7`. Checked exactly (big-integer
+/// 8th powers) in the tests.
 const THRESHOLDS: [u64; 7] = [
     0x8b95_c1e3_ea8b_d6e6,
     0x9837_f051_8db8_a96f,
@@ -71,27 +71,61 @@ const THRESHOLDS: [u64; 7] = [
     0xeac0_c6e7_dd24_392e,
 ];
 
-/// The number of entries of [`BOUNDS_NS`].
-pub const BOUNDS_LEN: usize = (NS_MAX_INDEX - NS_MIN_INDEX + 1) as usize;
+/// `floor(1e9 * 2^(63 + (j - 239)/8))` for `j = 0..8`: the seconds
+/// boundaries inside any power of two of nanoseconds, normalised to bit
+/// 63. Checked exactly in the tests. (The last is `1e9 * 2^34`, exact.)
+const OCTAVE_BOUNDS: [u64; 8] = [
+    0x81ff_a7a9_549c_a6e3,
+    0x8dc3_b896_0164_a7d9,
+    0x9a98_6705_4d51_2391,
+    0xa896_5f74_bf06_5071,
+    0xb7d8_8a12_d0dd_9ea0,
+    0xc87c_3e7d_03cd_bec3,
+    0xdaa1_7c2c_d195_55db,
+    0xee6b_2800_0000_0000,
+];
 
-/// `BOUNDS_NS[n - NS_MIN_INDEX] = T(n - 239) = floor(1e9 * 2^((n - 239)/8))`:
-/// the one seconds boundary inside nanosecond bucket `n`. The kernel keeps
-/// a copy in `.rodata`.
-pub const BOUNDS_NS: [u64; BOUNDS_LEN] = bounds_ns();
+/// The lookup tables of [`index_with`], by segment `s` (bits 62..59 of
+/// the normalised value): boundaries below the segment, and the boundary
+/// inside it (`u64::MAX` when there is none).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tables {
+    pub bound: [u64; 16],
+    pub below: [u32; 16],
+}
+const _: () = assert!(core::mem::size_of::<Tables>() == 192);
 
-const fn bounds_ns() -> [u64; BOUNDS_LEN] {
-    let mut out = [0u64; BOUNDS_LEN];
-    let mut p = 0;
-    while p < BOUNDS_LEN {
-        out[p] = threshold_ns(p as i32 + NS_MIN_INDEX - SECONDS_SHIFT);
-        p += 1;
+/// The tables, built from [`OCTAVE_BOUNDS`] at compile time.
+pub const TABLES: Tables = tables();
+
+const fn tables() -> Tables {
+    let mut t = Tables {
+        bound: [u64::MAX; 16],
+        below: [0; 16],
+    };
+    let mut s = 0;
+    while s < 16 {
+        let start = (1u64 << 63) + ((s as u64) << 59);
+        let end = start.wrapping_add(1 << 59); // 0 after the last segment
+        let mut j = 0;
+        while j < 8 {
+            let b = OCTAVE_BOUNDS[j];
+            if b < start {
+                t.below[s] += 1;
+            } else if end == 0 || b < end {
+                t.bound[s] = b;
+            }
+            j += 1;
+        }
+        s += 1;
     }
-    out
+    t
 }
 
-/// `floor(1e9 * 2^(m/8))`, from the 64-bit fixed-point `2^(r/8)`; the
-/// tests check the result exactly.
-const fn threshold_ns(m: i32) -> u64 {
+/// `floor(1e9 * 2^(m/8))`: the largest integer ns at or below the seconds
+/// boundary `2^(m/8)` s. For bounds and tests, not for the kernel.
+pub const fn threshold_ns(m: i32) -> u64 {
     let q = m.div_euclid(8);
     let r = m.rem_euclid(8) as usize;
     let frac: u128 = if r == 0 {
@@ -109,57 +143,37 @@ const fn threshold_ns(m: i32) -> u64 {
     }
 }
 
-/// The bucket of `value >= 1` ns **in nanoseconds** (`ceil(8 log2 v) - 1`).
+/// The OTel index (scale 3, seconds) of `1 ..= 2^MAX_POWER` ns, from the
+/// tables `t` (the kernel passes its `.rodata` copy of [`TABLES`]).
 #[inline(always)]
-const fn ns_index(value: u64) -> i32 {
+pub fn index_with(value: u64, t: &Tables) -> i32 {
     let k = 63 - value.leading_zeros();
     let x = value << (63 - k);
-    let sub = (x > 1 << 63) as i32
-        + (x > THRESHOLDS[0]) as i32
-        + (x > THRESHOLDS[1]) as i32
-        + (x > THRESHOLDS[2]) as i32
-        + (x > THRESHOLDS[3]) as i32
-        + (x > THRESHOLDS[4]) as i32
-        + (x > THRESHOLDS[5]) as i32
-        + (x > THRESHOLDS[6]) as i32;
-    (k as i32) * 8 - 1 + sub
-}
-
-/// The OTel index (scale 3, seconds) of `1 ..= 2^MAX_POWER` ns, with the
-/// thresholds read from `bounds` (the kernel passes its `.rodata` copy of
-/// [`BOUNDS_NS`]).
-#[inline(always)]
-pub fn index_with(value: u64, bounds: &[u64; BOUNDS_LEN]) -> i32 {
-    let n = ns_index(value);
-    let p = (n - NS_MIN_INDEX) as usize;
-    let above = match bounds.get(p) {
-        Some(&t) => (value > t) as i32,
-        None => 0,
-    };
-    n - SECONDS_SHIFT - 1 + above
+    let s = ((x >> 59) & 15) as usize;
+    (k as i32) * 8 - 240 + t.below[s] as i32 + (x > t.bound[s]) as i32
 }
 
 /// The OTel index (scale 3, seconds) of `1 ..= 2^MAX_POWER` ns.
 pub fn index(value: u64) -> i32 {
-    index_with(value, &BOUNDS_NS)
+    index_with(value, &TABLES)
 }
 
-/// The map slot for `value` ns, thresholds from `bounds`: [`ZERO_SLOT`],
+/// The map slot for `value` ns, with tables `t`: [`ZERO_SLOT`],
 /// `index - MIN_INDEX + 1`, or [`OVERFLOW_SLOT`].
 #[inline(always)]
-pub fn slot_with(value: u64, bounds: &[u64; BOUNDS_LEN]) -> u32 {
+pub fn slot_with(value: u64, t: &Tables) -> u32 {
     if value == 0 {
         return ZERO_SLOT;
     }
     if value > 1 << MAX_POWER {
         return OVERFLOW_SLOT;
     }
-    (index_with(value, bounds) - MIN_INDEX + 1) as u32
+    (index_with(value, t) - MIN_INDEX + 1) as u32
 }
 
 /// The map slot for `value` ns.
 pub fn slot(value: u64) -> u32 {
-    slot_with(value, &BOUNDS_NS)
+    slot_with(value, &TABLES)
 }
 
 /// The OTel index held by `slot` (only for `1 ..= OVERFLOW_SLOT - 1`).
@@ -231,14 +245,14 @@ pub fn downscale_needed(offset: i32, len: usize, max_buckets: usize) -> u32 {
 
 /// The default classic (Prometheus text / OTLP explicit) layout: upper
 /// bounds at `2^k` seconds for these `k`, plus `+Inf`. One octave per
-/// bucket from 0.95 µs to 0.98 ms, where run-queue waits and LAN round
+/// bucket from 1.9 µs to 0.98 ms, where run-queue waits and LAN round
 /// trips live, then two octaves per bucket up to 1 s (3.9, 15.6, 62.5,
-/// 250 ms, 1 s) for WAN round trips and retried connects: 16 finite bounds,
-/// so 1 µs to 1 s in 19 series per histogram. `2^k` s is the exact upper
+/// 250 ms, 1 s) for WAN round trips and retried connects: 15 finite bounds,
+/// so 2 µs to 1 s in 18 series per histogram. `2^k` s is the exact upper
 /// bound of kernel bucket `8k - 1`, so cumulative counts are exact sums of
 /// kernel buckets.
-pub const CLASSIC_DEFAULT_POWERS: [i32; 16] = [
-    -20, -19, -18, -17, -16, -15, -14, -13, -12, -11, -10, -8, -6, -4, -2, 0,
+pub const CLASSIC_DEFAULT_POWERS: [i32; 15] = [
+    -19, -18, -17, -16, -15, -14, -13, -12, -11, -10, -8, -6, -4, -2, 0,
 ];
 
 /// The kernel bucket whose upper bound is `2^k` seconds.
@@ -331,9 +345,29 @@ mod tests {
                 "T({m}) = {t} too small"
             );
         }
-        for (p, &t) in BOUNDS_NS.iter().enumerate() {
-            assert_eq!(t, threshold_ns(p as i32 + NS_MIN_INDEX - SECONDS_SHIFT));
+    }
+
+    #[test]
+    fn octave_bounds_are_exact_floors_and_each_segment_holds_at_most_one() {
+        let giga8 = pow8(1_000_000_000);
+        for (j, &u) in OCTAVE_BOUNDS.iter().enumerate() {
+            // u^8 <= 1e72 * 2^(504 + j - 239) < (u+1)^8
+            let e = 504 + j as u32 - 239;
+            assert_ne!(
+                cmp(&pow8(u), &shl(&giga8, e)),
+                Ordering::Greater,
+                "U{j} too big"
+            );
+            assert_eq!(
+                cmp(&pow8(u + 1), &shl(&giga8, e)),
+                Ordering::Greater,
+                "U{j} too small"
+            );
         }
+        let inside: u32 = TABLES.bound.iter().filter(|&&b| b != u64::MAX).count() as u32;
+        assert_eq!(inside, 8, "every boundary is in one segment: {TABLES:?}");
+        assert_eq!(TABLES.below[0], 0);
+        assert_eq!(TABLES.below[15] + (TABLES.bound[15] != u64::MAX) as u32, 8);
     }
 
     /// Exact reference: the index of `v` ns is the largest `m` with
@@ -373,6 +407,24 @@ mod tests {
                     assert_eq!(index(v), reference_index(v), "value {v}");
                 }
             }
+        }
+    }
+
+    /// Against the exact thresholds (themselves checked above) on a million
+    /// pseudo-random values spread over every power of two of the range.
+    #[test]
+    fn random_values_match_the_thresholds() {
+        let thresholds: Vec<u64> = (MIN_INDEX..=MAX_INDEX + 1).map(threshold_ns).collect();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..1_000_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let k = (x >> 58) % MAX_POWER as u64;
+            let v = (x & ((1 << k) - 1)) | (1 << k);
+            // The largest m with T(m) < v.
+            let want = MIN_INDEX - 1 + thresholds.partition_point(|&t| t < v) as i32;
+            assert_eq!(index(v), want, "value {v}");
         }
     }
 

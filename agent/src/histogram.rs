@@ -278,8 +278,8 @@ pub struct ClassicLayout {
 }
 
 impl Default for ClassicLayout {
-    /// [`exp::CLASSIC_DEFAULT_POWERS`]: 16 powers of two seconds from
-    /// `2^-20` (0.95 µs) to 1 s, plus `+Inf`.
+    /// [`exp::CLASSIC_DEFAULT_POWERS`]: 15 powers of two seconds from
+    /// `2^-19` (1.9 µs) to 1 s, plus `+Inf`.
     fn default() -> Self {
         Self::from_indexes(
             exp::CLASSIC_DEFAULT_POWERS
@@ -432,7 +432,7 @@ mod tests {
     #[test]
     fn classic_counts_are_exact_sums_of_kernel_buckets() {
         let layout = ClassicLayout::default();
-        assert_eq!(layout.bounds().len(), 16);
+        assert_eq!(layout.bounds().len(), 15);
         // Values at and just above each bound land on the right side of it.
         let mut values = vec![(0u64, 1u64)];
         for &i in &layout.indexes {

@@ -524,7 +524,7 @@ fn native_histograms_match_the_kernel_map() {
     }
 
     // The text format (no protobuf `Accept`) keeps the compact classic
-    // layout: 16 finite buckets and `+Inf` (promtool checks the scrape in
+    // layout: 15 finite buckets and `+Inf` (promtool checks the scrape in
     // exposition.rs).
     let (code, text) = agent.get("/metrics").expect("scraping /metrics");
     assert_eq!(code, 200, "{text}");

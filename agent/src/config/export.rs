@@ -220,7 +220,7 @@ pub struct ExportConfig {
     pub max_buckets: usize,
     /// The classic layout: explicit upper bounds in seconds, used for OTLP
     /// explicit histograms and for `/metrics` text. Each must be a kernel
-    /// bucket bound (`2^(m/8)` s). Not set: 16 powers of two, `2^-20` s (0.95 µs) to 1 s.
+    /// bucket bound (`2^(m/8)` s). Not set: 15 powers of two, `2^-19` s (1.9 µs) to 1 s.
     pub histogram_bounds: Option<Vec<f64>>,
 }
 

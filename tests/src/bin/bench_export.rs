@@ -74,6 +74,9 @@ struct Exposition {
     proto: Option<(usize, usize)>,
     /// Mean bytes per interval: (all, gzip all, histograms, gzip histograms).
     otlp: (f64, f64, f64, f64),
+    /// The kernel histograms alone (not the self-histogram
+    /// `perch.export.duration`): (plain, gzip) bytes per interval.
+    kernel: (f64, f64),
     histogram_points: usize,
 }
 
@@ -138,29 +141,37 @@ fn exposition(env: &[(&str, &str)]) -> Exposition {
     let reqs: Vec<_> = received[warm..].iter().filter(|r| r.accepted).collect();
     assert!(!reqs.is_empty(), "no OTLP request in the measured window");
     let (mut all, mut all_gz, mut hist, mut hist_gz, mut hpoints) = (0, 0, 0, 0, 0);
+    let (mut kern, mut kern_gz) = (0, 0);
     for r in &reqs {
         let body = r.request.encode_to_vec();
         all += body.len();
         all_gz += gzip_len(&body);
-        let mut only = r.request.clone();
-        for rm in &mut only.resource_metrics {
-            for sm in &mut rm.scope_metrics {
-                sm.metrics.retain(|m| match &m.data {
-                    Some(Data::Histogram(h)) => {
-                        hpoints += h.data_points.len();
-                        true
-                    }
-                    Some(Data::ExponentialHistogram(h)) => {
-                        hpoints += h.data_points.len();
-                        true
-                    }
-                    _ => false,
-                });
+        // The histogram metrics' own bytes: their Metric messages (name,
+        // description, unit, points), without the request's resource.
+        let mut only = Vec::new();
+        let mut kernel = Vec::new();
+        for m in r
+            .request
+            .resource_metrics
+            .iter()
+            .flat_map(|rm| &rm.scope_metrics)
+            .flat_map(|sm| &sm.metrics)
+        {
+            let n = match &m.data {
+                Some(Data::Histogram(h)) => h.data_points.len(),
+                Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
+                _ => continue,
+            };
+            hpoints += n;
+            m.encode_length_delimited(&mut only).expect("encoding");
+            if m.name != perch::catalogue::EXPORT_DURATION {
+                m.encode_length_delimited(&mut kernel).expect("encoding");
             }
         }
-        let body = only.encode_to_vec();
-        hist += body.len();
-        hist_gz += gzip_len(&body);
+        hist += only.len();
+        hist_gz += gzip_len(&only);
+        kern += kernel.len();
+        kern_gz += gzip_len(&kernel);
     }
     let k = reqs.len() as f64;
     let text = String::from_utf8_lossy(&text).into_owned();
@@ -174,6 +185,7 @@ fn exposition(env: &[(&str, &str)]) -> Exposition {
             hist as f64 / k,
             hist_gz as f64 / k,
         ),
+        kernel: (kern as f64 / k, kern_gz as f64 / k),
         histogram_points: hpoints / reqs.len(),
     }
 }
@@ -277,10 +289,16 @@ fn exposition_rows(rows: &mut Vec<(String, String)>) {
         ));
         rows.push((
             format!(
-                "OTLP per interval, histograms {label}: the {} histogram points alone, plain / gzip",
+                "OTLP per interval, histograms {label}: the {} histogram points (their Metric messages), plain / gzip",
                 e.histogram_points
             ),
             format!("{} / {}", kb(e.otlp.2), kb(e.otlp.3)),
+        ));
+        rows.push((
+            format!(
+                "OTLP per interval, histograms {label}: of which the kernel histograms, plain / gzip"
+            ),
+            format!("{:.0} B / {:.0} B", e.kernel.0, e.kernel.1),
         ));
     }
 }

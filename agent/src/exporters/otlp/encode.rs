@@ -699,11 +699,11 @@ mod tests {
             panic!("not an explicit histogram")
         };
         let p = &h.data_points[0];
-        assert_eq!(p.explicit_bounds.len(), 16);
-        assert_eq!(p.bucket_counts.len(), 17);
+        assert_eq!(p.explicit_bounds.len(), 15);
+        assert_eq!(p.bucket_counts.len(), 16);
         assert_eq!(p.count, 9);
         assert_eq!(p.bucket_counts.iter().sum::<u64>(), 9);
-        for (v, k) in [(0.0, 0usize), (3e-6, 2), (1e-3, 11), (2.0, 16)] {
+        for (v, k) in [(0.0, 0usize), (3e-6, 1), (1e-3, 10), (2.0, 15)] {
             let want = p.explicit_bounds.partition_point(|b| *b < v);
             assert_eq!(want, k, "{v} s");
             assert!(

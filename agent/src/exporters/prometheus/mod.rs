@@ -6,8 +6,9 @@
 //!
 //! Two formats, chosen by the scraper's `Accept` header ([`negotiate`]):
 //! - **text** (format 0.0.4): kernel histograms as classic histograms in the
-//!   [`ClassicLayout`] (`export.histogram_bounds`; by default 20 buckets,
-//!   one per power of two seconds), every bound a kernel bucket bound;
+//!   [`ClassicLayout`] (`export.histogram_bounds`; by default 15 bounds
+//!   from 1.9 µs to 1 s, powers of two seconds), every bound a kernel
+//!   bucket bound;
 //! - **protobuf** ([`protobuf`], delimited `io.prometheus.client.MetricFamily`):
 //!   kernel histograms as native histograms, schema = the kernel's scale,
 //!   the kernel's buckets as they are and no `_bucket` series.
@@ -358,7 +359,7 @@ mod tests {
             },
         };
         let text = render(&[m], &ClassicLayout::default());
-        assert_eq!(text.matches("k_seconds_bucket{").count(), 17, "{text}");
+        assert_eq!(text.matches("k_seconds_bucket{").count(), 16, "{text}");
         // 3 µs <= 2^-18 s (3.81 µs); 1 ms <= 2^-8 s (3.9 ms); 2 s only in +Inf.
         assert!(
             text.contains("k_seconds_bucket{le=\"0.000003814697265625\"} 2\n"),
