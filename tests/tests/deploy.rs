@@ -913,7 +913,7 @@ struct Scrape {
     /// `series -> value` of every scrape.
     series: BTreeMap<String, f64>,
     /// Metric names as Prometheus stores them (`_bucket`, `_sum`, `_count`
-    /// included).
+    /// included, and a histogram's base name: its native form).
     names: BTreeSet<String>,
     /// Label names per metric name.
     labels: BTreeMap<String, BTreeSet<String>>,
@@ -942,6 +942,11 @@ fn real_scrape() -> &'static Scrape {
         for s in series.keys() {
             let (name, rest) = s.split_once('{').unwrap_or((s.as_str(), ""));
             names.insert(name.to_owned());
+            // A scraper that negotiates protobuf stores each histogram as
+            // one native series under its base name (no `_bucket`).
+            if let Some(base) = name.strip_suffix("_bucket") {
+                names.insert(base.to_owned());
+            }
             let entry = labels.entry(name.to_owned()).or_default();
             for pair in split_labels(rest.trim_end_matches('}')) {
                 if let Some((k, _)) = pair.split_once('=') {

@@ -523,6 +523,19 @@ fn native_histograms_match_the_kernel_map() {
         );
     }
 
+    // The dashboard's quantile query (deploy/grafana/perch.json) serves
+    // both forms: classic buckets when scraped as text, the native series
+    // here. It must answer from the native one.
+    let dashboard = format!(
+        "histogram_quantile(0.5, sum by (le) (rate({RUNQ}_bucket{{job=\"perch\"}}[1m])) \
+         or sum(rate({RUNQ}{{job=\"perch\"}}[1m])))"
+    );
+    let p50 = scalar(&prom.query_at(&dashboard, Some(ts)), &dashboard);
+    assert!(
+        p50 > 0.0 && p50 < 1.0,
+        "the dashboard's p50 over the native histogram: {p50} s"
+    );
+
     // The text format (no protobuf `Accept`) keeps the compact classic
     // layout: 15 finite buckets and `+Inf` (promtool checks the scrape in
     // exposition.rs).
