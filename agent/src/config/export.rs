@@ -942,6 +942,7 @@ mod tests {
             (ENV_TIMEOUT, "2500"),
             (ENV_COMPRESSION, "none"),
             (ENV_METRICS_TEMPORALITY, "Delta"),
+            (ENV_METRICS_HISTOGRAM, "explicit_bucket_histogram"),
             (
                 ENV_RESOURCE_ATTRIBUTES,
                 "deployment.environment=prod,team=a%2Cb",
@@ -955,6 +956,7 @@ mod tests {
         assert_eq!(cfg.timeout_ms, 2500);
         assert_eq!(cfg.compression, Compression::None);
         assert_eq!(cfg.temporality, Temporality::Delta);
+        assert_eq!(cfg.histograms, HistogramFormat::Explicit);
         assert_eq!(
             cfg.resource_attributes.get("team").map(String::as_str),
             Some("a,b")
@@ -965,7 +967,8 @@ mod tests {
 
     #[test]
     fn env_errors_name_the_variable() {
-        let cases: [(&str, &str); 4] = [
+        let cases: [(&str, &str); 5] = [
+            (ENV_METRICS_HISTOGRAM, "exponential"),
             (ENV_PROTOCOL, "http/json"),
             (ENV_TIMEOUT, "10s"),
             (ENV_COMPRESSION, "zstd"),

@@ -40,6 +40,39 @@ mod unit {
         }
     }
 
+    /// The commented `histogram_bounds` of deploy/perch.toml is the default
+    /// layout, written out; other bounds name the nearest kernel bounds.
+    #[test]
+    fn histogram_keys_parse_and_bad_bounds_say_why() {
+        let line = DEPLOY
+            .lines()
+            .find_map(|l| l.strip_prefix("# histogram_bounds = "))
+            .expect("deploy/perch.toml documents histogram_bounds");
+        let c = parse(&format!(
+            "[export]\nhistograms = \"explicit\"\nmax_buckets = 40\nhistogram_bounds = {line}\n"
+        ))
+        .expect("the documented bounds parse");
+        assert_eq!(c.export.histograms, crate::config::export::HistogramFormat::Explicit);
+        assert_eq!(c.export.max_buckets, 40);
+        assert_eq!(
+            c.export.classic_layout().expect("valid layout"),
+            crate::histogram::ClassicLayout::default()
+        );
+        c.validate().expect("validates");
+        let err = parse("[export]\nhistogram_bounds = [0.001, 0.01]\n")
+            .expect_err("0.001 s is not a kernel bound")
+            .to_string();
+        assert!(
+            err.contains("export.histogram_bounds")
+                && err.contains("perch.toml:2")
+                && err.contains("0.001 s is not a kernel bucket bound")
+                && err.contains("9.765625000e-4"),
+            "{err}"
+        );
+        let err = parse("[export]\nhistograms = \"native\"\n").unwrap_err().to_string();
+        assert!(err.contains("histograms"), "{err}");
+    }
+
     #[test]
     fn defaults_are_the_documented_values() {
         let c = Config::default();
