@@ -138,7 +138,7 @@ pub const PEERS_DEFAULT_ENTRIES: u32 = 4096;
 pub const SOCKS_ENTRIES: u32 = 65536;
 /// RTT samples per peer bucket kept when `rtt_per_peer` is on: the loader
 /// sizes `TCP_RTT_PEERS` to `max_peers * RTT_PEER_BUCKETS_PER_PEER`. A peer's
-/// RTT spans a few adjacent buckets; 8 covers a spread of ~2x.
+/// RTT spans a few adjacent buckets; 8 cover a spread of 2x (scale 3).
 pub const RTT_PEER_BUCKETS_PER_PEER: u32 = 8;
 /// Minimum time between two RTT samples of one socket: the smoothed RTT is
 /// read on send/recv at most once per interval per socket, so a long
