@@ -52,7 +52,10 @@ mod unit {
             "[export]\nhistograms = \"explicit\"\nmax_buckets = 40\nhistogram_bounds = {line}\n"
         ))
         .expect("the documented bounds parse");
-        assert_eq!(c.export.histograms, crate::config::export::HistogramFormat::Explicit);
+        assert_eq!(
+            c.export.histograms,
+            crate::config::export::HistogramFormat::Explicit
+        );
         assert_eq!(c.export.max_buckets, 40);
         assert_eq!(
             c.export.classic_layout().expect("valid layout"),
@@ -69,7 +72,9 @@ mod unit {
                 && err.contains("9.765625000e-4"),
             "{err}"
         );
-        let err = parse("[export]\nhistograms = \"native\"\n").unwrap_err().to_string();
+        let err = parse("[export]\nhistograms = \"native\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("histograms"), "{err}");
     }
 
