@@ -50,6 +50,19 @@ catalogue! {
     /// connections: sockets by transport and state.
     CONNECTIONS = "system.network.connection.count",
 
+    /// containers: CPU time per container (and host cgroup) and mode.
+    CONTAINER_CPU_TIME = "container.cpu.time",
+    /// containers: CFS periods throttled.
+    CONTAINER_THROTTLED_PERIODS = "perch.container.cpu.throttled.periods",
+    /// containers: time throttled.
+    CONTAINER_THROTTLED_TIME = "perch.container.cpu.throttled.time",
+    /// containers: CPU quota per period.
+    CONTAINER_CPU_QUOTA = "perch.container.cpu.quota",
+    /// containers: CFS period.
+    CONTAINER_CPU_PERIOD = "perch.container.cpu.period",
+    /// containers: cgroups past the walk's bounds.
+    CONTAINER_CGROUPS_SKIPPED = "perch.containers.cgroups.skipped",
+
     /// tcp: payload bytes per peer.
     TCP_IO = "perch.tcp.io",
     /// tcp: retransmitted segments.

@@ -215,7 +215,8 @@ pub struct Agent {
 
 /// `perch ARGS` run the way the DaemonSet runs it (deploy/kubernetes):
 /// uid 0 in a mount namespace of its own, with the host's `/proc` and
-/// `/sys` bind-mounted under `/host` (here: a directory of the test's) and
+/// `/sys` bind-mounted under `/host` (here: a directory of the test's; `/sys`
+/// with its sub-mounts, as the DaemonSet mounts `/sys/fs/cgroup` there too) and
 /// used as `agent.proc_root`/`sys_root`, and every capability dropped but
 /// CAP_BPF and CAP_PERFMON (the bounding set: what a container with
 /// `drop: [ALL]`, `add: [BPF, PERFMON]` gets). The pod shares the host's
@@ -227,7 +228,7 @@ pub fn daemonset_command(root: &std::path::Path, args: &[&str]) -> Command {
     let script = r#"set -e
 mount --make-rprivate /
 mount --bind /proc "$PERCH_PROC_ROOT"
-mount --bind /sys "$PERCH_SYS_ROOT"
+mount --rbind /sys "$PERCH_SYS_ROOT"
 exec setpriv --bounding-set=-all,+bpf,+perfmon --inh-caps=-all -- "$@""#;
     let mut cmd = Command::new("unshare");
     cmd.args(["--mount", "--", "sh", "-c", script, "perch-daemonset"])

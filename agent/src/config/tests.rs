@@ -148,6 +148,12 @@ mod unit {
                     mode: Mode::Procfs,
                     by: DropsBy::Protocol,
                 },
+                containers: crate::families::containers::Config {
+                    mode: Mode::Off,
+                    host_depth: 2,
+                    max_cgroups: 500,
+                    hierarchy: crate::families::containers::cgroupfs::Hierarchy::V2,
+                },
                 ..ProbesConfig::default()
             },
             export: Default::default(),
@@ -681,6 +687,7 @@ include = [
                 "PERCH_PROBES_CONNECTIONS_MODE",
                 "PERCH_PROBES_TCP_MODE",
                 "PERCH_PROBES_DROPS_MODE",
+                "PERCH_PROBES_CONTAINERS_MODE",
             ]
         );
     }

@@ -19,6 +19,7 @@
 //! `docs/adding-a-family.md` walks through adding one.
 
 pub mod connections;
+pub mod containers;
 pub mod cpu;
 pub mod drops;
 pub mod interfaces;
@@ -124,6 +125,8 @@ registry! {
     Tcp => tcp,
     /// Packet drops with the kernel's drop reason.
     Drops => drops,
+    /// CPU time and throttling per container and host cgroup (cgroupfs).
+    Containers => containers,
 }
 
 impl Family {
@@ -377,6 +380,9 @@ pub enum BuildError {
     /// A file the collector needs at start could not be read.
     #[error(transparent)]
     Proc(#[from] ProcError),
+    /// What the collector reads does not exist on this host (the reason).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Builds one collector per planned family. A collector that cannot be
