@@ -55,60 +55,6 @@ pub fn mean(v: &[f64]) -> f64 {
     }
 }
 
-/// A minimal HTTP/1.1 GET with an optional `Accept` header that keeps the
-/// body as bytes (protobuf): (status, content type, body).
-pub fn http_get_bytes(
-    addr: std::net::SocketAddr,
-    path: &str,
-    accept: Option<&str>,
-) -> std::io::Result<(u16, String, Vec<u8>)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-    let accept = accept
-        .map(|a| format!("Accept: {a}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n"
-    )?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp)?;
-    let split = resp
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("no end of headers"))?;
-    let head = String::from_utf8_lossy(&resp[..split]).to_ascii_lowercase();
-    let mut body = resp[split + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        let mut out = Vec::new();
-        let mut rest = &body[..];
-        while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
-            let n = usize::from_str_radix(String::from_utf8_lossy(&rest[..eol]).trim(), 16)
-                .unwrap_or(0);
-            rest = &rest[eol + 2..];
-            if n == 0 || rest.len() < n {
-                break;
-            }
-            out.extend_from_slice(&rest[..n]);
-            rest = rest[n..].strip_prefix(b"\r\n").unwrap_or(&rest[n..]);
-        }
-        body = out;
-    }
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let content_type = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-type:"))
-        .unwrap_or("")
-        .trim()
-        .to_owned();
-    Ok((code, content_type, body))
-}
-
 /// Series in a Prometheus text scrape: its sample lines.
 pub fn text_series(body: &str) -> usize {
     body.lines()

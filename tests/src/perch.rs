@@ -325,45 +325,64 @@ impl Drop for Agent {
     }
 }
 
-/// A minimal HTTP/1.1 GET (no client dependency).
+/// A minimal HTTP/1.1 GET (no client dependency), the body as text.
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let (code, _, body) = http_get_bytes(addr, path, None)?;
+    Ok((code, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// A minimal HTTP/1.1 GET with an optional `Accept` header that keeps the
+/// body as bytes (protobuf): (status, content type, body).
+pub fn http_get_bytes(
+    addr: SocketAddr,
+    path: &str,
+    accept: Option<&str>,
+) -> std::io::Result<(u16, String, Vec<u8>)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n"
     )?;
     let mut resp = Vec::new();
     s.read_to_end(&mut resp)?;
-    let text = String::from_utf8_lossy(&resp).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    // A response cut before the end of its headers is all head, no body.
+    let (head, body) = match resp.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(split) => (&resp[..split], resp[split + 4..].to_vec()),
+        None => (&resp[..], Vec::new()),
+    };
+    let head = String::from_utf8_lossy(head).to_ascii_lowercase();
+    let mut body = body;
+    if head.contains("transfer-encoding: chunked") {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+            let n = usize::from_str_radix(String::from_utf8_lossy(&rest[..eol]).trim(), 16)
+                .unwrap_or(0);
+            rest = &rest[eol + 2..];
+            if n == 0 || rest.len() < n {
+                break;
+            }
+            out.extend_from_slice(&rest[..n]);
+            rest = rest[n..].strip_prefix(b"\r\n").unwrap_or(&rest[n..]);
+        }
+        body = out;
+    }
     let code = head
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Ok((code, body))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
+    let content_type = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-type:"))
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    Ok((code, content_type, body))
 }
 
 /// Prometheus text -> `series -> value`; comments skipped.

@@ -32,8 +32,9 @@ use perch::exporters::otlp::encode::Encoder;
 use perch::exporters::otlp::{resource, OtlpExporter};
 use perch::pipeline::memory::rss_bytes;
 use perch::selfmetrics::SelfMetrics;
-use perch_tests::bench::{arg, http_get_bytes, text_series};
+use perch_tests::bench::{arg, text_series};
 use perch_tests::otlp_receiver::*;
+use perch_tests::perch::http_get_bytes;
 use prost::Message;
 
 fn thread_cpu() -> Duration {
