@@ -303,6 +303,12 @@ impl Collector for ContainersCollector {
                 period.push(gauge(base.clone(), period_us as f64 / 1e6));
             }
         }
+        let skipped_point = point(
+            &mut self.starts,
+            crate::catalogue::CONTAINER_CGROUPS_SKIPPED,
+            Vec::new(),
+            Number::Int(self.skipped as i64),
+        );
         self.starts.end_collection(now);
         out.push(Metric::counter(
             crate::catalogue::CONTAINER_CPU_TIME,
@@ -338,12 +344,7 @@ impl Collector for ContainersCollector {
             crate::catalogue::CONTAINER_CGROUPS_SKIPPED,
             "Cgroups not reported because the walk's bounds (depth 16, probes.containers.max_cgroups) were reached, or their path was malformed.",
             "{cgroup}",
-            vec![NumberPoint {
-                attributes: Vec::new(),
-                start_time: Some(self.starts.observe(crate::catalogue::CONTAINER_CGROUPS_SKIPPED, &Vec::new(), self.skipped as f64, now)),
-                time: now,
-                value: Number::Int(self.skipped as i64),
-            }],
+            vec![skipped_point],
         ));
         Ok(())
     }
