@@ -196,8 +196,17 @@ impl Exponential {
     /// lowered as little as needed, and reported.
     pub fn downscaled(&self, max_buckets: usize) -> Exponential {
         let mut e = self.clone();
-        e.downscale(exp::downscale_needed(e.offset, e.counts.len(), max_buckets));
+        e.fit(max_buckets);
         e
+    }
+
+    /// [`Exponential::downscaled`] in place.
+    pub fn fit(&mut self, max_buckets: usize) {
+        self.downscale(exp::downscale_needed(
+            self.offset,
+            self.counts.len(),
+            max_buckets,
+        ));
     }
 
     /// Adds `other` in place, at the coarser of the two scales.

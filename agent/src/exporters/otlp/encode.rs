@@ -280,9 +280,10 @@ impl Encoder {
                         let attributes = kvs(&p.attributes);
                         let (start_time_unix_nano, time_unix_nano) =
                             (unix_nanos(start), unix_nanos(p.time));
-                        match (&buckets, exponential) {
-                            (Buckets::Exponential(e), true) => {
-                                let e = e.downscaled(self.histograms.max_buckets);
+                        match (buckets, exponential) {
+                            (Buckets::Exponential(mut e), true) => {
+                                // `buckets` is this point's own copy: downscale it in place.
+                                e.fit(self.histograms.max_buckets);
                                 Point::Exponential(ExponentialHistogramDataPoint {
                                     attributes,
                                     start_time_unix_nano,
@@ -303,7 +304,7 @@ impl Encoder {
                                     zero_threshold: 0.0,
                                 })
                             }
-                            _ => {
+                            (buckets, _) => {
                                 let (bounds, bucket_counts) = match buckets {
                                     Buckets::Explicit { bounds, counts } => {
                                         (bounds.to_vec(), counts)
