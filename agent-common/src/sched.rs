@@ -12,6 +12,15 @@ pub const MAP_RUNQ_HIST: &str = "SCHED_RUNQ_HIST";
 pub const MAP_RUNQ_START: &str = "SCHED_RUNQ_START";
 /// Per-CPU array of one [`Arrival`]: the task that last arrived on this CPU.
 pub const MAP_ARRIVAL: &str = "SCHED_ARRIVAL";
+/// Per-CPU hash: [`CgroupSlot`] -> [`CgroupWait`], the sparse per-cgroup
+/// run-queue latency histogram (`probes.sched.runqueue_per_cgroup`). One
+/// entry in the object; the loader sizes it from
+/// `probes.sched.max_cgroup_buckets`.
+pub const MAP_CGROUP_RUNQ: &str = "SCHED_CGROUP_RUNQ";
+/// Per-CPU array of `u64` bucket counts: the waits of cgroups that did not
+/// fit [`MAP_CGROUP_RUNQ`], folded into one histogram (their sum is in
+/// [`SLOT_CGROUP_OVF_SUM_NS`]).
+pub const MAP_CGROUP_OVF: &str = "SCHED_CGROUP_OVF";
 /// Global (`.rodata`) holding [`SchedOffsets`].
 pub const GLOBAL_OFFSETS: &str = "SCHED_OFFSETS";
 /// Global (`.rodata`) holding [`TpOffsets`].
@@ -32,8 +41,43 @@ pub const SLOT_RUNQ_SUM_NS: u32 = 3;
 /// preemptions of real tasks (the tasks' own `nivcsw`) and the three types
 /// still sum to `/proc/stat` `ctxt`.
 pub const SLOT_IDLE: u32 = 4;
+/// Waits that did not fit [`MAP_CGROUP_RUNQ`] (map full): they went to
+/// [`MAP_CGROUP_OVF`] instead of their cgroup's histogram.
+pub const SLOT_CGROUP_FULL: u32 = 5;
+/// Sum of the waits in [`MAP_CGROUP_OVF`], ns.
+pub const SLOT_CGROUP_OVF_SUM_NS: u32 = 6;
 /// Number of slots in `SCHED_COUNTERS`.
-pub const COUNTER_SLOTS: u32 = 5;
+pub const COUNTER_SLOTS: u32 = 7;
+
+/// Default bound of [`MAP_CGROUP_RUNQ`] (`probes.sched.max_cgroup_buckets`):
+/// one entry per (cgroup, occupied bucket). A cgroup whose tasks wait from
+/// 1 µs to 10 ms fills about 110 scale-3 buckets; most fill a few dozen.
+pub const CGROUP_RUNQ_DEFAULT_ENTRIES: u32 = 65536;
+
+/// Key of [`MAP_CGROUP_RUNQ`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CgroupSlot {
+    /// The waiting task's cgroup v2 id (`bpf_get_current_cgroup_id`, the
+    /// inode number of its directory in the cgroup2 mount).
+    pub cgroup: u64,
+    /// [`crate::exp::slot`] of the wait.
+    pub slot: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<CgroupSlot>() == 16);
+
+/// Value of [`MAP_CGROUP_RUNQ`] (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupWait {
+    /// Waits in this bucket.
+    pub count: u64,
+    /// Their sum, ns: the cgroup's histogram sum is the sum over its buckets.
+    pub sum_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<CgroupWait>() == 16);
 
 /// Bound of `SCHED_RUNQ_START`. The key is a task pointer, which is not a small
 /// integer, hence a hash map. A task keeps its slot from its first wait until
@@ -52,6 +96,9 @@ pub const MAPS: &[MapSpec] = &[
     // tracepoint), both as `u64`.
     MapSpec::hash::<u64, u64>(MAP_RUNQ_START, RUNQ_START_ENTRIES),
     MapSpec::per_cpu_array::<Arrival>(MAP_ARRIVAL, 1),
+    // One entry in the object; the loader sizes it (see the map's doc).
+    MapSpec::per_cpu_hash::<CgroupSlot, CgroupWait>(MAP_CGROUP_RUNQ, 1),
+    MapSpec::per_cpu_array::<u64>(MAP_CGROUP_OVF, crate::exp::SLOTS),
 ];
 
 /// Every global of the family's kernel side that userspace overrides.
@@ -87,8 +134,8 @@ pub struct SchedOffsets {
     /// 0: `prev_state` is `sched_switch`'s fourth argument (5.18+). 4 or 8:
     /// read [`Self::task_state`] from the task, a field of that many bytes.
     pub task_state_size: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// Non-zero: also record each wait per cgroup ([`MAP_CGROUP_RUNQ`]).
+    pub per_cgroup: u32,
 }
 const _: () = assert!(core::mem::size_of::<SchedOffsets>() == 24);
 
@@ -105,8 +152,12 @@ pub struct Arrival {
     /// Its `sched_info.last_queued` when it was switched in (0: it had not
     /// been waiting on a run queue).
     pub queued: u64,
+    /// With the wake-up clock and per-cgroup waits: the wait `task` had
+    /// just ended when it was switched in, ns, recorded in its cgroup when
+    /// it leaves the CPU (`current` is then that task). 0: none.
+    pub pending: u64,
 }
-const _: () = assert!(core::mem::size_of::<Arrival>() == 16);
+const _: () = assert!(core::mem::size_of::<Arrival>() == 24);
 
 /// Byte offsets into the classic `sched:sched_switch` and
 /// `sched:sched_wakeup[_new]` records, read at start-up from tracefs
@@ -135,4 +186,8 @@ mod pod {
     unsafe impl aya::Pod for super::SchedOffsets {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TpOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CgroupSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CgroupWait {}
 }

@@ -13,9 +13,12 @@
 //!   in 5.18 (commit fa2c3254d7cf, "sched/tracing: Don't re-read p->state when
 //!   emitting sched_switch event"). On older kernels the verifier rejects the
 //!   access and the family falls back to `/proc/stat`.
-//! - Maps: `SCHED_COUNTERS`, `SCHED_RUNQ_HIST`, `SCHED_ARRIVAL` (per-CPU
-//!   arrays), `SCHED_RUNQ_START` (bounded hash, wake-up clock only).
-//! - Metrics: `perch.cpu.context_switches`, `perch.scheduler.runqueue.latency`.
+//! - Maps: `SCHED_COUNTERS`, `SCHED_RUNQ_HIST`, `SCHED_ARRIVAL`,
+//!   `SCHED_CGROUP_OVF` (per-CPU arrays), `SCHED_RUNQ_START` (bounded hash,
+//!   wake-up clock only), `SCHED_CGROUP_RUNQ` (bounded per-CPU hash, per
+//!   cgroup waits).
+//! - Metrics: `perch.cpu.context_switches`, `perch.scheduler.runqueue.latency`,
+//!   `perch.container.runqueue.latency`.
 //! - Fallback: `/proc/stat` `ctxt` (no voluntary/involuntary split, no latency).
 //! - Oldest kernel: 5.18 (`tp_btf`, `raw_tp`), 4.7 with tracefs mounted
 //!   (tracepoint).
@@ -44,15 +47,21 @@
 //!   `sched_info`, or `probes.sched.runqueue_clock = "wakeup"`):
 //!   `sched_wakeup`/`sched_wakeup_new` stamp `bpf_ktime_get_ns()` into a
 //!   hash keyed by task, `sched_switch` looks `next` up.
+//!
+//! With `SchedOffsets::per_cgroup` each wait also goes to the waiting
+//! task's cgroup (`bpf_get_current_cgroup_id`, so while that task is
+//! `current`: at its switch-out, held in `SCHED_ARRIVAL` by the wake-up
+//! clock until then), in `SCHED_CGROUP_RUNQ` keyed by (cgroup, bucket).
 
 use agent_common::{
     exp,
-    sched::{self as c, Arrival, SchedOffsets, TpOffsets},
+    sched::{self as c, Arrival, CgroupSlot, CgroupWait, SchedOffsets, TpOffsets},
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 
@@ -70,7 +79,7 @@ static SCHED_OFFSETS: SchedOffsets = SchedOffsets {
     last_arrival: 0,
     task_state: 0,
     task_state_size: 0,
-    _pad: 0,
+    per_cgroup: 0,
 };
 
 /// Classic tracepoint record offsets, from tracefs (see `tracepoint.rs`).
@@ -101,6 +110,14 @@ static SCHED_RUNQ_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(exp::SL
 
 #[map]
 static SCHED_RUNQ_START: HashMap<u64, u64> = HashMap::with_max_entries(c::RUNQ_START_ENTRIES, 0);
+
+/// One entry in the object: the loader sizes it when per-cgroup waits are on.
+#[map]
+static SCHED_CGROUP_RUNQ: PerCpuHashMap<CgroupSlot, CgroupWait> =
+    PerCpuHashMap::with_max_entries(1, 0);
+
+#[map]
+static SCHED_CGROUP_OVF: PerCpuArray<u64> = PerCpuArray::with_max_entries(exp::SLOTS, 0);
 
 /// `TASK_RUNNING` in `include/linux/sched.h`.
 const TASK_RUNNING: u64 = 0;
@@ -174,13 +191,53 @@ fn account_switch_stamped<const BTF: bool>(
     if cur.task == prev && cur.queued != 0 {
         if let Some(arrived) = field::<u64, BTF>(prev, off!(last_arrival)) {
             if arrived >= cur.queued {
-                record_wait(arrived - cur.queued);
+                let wait = arrived - cur.queued;
+                record_wait(wait);
+                if off!(per_cgroup) != 0 {
+                    // `current` is still `prev`, the task that waited.
+                    record_cgroup_wait(wait);
+                }
             }
         }
     }
     cur.task = next;
     cur.queued = field::<u64, BTF>(next, off!(last_queued)).unwrap_or(0);
     0
+}
+
+/// Adds a wait of the current task to its cgroup's histogram; a bucket that
+/// does not fit `SCHED_CGROUP_RUNQ` goes to `SCHED_CGROUP_OVF`, counted.
+/// Per wait: one helper call and one per-CPU hash lookup (an insert for a
+/// cgroup's first wait in a bucket).
+#[inline(always)]
+fn record_cgroup_wait(wait: u64) {
+    let slot = crate::histogram::slot(wait);
+    let key = CgroupSlot {
+        cgroup: unsafe { bpf_get_current_cgroup_id() },
+        slot,
+        _pad: 0,
+    };
+    if let Some(p) = SCHED_CGROUP_RUNQ.get_ptr_mut(key) {
+        // SAFETY: this CPU's value slot, valid for this program run.
+        let v = unsafe { &mut *p };
+        v.count += 1;
+        v.sum_ns += wait;
+        return;
+    }
+    let first = CgroupWait {
+        count: 1,
+        sum_ns: wait,
+    };
+    if SCHED_CGROUP_RUNQ
+        .insert(key, first, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        bump(&SCHED_COUNTERS, c::SLOT_CGROUP_FULL);
+        bump(&SCHED_CGROUP_OVF, slot);
+        if let Some(sum) = SCHED_COUNTERS.get_ptr_mut(c::SLOT_CGROUP_OVF_SUM_NS) {
+            unsafe { *sum += wait };
+        }
+    }
 }
 
 /// The `SCHED_COUNTERS` slot of a switch.
@@ -218,17 +275,40 @@ fn account_switch(involuntary: bool, idle_prev: bool, dead: bool, prev: u64, nex
     } else if dead {
         let _ = SCHED_RUNQ_START.remove(prev);
     }
+    let mut wait = 0;
     if let Some(p) = SCHED_RUNQ_START.get_ptr_mut(next) {
         // SAFETY: a value slot of this map, valid for this program run.
         let start = unsafe { *p };
         if start != 0 {
             unsafe { *p = 0 };
             if now >= start {
-                record_wait(now - start);
+                wait = now - start;
+                record_wait(wait);
             }
         }
     }
+    if off!(per_cgroup) != 0 {
+        defer_cgroup_wait(prev, next, wait);
+    }
     0
+}
+
+/// The wake-up clock learns a wait when its task is switched in, while
+/// `current` is still the previous task: the wait waits in this CPU's
+/// `SCHED_ARRIVAL` slot and goes to the task's cgroup when the task leaves
+/// the CPU (a running task cannot migrate), with `current` the task.
+#[inline(always)]
+fn defer_cgroup_wait(prev: u64, next: u64, wait: u64) {
+    let Some(cur) = SCHED_ARRIVAL.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's value slot, valid for this program run.
+    let cur = unsafe { &mut *cur };
+    if cur.task == prev && cur.pending != 0 {
+        record_cgroup_wait(cur.pending);
+    }
+    cur.task = next;
+    cur.pending = wait;
 }
 
 /// The previous task's state: the tracepoint's fourth argument (5.18+),

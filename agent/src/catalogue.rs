@@ -30,6 +30,8 @@ catalogue! {
     CONTEXT_SWITCHES = "perch.cpu.context_switches",
     /// sched: run-queue latency histogram.
     RUNQUEUE_LATENCY = "perch.scheduler.runqueue.latency",
+    /// sched: run-queue latency per cgroup (container, pod, host cgroup).
+    CONTAINER_RUNQUEUE_LATENCY = "perch.container.runqueue.latency",
     /// sched: time runnable but not running, per CPU.
     WAIT_TIME = "perch.scheduler.wait.time",
 

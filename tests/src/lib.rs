@@ -51,6 +51,7 @@ pub fn perch_bin() -> PathBuf {
 }
 
 pub mod bench;
+pub mod bpftool;
 pub mod kernel;
 pub mod netns;
 pub mod netperch;

@@ -8,6 +8,7 @@
 //! `/sys/fs/cgroup/unified` (its `cpu.stat` has usage, not throttling).
 //! v1 is tested with throttling, v2 with usage.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -17,6 +18,7 @@ use perch_tests::perch::{collect, only, points};
 const UID: &str = "5d0e7a9c-3b1f-4c2d-9e8a-7b6c5d4e3f2a";
 const ID_A: &str = "aa1b3c2d9e8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c";
 const ID_B: &str = "bb1b3c2d9e8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c";
+const ID_C: &str = "cc1b3c2d9e8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c";
 const CGROUP: &str = "/sys/fs/cgroup";
 
 /// Directories created by a test, removed deepest first when dropped.
@@ -216,4 +218,268 @@ fn v2_cpu_time_matches_cpu_stat() {
         assert_eq!(p["attributes"]["k8s.pod.uid"], UID);
         assert_eq!(p["attributes"]["perch.k8s.qos_class"], "besteffort");
     }
+}
+
+/// The cgroup2 mount: `/sys/fs/cgroup` on a v2 host, `unified` on a hybrid
+/// one (where systemd places every task too).
+fn cgroup2() -> Option<PathBuf> {
+    let root = Path::new(CGROUP);
+    [root.to_owned(), root.join("unified")]
+        .into_iter()
+        .find(|d| d.join("cgroup.controllers").exists())
+}
+
+/// Processes killed when dropped (a failed assertion leaves no busy loop
+/// behind).
+struct Procs(Vec<std::process::Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts `cmd` (a shell command) with its process in cgroup `dir` from its
+/// first instruction.
+fn spawn_in(dir: &Path, cmd: &str) -> std::process::Child {
+    Command::new("sh")
+        .args([
+            "-c",
+            &format!("echo $$ > '{}/cgroup.procs' && exec {cmd}", dir.display()),
+        ])
+        .spawn()
+        .expect("sh")
+}
+
+/// `run_delay` (ns) of a task: the run-queue time the kernel itself summed
+/// (`/proc/<pid>/schedstat`, second field; `CONFIG_SCHED_INFO`).
+fn run_delay(pid: u32) -> u64 {
+    read(Path::new(&format!("/proc/{pid}/schedstat")))
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("schedstat run_delay")
+}
+
+/// Two containers whose busy loops share CPU 0 wait for it, and their
+/// per-container run-queue histograms say so, summing to what the kernel
+/// counted in the tasks' `run_delay`; a container whose task sleeps
+/// throughout waits not at all. Both clocks: the kernel's stamps and the
+/// wake-up clock.
+#[test]
+fn runqueue_per_container_shows_competing_waits_and_no_idle_ones() {
+    let _serial = perch_tests::kernel::privileged();
+    let Some(v2) = cgroup2() else {
+        eprintln!("skipped: this kernel has no cgroup2 hierarchy mounted (per-cgroup ids)");
+        return;
+    };
+    for clock in ["auto", "wakeup"] {
+        let u_ = UID.replace('-', "_");
+        let pod = format!("/kubepods.slice/kubepods-pod{u_}.slice");
+        let ids = [ID_A, ID_B, ID_C];
+        let rels: Vec<String> = ids
+            .iter()
+            .map(|id| format!("{pod}/cri-containerd-{id}.scope"))
+            .collect();
+        let mut made = Cgroups(Vec::new());
+        let dirs: Vec<PathBuf> = rels.iter().map(|r| made.create(&v2, r)).collect();
+        // C sleeps from before the agent attaches to after it detaches.
+        let idle = Procs(vec![spawn_in(&dirs[2], "sleep 30")]);
+        std::thread::sleep(Duration::from_millis(200));
+        let cfg = perch_tests::perch::ConfigFile::new(&format!(
+            "[probes.sched]\nrunqueue_clock = \"{clock}\"\n"
+        ));
+        let mut args = only(&["sched"]);
+        args.extend_from_slice(&["--config", cfg.path()]);
+        let (snap, delays) = collect(&args, Duration::from_millis(2500), || {
+            let busy = "taskset -c 0 sh -c 'while :; do :; done'";
+            let pair = Procs(vec![spawn_in(&dirs[0], busy), spawn_in(&dirs[1], busy)]);
+            std::thread::sleep(Duration::from_millis(1500));
+            let delays = (run_delay(pair.0[0].id()), run_delay(pair.0[1].id()));
+            drop(pair);
+            delays
+        });
+        drop(idle);
+        let hist = |id: &str| -> Option<(u64, f64)> {
+            let pts = of(&snap, "perch.container.runqueue.latency", id);
+            assert!(pts.len() <= 1, "one series per container: {pts:?}");
+            pts.first().map(|p| {
+                perch_tests::perch::check_exponential(p);
+                assert_eq!(p["attributes"]["k8s.pod.uid"], UID);
+                assert_eq!(p["attributes"]["perch.k8s.qos_class"], "guaranteed");
+                (p["count"].as_u64().unwrap(), p["sum"].as_f64().unwrap())
+            })
+        };
+        for (id, delay) in [(ID_A, delays.0), (ID_B, delays.1)] {
+            let (count, sum) = hist(id).unwrap_or_else(|| panic!("no histogram for {id}"));
+            let delay = delay as f64 / 1e9;
+            eprintln!(
+                "clock {clock}: container {}: {count} waits, {sum:.3} s; its task's run_delay {delay:.3} s",
+                &id[..2]
+            );
+            assert!(count >= 10, "{count} waits for a CPU shared 2 ways");
+            assert!(delay > 0.2, "the kernel counted only {delay} s of waiting");
+            // The same waits the kernel summed, give or take the wait in
+            // flight when run_delay was read and what accrued until the kill.
+            assert!(
+                (sum - delay).abs() <= 0.05 * delay + 0.02,
+                "{sum} s recorded vs run_delay {delay} s"
+            );
+        }
+        match hist(ID_C) {
+            None => {}
+            Some((count, _)) => assert_eq!(count, 0, "the sleeping container waited"),
+        }
+        eprintln!("clock {clock}: the idle container has no waits");
+    }
+}
+
+/// VmRSS of a process, bytes.
+fn rss(pid: u32) -> u64 {
+    perch_tests::bench::process_cpu_rss(pid).1 * 1024
+}
+
+/// `perch.bpf.map.entries` of the per-cgroup run-queue map.
+fn cgroup_map_entries(agent: &perch_tests::perch::Agent) -> f64 {
+    let s = agent.scrape();
+    let (_, v) = s
+        .iter()
+        .find(|(k, _)| {
+            k.starts_with("perch_bpf_map_entries{") && k.contains("\"SCHED_CGROUP_RUNQ\"")
+        })
+        .expect("perch_bpf_map_entries of SCHED_CGROUP_RUNQ");
+    *v
+}
+
+/// Series of the per-container run-queue histogram naming `id`.
+fn runq_series(agent: &perch_tests::perch::Agent, id: &str) -> usize {
+    agent
+        .scrape()
+        .keys()
+        .filter(|k| {
+            k.starts_with("perch_container_runqueue_latency_seconds_count{")
+                && k.contains(&format!("container_id=\"{id}\""))
+        })
+        .count()
+}
+
+/// Containers come and go: 1 000 short-lived container cgroups, each with a
+/// process that waits for a CPU. Their kernel map entries are reclaimed (the
+/// map's entries return to their baseline), their series end, a removed
+/// long-lived container's series ends, and the agent's memory does not grow
+/// with churn.
+#[test]
+fn churn_reclaims_map_entries_and_ends_series() {
+    let _serial = perch_tests::kernel::privileged();
+    let Some(v2) = cgroup2() else {
+        eprintln!("skipped: this kernel has no cgroup2 hierarchy mounted (per-cgroup ids)");
+        return;
+    };
+    let u_ = UID.replace('-', "_");
+    let pod = format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u_}.slice");
+    let mut long = Cgroups(Vec::new());
+    let dir = long.create(&v2, &format!("{pod}/cri-containerd-{ID_A}.scope"));
+    let mut args = only(&["sched"]);
+    args.extend_from_slice(&["--interval", "1s"]);
+    let agent = perch_tests::perch::Agent::start(&args);
+    // A long-lived container that waits: two loops on one CPU.
+    let busy = "taskset -c 0 sh -c 'while :; do :; done'";
+    let loops = Procs(vec![spawn_in(&dir, busy), spawn_in(&dir, busy)]);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        runq_series(&agent, ID_A),
+        1,
+        "the long-lived container's series"
+    );
+    let baseline = cgroup_map_entries(&agent);
+
+    let map = perch_tests::bpftool::map_of(agent.pid(), "SCHED_CGROUP_RUNQ");
+    // Map entries keyed by one of `ids`.
+    let entries_of = |ids: &std::collections::HashSet<u64>| {
+        perch_tests::bpftool::keys(map)
+            .iter()
+            .filter(|k| ids.contains(&perch_tests::bpftool::leading_u64(k)))
+            .count()
+    };
+    let churn = |round: u32| {
+        let mut ids = std::collections::HashSet::new();
+        let mut during = 0;
+        for batch in 0..50u32 {
+            let mut made = Cgroups(Vec::new());
+            let mut children = Vec::new();
+            for k in 0..20u32 {
+                let id = format!("{:016x}{:048x}", round, batch * 20 + k);
+                let d = made.create(&v2, &format!("{pod}/cri-containerd-{id}.scope"));
+                ids.insert(std::fs::metadata(&d).unwrap().ino());
+                // Waits for CPU 0 behind the loops, then exits.
+                children.push(spawn_in(
+                    &d,
+                    "taskset -c 0 sh -c 'i=0; while [ $i -lt 2000 ]; do i=$((i+1)); done'",
+                ));
+            }
+            for mut c in children {
+                assert!(c.wait().unwrap().success());
+            }
+            made.remove();
+            if batch == 25 {
+                during = entries_of(&ids);
+            }
+        }
+        (ids, during)
+    };
+    let (ids_one, during_one) = churn(1);
+    std::thread::sleep(Duration::from_millis(3000));
+    let (left_one, entries_one, rss_one) = (
+        entries_of(&ids_one),
+        cgroup_map_entries(&agent),
+        rss(agent.pid()),
+    );
+    let (ids_two, during_two) = churn(2);
+    std::thread::sleep(Duration::from_millis(3000));
+    let (left_two, entries_two, rss_two) = (
+        entries_of(&ids_two),
+        cgroup_map_entries(&agent),
+        rss(agent.pid()),
+    );
+    eprintln!(
+        "SCHED_CGROUP_RUNQ: entries of churned cgroups mid-churn {during_one} / {during_two}, \
+         3 s after {left_one} / {left_two}; all entries: {baseline} before, {entries_one} after \
+         1 000 cgroups, {entries_two} after 2 000 (live cgroups fill more buckets); agent RSS \
+         {:.1} MB after 1 000, {:.1} MB after 2 000",
+        rss_one as f64 / 1e6,
+        rss_two as f64 / 1e6
+    );
+    assert!(
+        during_one > 0 && during_two > 0,
+        "the churned cgroups never waited: the test cannot see reclaim"
+    );
+    assert_eq!(
+        (left_one, left_two),
+        (0, 0),
+        "map entries of removed cgroups were not reclaimed"
+    );
+    assert!(
+        rss_two <= rss_one + 2_000_000,
+        "RSS grew from {rss_one} to {rss_two} bytes over 1 000 more cgroups"
+    );
+    let left: usize = agent
+        .scrape()
+        .keys()
+        .filter(|k| {
+            k.starts_with("perch_container_runqueue_latency_seconds_count{")
+                && (k.contains("container_id=\"0000000000000001")
+                    || k.contains("container_id=\"0000000000000002"))
+        })
+        .count();
+    assert_eq!(left, 0, "series of removed containers are still exported");
+
+    // The long-lived container goes: its series ends.
+    drop(loops);
+    long.remove();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(runq_series(&agent, ID_A), 0, "a removed container's series");
+    assert!(agent.stop(), "perch exited uncleanly");
 }

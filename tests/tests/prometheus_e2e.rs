@@ -5,7 +5,7 @@
 //! negotiates the protobuf format and stores the kernel's run-queue
 //! histogram as a native histogram whose counts are the kernel map's.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use agent_common::exp;
+use perch_tests::bpftool;
 use perch_tests::perch::{free_port, http_get, Agent};
 
 /// A running Prometheus scraping one Perch agent every second; killed when
@@ -237,99 +238,21 @@ fn one_bucket_around(b: Bucket, read: &MapRead) -> (f64, f64) {
     }
 }
 
-/// `bpftool`'s JSON number for a key or value: a number, a decimal or hex
-/// string, or (maps without BTF) an array of `"0xNN"` bytes, little-endian.
-fn bpftool_number(v: &serde_json::Value) -> u64 {
-    match v {
-        serde_json::Value::Number(n) => n.as_u64().expect("an unsigned number"),
-        serde_json::Value::String(s) => match s.strip_prefix("0x") {
-            Some(hex) => u64::from_str_radix(hex, 16).expect("hex"),
-            None => s.parse().expect("decimal"),
-        },
-        serde_json::Value::Array(bytes) => bytes.iter().rev().fold(0u64, |acc, b| {
-            let b = b.as_str().expect("a byte string");
-            let b = u8::from_str_radix(b.trim_start_matches("0x"), 16).expect("a hex byte");
-            (acc << 8) | u64::from(b)
-        }),
-        other => panic!("unexpected bpftool number {other}"),
-    }
-}
-
-/// `bpftool ARGS` parsed as JSON; an error when it fails or prints nothing
-/// (as `map show name` does for a name no map has yet).
-fn try_bpftool(args: &[&str]) -> Result<serde_json::Value, String> {
-    let out = Command::new("/usr/sbin/bpftool")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("bpftool {args:?}: {e}"));
-    if !out.status.success() || out.stdout.iter().all(u8::is_ascii_whitespace) {
-        return Err(format!(
-            "bpftool {args:?}: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("bpftool {args:?} JSON: {e}"))
-}
-
-/// The id of the `SCHED_RUNQ_HIST` map held by process `pid`: other agents
-/// (other test binaries) may have maps of that name loaded at the same time,
-/// so the map is the one among them whose id is in the `map_id:` lines of
-/// the agent's `/proc/<pid>/fdinfo` (this bpftool reports no `pids`).
-/// `bpftool map show name` prints one match as an object, several as an
-/// array, and nothing (exit 0) for none while the agent is still loading.
-fn runq_map_of(pid: u32) -> u32 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        // One match is an object, several an array.
-        let shown = try_bpftool(&["-j", "map", "show", "name", "SCHED_RUNQ_HIST"]);
-        let named: BTreeSet<u32> = match &shown {
-            Ok(serde_json::Value::Array(maps)) => maps.iter().collect(),
-            Ok(one) => vec![one],
-            Err(_) => Vec::new(),
-        }
-        .into_iter()
-        .filter_map(|m| m["id"].as_u64())
-        .map(|id| id as u32)
-        .collect();
-        let mut held = BTreeSet::new();
-        if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) {
-            for fd in fds.filter_map(Result::ok) {
-                let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
-                held.extend(
-                    info.lines()
-                        .filter_map(|l| l.strip_prefix("map_id:"))
-                        .filter_map(|id| id.trim().parse::<u32>().ok()),
-                );
-            }
-        }
-        let ours: Vec<u32> = named.intersection(&held).copied().collect();
-        match ours[..] {
-            [id] => return id,
-            [] if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
-            _ => panic!(
-                "perch (pid {pid}) holds SCHED_RUNQ_HIST maps {ours:?} \
-                 (maps of that name: {named:?})"
-            ),
-        }
-    }
-}
-
 /// Reads map `id` with `bpftool -j map dump id`. On this machine (aya maps,
 /// no BTF for their types) each element is `{"key": [4 hex bytes],
 /// "values": [{"cpu": N, "value": [8 hex bytes]}, ...]}`; with BTF, bpftool
 /// puts the decoded element under `"formatted"`, which is preferred.
 fn read_runq_map(id: u32) -> MapRead {
     let at = SystemTime::now();
-    let dump = try_bpftool(&["-j", "map", "dump", "id", &id.to_string()])
+    let dump = bpftool::try_bpftool(&["-j", "map", "dump", "id", &id.to_string()])
         .unwrap_or_else(|e| panic!("{e}"));
     let elements = dump.as_array().expect("bpftool dump: an array");
     let mut counts = vec![0u64; exp::SLOTS as usize];
     for e in elements {
         let e = e.get("formatted").unwrap_or(e);
-        let key = bpftool_number(&e["key"]) as usize;
+        let key = bpftool::number(&e["key"]) as usize;
         let values = e["values"].as_array().expect("per-CPU values");
-        counts[key] = values.iter().map(|v| bpftool_number(&v["value"])).sum();
+        counts[key] = values.iter().map(|v| bpftool::number(&v["value"])).sum();
     }
     MapRead { counts, at }
 }
@@ -413,7 +336,7 @@ fn native_histograms_match_the_kernel_map() {
     let mut args = vec!["--interval", "1s"];
     args.extend(perch_tests::perch::only(&["sched"]));
     let agent = Agent::start(&args);
-    let map = runq_map_of(agent.pid());
+    let map = bpftool::map_of(agent.pid(), "SCHED_RUNQ_HIST");
     let prom = Prometheus::start(agent.addr, &["native-histograms"]);
     scheduler_load(5000);
 

@@ -222,6 +222,8 @@ pub struct PrepareCtx<'a> {
     pub config: &'a ProbesConfig,
     /// `agent.proc_root`.
     pub proc_root: &'a Path,
+    /// `agent.sys_root`.
+    pub sys_root: &'a Path,
     /// Whether the agent runs in the host's pid namespace (`None`: unknown).
     pub host_pid_namespace: Option<bool>,
     /// Kernel BTF, parsed once on first use and shared by every family.

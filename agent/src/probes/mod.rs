@@ -133,6 +133,7 @@ impl Probes {
         let prepare_ctx = PrepareCtx {
             config: &config.probes,
             proc_root: &config.agent.proc_root,
+            sys_root: &config.agent.sys_root,
             host_pid_namespace: facts.host_pid_namespace,
             btf: &shared_btf,
             tracefs: tracefs.as_deref(),

@@ -44,6 +44,10 @@ pub struct ContainersCollector {
     max_cgroups: usize,
     starts: StartTimes,
     skipped: u64,
+    /// The last walk's readings, by `perch.cgroup`: a cgroup missing from
+    /// the next walk is reported once more from here (its final point),
+    /// then forgotten.
+    last: std::collections::HashMap<String, Reading>,
 }
 
 impl ContainersCollector {
@@ -54,6 +58,7 @@ impl ContainersCollector {
             max_cgroups,
             starts: StartTimes::new(boot),
             skipped: 0,
+            last: std::collections::HashMap::new(),
         }
     }
 
@@ -235,8 +240,19 @@ impl Collector for ContainersCollector {
     }
 
     fn collect(&mut self, now: SystemTime, out: &mut Vec<Metric>) -> Result<(), CollectError> {
-        let (readings, skipped) = self.walk()?;
+        let (mut readings, skipped) = self.walk()?;
         self.skipped += skipped;
+        // A removed cgroup's series end with one final point: its last
+        // reading (a removed cgroup can no longer be read).
+        let mut last: std::collections::HashMap<String, Reading> = readings
+            .iter()
+            .map(|r| (r.attribution.cgroup.clone(), r.clone()))
+            .collect();
+        std::mem::swap(&mut last, &mut self.last);
+        readings.extend(
+            last.into_values()
+                .filter(|r| !self.last.contains_key(&r.attribution.cgroup)),
+        );
         let mut cpu = Vec::new();
         let (mut periods, mut throttled) = (Vec::new(), Vec::new());
         let (mut quota, mut period) = (Vec::new(), Vec::new());
@@ -481,5 +497,46 @@ mod tests {
             panic!("not a gauge")
         };
         assert_eq!(points[0].value, Number::Double(0.05));
+    }
+
+    /// A removed cgroup's series end with one final point, its last
+    /// reading; then they are gone.
+    #[test]
+    fn a_removed_cgroup_gets_one_final_point() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::write(root.join("cgroup.controllers"), "cpu\n").unwrap();
+        let rel = format!("/system.slice/docker-{ID}.scope");
+        mk(root, &rel, 1_000_000, None);
+        let mut c = ContainersCollector::new(
+            Layout::discover(root, super::cgroupfs::Hierarchy::Auto).unwrap(),
+            1,
+            100,
+            SystemTime::UNIX_EPOCH,
+        );
+        let cpu_of = |c: &mut ContainersCollector| -> f64 {
+            let mut out = Vec::new();
+            c.collect(SystemTime::now(), &mut out).unwrap();
+            let m = out
+                .iter()
+                .find(|m| m.name == crate::catalogue::CONTAINER_CPU_TIME)
+                .unwrap();
+            let crate::model::Data::Sum { points, .. } = &m.data else {
+                panic!("not a counter")
+            };
+            points
+                .iter()
+                .filter(|p| {
+                    p.attributes
+                        .iter()
+                        .any(|(k, v)| *k == "container.id" && v.to_string() == ID)
+                })
+                .map(|p| p.value.as_f64())
+                .sum()
+        };
+        assert!((cpu_of(&mut c) - 1.0).abs() < 1e-9);
+        std::fs::remove_dir_all(root.join(rel.trim_start_matches('/'))).unwrap();
+        assert!((cpu_of(&mut c) - 1.0).abs() < 1e-9, "the final point");
+        assert_eq!(cpu_of(&mut c), 0.0, "then no series");
     }
 }

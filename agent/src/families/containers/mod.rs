@@ -1,10 +1,10 @@
 //! Containers family: CPU time and CPU throttling per container, per pod
 //! and per host cgroup, attributed from cgroup paths.
 //!
-//! - Hooks: none yet. cgroupfs is the kernel's own per-cgroup accounting
-//!   (`cpu.stat`, `cpuacct.*`), exact in every mode; the per-container
-//!   run-queue histogram (issue 14) will come from the sched family's
-//!   `sched_switch` program, keyed by cgroup id.
+//! - Hooks: none. cgroupfs is the kernel's own per-cgroup accounting
+//!   (`cpu.stat`, `cpuacct.*`), exact in every mode. The per-container
+//!   run-queue histogram comes from the sched family's `sched_switch`
+//!   program, keyed by cgroup id, and is attributed by [`ids`].
 //! - Metrics: `container.cpu.time{cpu.mode}`,
 //!   `perch.container.cpu.throttled.{periods,time}`,
 //!   `perch.container.cpu.{quota,period}`, with `container.id`,
@@ -19,6 +19,7 @@
 pub mod cgroup_path;
 pub mod cgroupfs;
 mod collector;
+pub mod ids;
 
 use serde::Deserialize;
 

@@ -42,6 +42,8 @@ struct Maps {
     /// times waits (empty with the kernel's sched_info stamps).
     runq_start: HashMap<MapData, u64, u64>,
     attached_at: SystemTime,
+    /// `probes.sched.runqueue_per_cgroup`, where the kernel side records it.
+    cgroups: Option<super::cgroups::CgroupRunq>,
 }
 
 pub struct SchedCollector {
@@ -66,6 +68,7 @@ impl SchedCollector {
                 hist: ctx.map(c::MAP_RUNQ_HIST)?,
                 runq_start: ctx.map(c::MAP_RUNQ_START)?,
                 attached_at: ctx.attached_at()?,
+                cgroups: per_cgroup(ctx)?,
             }),
             _ => None,
         };
@@ -96,6 +99,31 @@ impl SchedCollector {
     }
 }
 
+/// The per-cgroup run-queue reader, where `prepare` turned the kernel side
+/// on (it did when the option is set and a cgroup2 mount exists).
+fn per_cgroup(ctx: &mut BuildCtx<'_>) -> Result<Option<super::cgroups::CgroupRunq>, BuildError> {
+    if !ctx.config.sched.runqueue_per_cgroup {
+        return Ok(None);
+    }
+    let Ok(root) = crate::families::containers::ids::cgroup2_root(&ctx.sys.path("fs/cgroup"))
+    else {
+        return Ok(None);
+    };
+    let containers = &ctx.config.containers;
+    let ids = crate::families::containers::ids::CgroupIds::new(
+        root,
+        containers.host_depth,
+        containers.max_cgroups,
+    );
+    Ok(Some(super::cgroups::CgroupRunq::new(
+        ctx.map(c::MAP_CGROUP_RUNQ)?,
+        ctx.map(c::MAP_CGROUP_OVF)?,
+        ctx.config.sched.max_cgroup_buckets,
+        ids,
+        ctx.attached_at()?,
+    )))
+}
+
 fn sum_point(attributes: Attributes, start: SystemTime, now: SystemTime, v: Number) -> NumberPoint {
     NumberPoint {
         attributes,
@@ -113,7 +141,7 @@ impl Collector for SchedCollector {
     fn collect(&mut self, now: SystemTime, out: &mut Vec<Metric>) -> Result<(), CollectError> {
         // Per-CPU run-queue latency sums (ns), in eBPF mode.
         let mut runq_sums: Option<Vec<(u32, u64)>> = None;
-        match &self.maps {
+        match &mut self.maps {
             Some(maps) => {
                 let cpus = online_cpus();
                 let read = |slot: u32| read_slot(&maps.counters, slot, c::MAP_COUNTERS);
@@ -139,14 +167,12 @@ impl Collector for SchedCollector {
                 out.push(Metric::counter(CTX, CTX_DESC, "{switch}", points));
 
                 self.runq_start_full = read(c::SLOT_RUNQ_START_FULL)?.iter().sum();
-                out.push(crate::collectors::map_insert_failures(vec![
-                    crate::collectors::map_insert_failure_point(
-                        c::MAP_RUNQ_START,
-                        self.runq_start_full,
-                        maps.attached_at,
-                        now,
-                    ),
-                ]));
+                let mut failures = vec![crate::collectors::map_insert_failure_point(
+                    c::MAP_RUNQ_START,
+                    self.runq_start_full,
+                    maps.attached_at,
+                    now,
+                )];
                 // A key walk: one syscall per entry (about one per live task
                 // with the wake-up clock, none with the kernel's stamps).
                 let entries = maps
@@ -154,14 +180,21 @@ impl Collector for SchedCollector {
                     .keys()
                     .take(c::RUNQ_START_ENTRIES as usize)
                     .count();
-                out.push(crate::collectors::map_entries(vec![
-                    crate::collectors::map_entries_point(
-                        c::MAP_RUNQ_START,
-                        entries as u64,
-                        c::RUNQ_START_ENTRIES,
-                        now,
-                    ),
-                ]));
+                let mut map_entries = vec![crate::collectors::map_entries_point(
+                    c::MAP_RUNQ_START,
+                    entries as u64,
+                    c::RUNQ_START_ENTRIES,
+                    now,
+                )];
+                if let Some(cg) = &mut maps.cgroups {
+                    let figures = cg.collect(&maps.counters, now, out)?;
+                    let (failed, entries) =
+                        super::cgroups::map_points(&figures, maps.attached_at, now);
+                    failures.push(failed);
+                    map_entries.push(entries);
+                }
+                out.push(crate::collectors::map_insert_failures(failures));
+                out.push(crate::collectors::map_entries(map_entries));
                 let sum_ns = read(c::SLOT_RUNQ_SUM_NS)?;
                 runq_sums = Some(cpus.iter().map(|c| (*c, cpu_value(&sum_ns, *c))).collect());
                 // Read each bucket once: per CPU values, summed or kept.

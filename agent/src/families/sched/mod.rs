@@ -5,11 +5,13 @@
 //!   `sched_wakeup`/`sched_wakeup_new` where the kernel keeps none; the
 //!   classic tracepoints (`sched/sched_switch`, ...) before 5.18.
 //! - Metrics: `perch.cpu.context_switches`, `perch.scheduler.runqueue.latency`,
-//!   `perch.scheduler.wait.time` (see `collector.rs`).
+//!   `perch.scheduler.wait.time` (see `collector.rs`), and per cgroup
+//!   `perch.container.runqueue.latency` (see `cgroups.rs`).
 //! - Fallback: `/proc/stat` `ctxt` and `/proc/schedstat`.
 //! - Oldest kernel: 5.18 for `tp_btf`/`raw_tp` (the `prev_state`
 //!   argument), 4.7 for the classic tracepoint, any for procfs.
 
+mod cgroups;
 mod collector;
 pub mod offsets;
 pub mod schedstat;
@@ -80,7 +82,7 @@ pub const RULE: Rule = Rule {
 };
 
 /// `[probes.sched]`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// `auto`, `ebpf`, `procfs` or `off`. Default `auto`.
@@ -94,6 +96,29 @@ pub struct Config {
     /// Where `tp_btf`/`raw_tp` read the previous task's state. Default
     /// `auto`.
     pub prev_state: PrevState,
+    /// Also record each run-queue wait in the waiting task's cgroup:
+    /// `perch.container.runqueue.latency`, one histogram per container,
+    /// pod cgroup and host cgroup (as `[probes.containers]` attributes
+    /// them). Needs a cgroup2 mount (v2, or a hybrid host's `unified`).
+    /// Default `true`.
+    pub runqueue_per_cgroup: bool,
+    /// Bound of the kernel map behind it, in (cgroup, bucket) entries;
+    /// waits past it go to the overflow series, counted. 1 024 to
+    /// 1 048 576, default 65 536.
+    pub max_cgroup_buckets: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            mode: Mode::Auto,
+            runqueue_per_cpu: false,
+            runqueue_clock: RunqueueClock::Auto,
+            prev_state: PrevState::Auto,
+            runqueue_per_cgroup: true,
+            max_cgroup_buckets: c::CGROUP_RUNQ_DEFAULT_ENTRIES,
+        }
+    }
 }
 
 impl Section for Config {
@@ -102,6 +127,15 @@ impl Section for Config {
     }
     fn set_mode(&mut self, mode: Mode) {
         self.mode = mode;
+    }
+    fn validate(&self) -> Result<(), (String, String)> {
+        if !(1024..=1 << 20).contains(&self.max_cgroup_buckets) {
+            return Err((
+                "max_cgroup_buckets".into(),
+                "must be 1024 to 1048576".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -161,7 +195,24 @@ impl Unit for Sched {
             Ok(btf) => (offsets::task_state(btf, from_task), None),
             Err(e) => (Ok((0, 0)), from_task.then_some(e)),
         };
-        let mut out = clock(stamps, state);
+        let per_cgroup = if ctx.config.sched.runqueue_per_cgroup {
+            crate::families::containers::ids::cgroup2_root(&ctx.sys_root.join("fs/cgroup"))
+                .map(|_| ())
+        } else {
+            Err("probes.sched.runqueue_per_cgroup = false".to_owned())
+        };
+        let mut out = clock(stamps, state, per_cgroup.is_ok());
+        let note = match per_cgroup {
+            Ok(()) => {
+                out.map_sizes
+                    .push((c::MAP_CGROUP_RUNQ, ctx.config.sched.max_cgroup_buckets));
+                "; run-queue waits also per cgroup".to_owned()
+            }
+            Err(e) => format!("; no per-cgroup run-queue latency: {e}"),
+        };
+        for n in out.notes.values_mut() {
+            n.push_str(&note);
+        }
         if let Some(e) = no_layout {
             let why = format!(
                 "probes.sched.prev_state = \"task_struct\" needs the task's layout from BTF: {e}"
@@ -195,9 +246,11 @@ impl Unit for Sched {
 fn clock(
     stamps: Result<c::SchedOffsets, String>,
     state: Result<(u32, u32), crate::sources::btf::BtfError>,
+    per_cgroup: bool,
 ) -> Prepared {
     let mut out = Prepared::default();
     let mut offsets = stamps.clone().unwrap_or_default();
+    offsets.per_cgroup = per_cgroup.into();
     let mut note = match stamps {
         Ok(_) => {
             out.unused_programs.extend(WAKEUP_PROGRAMS);
@@ -267,7 +320,7 @@ mod tests {
     /// classic tracepoint always times wake-ups.
     #[test]
     fn sched_reads_follow_the_runqueue_clock() {
-        let stamped = clock(Ok(c::SchedOffsets::default()), Ok((0, 0)));
+        let stamped = clock(Ok(c::SchedOffsets::default()), Ok((0, 0)), false);
         let p = plan(&facts(Hook::TpBtf, &stamped), |_| Mode::Auto).unwrap();
         let sched = p.get(Family::Sched).unwrap();
         assert_eq!(sched.reads, "tp_btf sched_switch");
@@ -279,7 +332,7 @@ mod tests {
             sched.reason
         );
 
-        let wakeup = clock(Err("no stamps".into()), Ok((0, 0)));
+        let wakeup = clock(Err("no stamps".into()), Ok((0, 0)), false);
         let p = plan(&facts(Hook::RawTp, &wakeup), |_| Mode::Auto).unwrap();
         let sched = p.get(Family::Sched).unwrap();
         assert_eq!(
