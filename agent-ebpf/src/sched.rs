@@ -192,10 +192,10 @@ fn account_switch_stamped<const BTF: bool>(
         if let Some(arrived) = field::<u64, BTF>(prev, off!(last_arrival)) {
             if arrived >= cur.queued {
                 let wait = arrived - cur.queued;
-                record_wait(wait);
+                let slot = record_wait(wait);
                 if off!(per_cgroup) != 0 {
                     // `current` is still `prev`, the task that waited.
-                    record_cgroup_wait(wait);
+                    record_cgroup_wait(wait, slot);
                 }
             }
         }
@@ -210,8 +210,7 @@ fn account_switch_stamped<const BTF: bool>(
 /// Per wait: one helper call and one per-CPU hash lookup (an insert for a
 /// cgroup's first wait in a bucket).
 #[inline(always)]
-fn record_cgroup_wait(wait: u64) {
-    let slot = crate::histogram::slot(wait);
+fn record_cgroup_wait(wait: u64, slot: u32) {
     let key = CgroupSlot {
         cgroup: unsafe { bpf_get_current_cgroup_id() },
         slot,
@@ -252,12 +251,15 @@ fn switch_slot(involuntary: bool, idle: bool) -> u32 {
     }
 }
 
+/// Records a wait in the host histogram; returns its bucket.
 #[inline(always)]
-fn record_wait(latency: u64) {
-    bump(&SCHED_RUNQ_HIST, crate::histogram::slot(latency));
+fn record_wait(latency: u64) -> u32 {
+    let slot = crate::histogram::slot(latency);
+    bump(&SCHED_RUNQ_HIST, slot);
     if let Some(sum) = SCHED_COUNTERS.get_ptr_mut(c::SLOT_RUNQ_SUM_NS) {
         unsafe { *sum += latency };
     }
+    slot
 }
 
 /// The switch itself, whatever identifies a task (`task_struct` pointer or
@@ -283,7 +285,7 @@ fn account_switch(involuntary: bool, idle_prev: bool, dead: bool, prev: u64, nex
             unsafe { *p = 0 };
             if now >= start {
                 wait = now - start;
-                record_wait(wait);
+                let _ = record_wait(wait);
             }
         }
     }
@@ -305,7 +307,7 @@ fn defer_cgroup_wait(prev: u64, next: u64, wait: u64) {
     // SAFETY: this CPU's value slot, valid for this program run.
     let cur = unsafe { &mut *cur };
     if cur.task == prev && cur.pending != 0 {
-        record_cgroup_wait(cur.pending);
+        record_cgroup_wait(cur.pending, crate::histogram::slot(cur.pending));
     }
     cur.task = next;
     cur.pending = wait;

@@ -290,7 +290,7 @@ fn runqueue_per_container_shows_competing_waits_and_no_idle_ones() {
         let idle = Procs(vec![spawn_in(&dirs[2], "sleep 30")]);
         std::thread::sleep(Duration::from_millis(200));
         let cfg = perch_tests::perch::ConfigFile::new(&format!(
-            "[probes.sched]\nrunqueue_clock = \"{clock}\"\n"
+            "[probes.sched]\nrunqueue_clock = \"{clock}\"\nrunqueue_per_cgroup = true\n"
         ));
         let mut args = only(&["sched"]);
         args.extend_from_slice(&["--config", cfg.path()]);
@@ -382,8 +382,9 @@ fn churn_reclaims_map_entries_and_ends_series() {
     let pod = format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u_}.slice");
     let mut long = Cgroups(Vec::new());
     let dir = long.create(&v2, &format!("{pod}/cri-containerd-{ID_A}.scope"));
+    let cfg = perch_tests::perch::ConfigFile::new("[probes.sched]\nrunqueue_per_cgroup = true\n");
     let mut args = only(&["sched"]);
-    args.extend_from_slice(&["--interval", "1s"]);
+    args.extend_from_slice(&["--interval", "1s", "--config", cfg.path()]);
     let agent = perch_tests::perch::Agent::start(&args);
     // A long-lived container that waits: two loops on one CPU.
     let busy = "taskset -c 0 sh -c 'while :; do :; done'";

@@ -10,8 +10,12 @@
 //!   stats themselves cost two clock reads per program run); the ns/event
 //!   figures come from one more run with them on, and one with
 //!   `probes.sched.prev_state = "task_struct"` (the pre-5.18 path).
+//! - the cost of per-container attribution on the switch path:
+//!   `sched_switch` ns/event with `probes.sched.runqueue_per_cgroup` on and
+//!   off (the default), in alternating runs (`--attribution-pairs`, default
+//!   3), as means and their difference.
 //!
-//! Usage: bench-cpu [--pairs N] [--secs S] [--interval-secs I]
+//! Usage: bench-cpu [--pairs N] [--secs S] [--interval-secs I] [--attribution-pairs N]
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -130,6 +134,35 @@ fn main() {
         secs,
         interval,
     );
+    // 3. Attribution on and off, alternating, sched_switch only.
+    let attribution_pairs = arg("--attribution-pairs", 3);
+    let attributed = ConfigFile::new("[probes.sched]\nrunqueue_per_cgroup = true\n");
+    let switch_ns = |runs: &BTreeMap<String, (f64, f64)>| {
+        let (ns, n) = runs
+            .iter()
+            .filter(|(labels, _)| labels.contains("sched_switch"))
+            .fold((0.0, 0.0), |(a, b), (_, (ns, n))| (a + ns, b + n));
+        if n > 0.0 {
+            ns / n
+        } else {
+            f64::NAN
+        }
+    };
+    let (mut on_ns, mut off_ns) = (Vec::new(), Vec::new());
+    for i in 0..attribution_pairs {
+        for on in if i % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        } {
+            let mut args = vec!["--interval", interval_arg.as_str()];
+            if on {
+                args.extend_from_slice(&["--config", attributed.path()]);
+            }
+            let runs = measure_ns_per_event(&args, secs, interval);
+            if on { &mut on_ns } else { &mut off_ns }.push(switch_ns(&runs));
+        }
+    }
     drop(stats);
 
     let ratio = mean(&with) / mean(&without);
@@ -138,6 +171,15 @@ fn main() {
     print_ns_per_event(&ns_per_event, |_| true);
     println!("\nwith probes.sched.prev_state = \"task_struct\" (the pre-5.18 path):\n");
     print_ns_per_event(&ns_task_struct, |labels| labels.contains("sched_"));
+    println!(
+        "\nsched_switch with per-container attribution (probes.sched.runqueue_per_cgroup), \
+         {attribution_pairs} alternating pairs:\n"
+    );
+    println!("| attribution | ns/event (mean) | runs |");
+    println!("|---|---:|---|");
+    println!("| on | {:.1} | {on_ns:.1?} |", mean(&on_ns));
+    println!("| off | {:.1} | {off_ns:.1?} |", mean(&off_ns));
+    println!("| difference | {:+.1} | |", mean(&on_ns) - mean(&off_ns));
     println!();
     println!("| figure | value |");
     println!("|---|---:|");

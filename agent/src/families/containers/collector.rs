@@ -48,6 +48,8 @@ pub struct ContainersCollector {
     /// the next walk is reported once more from here (its final point),
     /// then forgotten.
     last: std::collections::HashMap<String, Reading>,
+    /// Cgroups whose read error was logged (bounded by `max_cgroups`).
+    warned: std::collections::HashSet<String>,
 }
 
 impl ContainersCollector {
@@ -59,14 +61,17 @@ impl ContainersCollector {
             starts: StartTimes::new(boot),
             skipped: 0,
             last: std::collections::HashMap::new(),
+            warned: std::collections::HashSet::new(),
         }
     }
 
     /// Walks the hierarchy: the reported cgroups' readings, and how many
-    /// cgroups were past the bounds. A cgroup removed during the walk is
-    /// skipped silently (it is gone, not broken); other read errors fail
-    /// the collection.
-    pub fn walk(&self) -> Result<(Vec<Reading>, u64), CollectError> {
+    /// cgroups were left out (past the bounds, a malformed path, or
+    /// unreadable). A cgroup removed during the walk is skipped silently (it
+    /// is gone, not broken); one that cannot be read is left out, counted
+    /// and logged (once per cgroup), and the rest are still reported. Only
+    /// an unreadable root fails the collection.
+    pub fn walk(&mut self) -> Result<(Vec<Reading>, u64), CollectError> {
         let root = self.layout.walk_root().to_owned();
         let mut out = Vec::new();
         let mut skipped = 0u64;
@@ -83,7 +88,15 @@ impl ContainersCollector {
                 skipped += 1;
                 continue;
             };
-            let children = subdirs(&dir)?;
+            let children = match subdirs(&dir) {
+                Ok(c) => c,
+                Err(e) if depth == 0 => return Err(e.into()),
+                Err(e) => {
+                    self.unreadable(&path, &e);
+                    skipped += 1;
+                    continue;
+                }
+            };
             let in_kubepods = rel
                 .split('/')
                 .nth(1)
@@ -100,7 +113,10 @@ impl ContainersCollector {
                 match self.read(&dir, &rel, a) {
                     Ok(r) => out.push(r),
                     Err(e) if gone(&e) => {}
-                    Err(e) => return Err(e.into()),
+                    Err(e) => {
+                        self.unreadable(&path, &e);
+                        skipped += 1;
+                    }
                 }
             }
             // Below a container only the same container; below a host
@@ -123,6 +139,13 @@ impl ContainersCollector {
             }
         }
         Ok((out, skipped))
+    }
+
+    /// Logs a cgroup that could not be read, once per cgroup.
+    fn unreadable(&mut self, path: &str, e: &ProcError) {
+        if self.warned.len() < self.max_cgroups && self.warned.insert(path.to_owned()) {
+            tracing::warn!(cgroup = path, error = %e, "containers: cgroup left out (counted in perch.containers.cgroups.skipped)");
+        }
     }
 
     fn read(&self, dir: &Path, rel: &str, attribution: Attribution) -> Result<Reading, ProcError> {
@@ -358,7 +381,7 @@ impl Collector for ContainersCollector {
         ));
         out.push(Metric::counter(
             crate::catalogue::CONTAINER_CGROUPS_SKIPPED,
-            "Cgroups not reported because the walk's bounds (depth 16, probes.containers.max_cgroups) were reached, or their path was malformed.",
+            "Cgroups not reported because the walk's bounds (depth 16, probes.containers.max_cgroups) were reached, their path was malformed, or they could not be read (logged).",
             "{cgroup}",
             vec![skipped_point],
         ));
@@ -420,7 +443,7 @@ mod tests {
         mk(root, "/system.slice/sshd.service", 50, None);
         mk(root, "/init.scope", 10, None);
         let layout = Layout::discover(root, super::cgroupfs::Hierarchy::Auto).unwrap();
-        let c = ContainersCollector::new(layout.clone(), 1, 100, SystemTime::UNIX_EPOCH);
+        let mut c = ContainersCollector::new(layout.clone(), 1, 100, SystemTime::UNIX_EPOCH);
         let (r, skipped) = c.walk().unwrap();
         assert_eq!(skipped, 0);
         let cgroups: Vec<&str> = r.iter().map(|r| r.attribution.cgroup.as_str()).collect();
@@ -439,7 +462,7 @@ mod tests {
         assert_eq!(ctr.limit.unwrap().quota_us, Some(50_000));
         assert_eq!(ctr.attribution.pod_uid.as_deref(), Some(UID));
         // Depth 2 reports the service instead of its slice.
-        let c = ContainersCollector::new(layout.clone(), 2, 100, SystemTime::UNIX_EPOCH);
+        let mut c = ContainersCollector::new(layout.clone(), 2, 100, SystemTime::UNIX_EPOCH);
         let (r, _) = c.walk().unwrap();
         let cgroups: Vec<&str> = r.iter().map(|r| r.attribution.cgroup.as_str()).collect();
         assert!(
@@ -448,7 +471,7 @@ mod tests {
         );
         assert!(!cgroups.contains(&"/system.slice"), "{cgroups:?}");
         // The bound counts what it leaves out.
-        let c = ContainersCollector::new(layout, 1, 2, SystemTime::UNIX_EPOCH);
+        let mut c = ContainersCollector::new(layout, 1, 2, SystemTime::UNIX_EPOCH);
         let (_, skipped) = c.walk().unwrap();
         assert!(skipped > 0);
     }
@@ -538,5 +561,27 @@ mod tests {
         std::fs::remove_dir_all(root.join(rel.trim_start_matches('/'))).unwrap();
         assert!((cpu_of(&mut c) - 1.0).abs() < 1e-9, "the final point");
         assert_eq!(cpu_of(&mut c), 0.0, "then no series");
+    }
+
+    /// A cgroup with unexpected content is left out, counted and logged;
+    /// the others are still reported.
+    #[test]
+    fn an_unreadable_cgroup_is_skipped_not_fatal() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::write(root.join("cgroup.controllers"), "cpu\n").unwrap();
+        mk(root, "/system.slice", 100, None);
+        mk(root, "/user.slice", 100, None);
+        std::fs::write(root.join("user.slice/cpu.stat"), "usage_usec lots\n").unwrap();
+        let mut c = ContainersCollector::new(
+            Layout::discover(root, super::cgroupfs::Hierarchy::Auto).unwrap(),
+            1,
+            100,
+            SystemTime::UNIX_EPOCH,
+        );
+        let (r, skipped) = c.walk().unwrap();
+        let cgroups: Vec<&str> = r.iter().map(|r| r.attribution.cgroup.as_str()).collect();
+        assert_eq!(cgroups, ["/system.slice"]);
+        assert_eq!(skipped, 1);
     }
 }

@@ -100,7 +100,9 @@ pub struct Config {
     /// `perch.container.runqueue.latency`, one histogram per container,
     /// pod cgroup and host cgroup (as `[probes.containers]` attributes
     /// them). Needs a cgroup2 mount (v2, or a hybrid host's `unified`).
-    /// Default `true`.
+    /// Costs a per-CPU hash lookup per wait (about 80 ns per context switch
+    /// on the reference VM, docs/performance.md), so it is opt-in. Default
+    /// `false`.
     pub runqueue_per_cgroup: bool,
     /// Bound of the kernel map behind it, in (cgroup, bucket) entries;
     /// waits past it go to the overflow series, counted. 1 024 to
@@ -115,7 +117,7 @@ impl Default for Config {
             runqueue_per_cpu: false,
             runqueue_clock: RunqueueClock::Auto,
             prev_state: PrevState::Auto,
-            runqueue_per_cgroup: true,
+            runqueue_per_cgroup: false,
             max_cgroup_buckets: c::CGROUP_RUNQ_DEFAULT_ENTRIES,
         }
     }
