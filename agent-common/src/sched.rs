@@ -12,13 +12,23 @@ pub const MAP_RUNQ_HIST: &str = "SCHED_RUNQ_HIST";
 pub const MAP_RUNQ_START: &str = "SCHED_RUNQ_START";
 /// Per-CPU array of one [`Arrival`]: the task that last arrived on this CPU.
 pub const MAP_ARRIVAL: &str = "SCHED_ARRIVAL";
+/// Per-CPU array of [`CGROUP_FRONT_SLOTS`] [`CgroupFront`]: the per-cgroup
+/// run-queue latency histograms (`probes.sched.runqueue_per_cgroup`), one
+/// slot per cgroup, direct-mapped by [`cgroup_hash`]. A cgroup whose slot
+/// on this CPU holds another live cgroup goes to [`MAP_CGROUP_RUNQ`].
+pub const MAP_CGROUP_FRONT: &str = "SCHED_CGROUP_FRONT";
 /// Per-CPU hash: [`CgroupSlot`] -> [`CgroupWait`], the sparse per-cgroup
-/// run-queue latency histogram (`probes.sched.runqueue_per_cgroup`). One
-/// entry in the object; the loader sizes it from
-/// `probes.sched.max_cgroup_buckets`.
+/// histograms of cgroups that collided in [`MAP_CGROUP_FRONT`]. One entry
+/// in the object; the loader sizes it from `probes.sched.max_cgroup_buckets`.
 pub const MAP_CGROUP_RUNQ: &str = "SCHED_CGROUP_RUNQ";
-/// Per-CPU array of `u64` bucket counts: the waits of cgroups that did not
-/// fit [`MAP_CGROUP_RUNQ`], folded into one histogram (their sum is in
+/// Hash: cgroup id -> 0, written by userspace: removed cgroups whose
+/// [`MAP_CGROUP_FRONT`] slots it has read for the last time. A program
+/// finding such a cgroup in the slot its own cgroup maps to takes the slot
+/// over.
+pub const MAP_CGROUP_GONE: &str = "SCHED_CGROUP_GONE";
+/// Per-CPU array of `u64` counts by [`cgroup_bucket`]: the waits of cgroups
+/// that fit neither [`MAP_CGROUP_FRONT`] nor [`MAP_CGROUP_RUNQ`], folded into
+/// one histogram (their sum is in
 /// [`SLOT_CGROUP_OVF_SUM_NS`]).
 pub const MAP_CGROUP_OVF: &str = "SCHED_CGROUP_OVF";
 /// Global (`.rodata`) holding [`SchedOffsets`].
@@ -50,9 +60,66 @@ pub const SLOT_CGROUP_OVF_SUM_NS: u32 = 6;
 pub const COUNTER_SLOTS: u32 = 7;
 
 /// Default bound of [`MAP_CGROUP_RUNQ`] (`probes.sched.max_cgroup_buckets`):
-/// one entry per (cgroup, occupied bucket). A cgroup whose tasks wait from
-/// 1 µs to 10 ms fills about 110 scale-3 buckets; most fill a few dozen.
-pub const CGROUP_RUNQ_DEFAULT_ENTRIES: u32 = 65536;
+/// one entry per (cgroup, occupied bucket), for cgroups that collided in
+/// [`MAP_CGROUP_FRONT`].
+pub const CGROUP_RUNQ_DEFAULT_ENTRIES: u32 = 16384;
+/// Slots of [`MAP_CGROUP_FRONT`] per CPU (a power of two): 672 bytes each,
+/// 172 KiB per CPU.
+pub const CGROUP_FRONT_SLOTS: u32 = 256;
+/// Bound of [`MAP_CGROUP_GONE`]: removed cgroups still holding a front slot
+/// on some CPU.
+pub const CGROUP_GONE_ENTRIES: u32 = 4096;
+/// Scale of the per-cgroup histograms: 2 buckets per power of two (the host
+/// histogram has [`crate::exp::SCALE`]), so that a cgroup's slot holds its
+/// whole range in [`CGROUP_BUCKETS`] counts.
+pub const CGROUP_SCALE: i32 = 1;
+/// Counts per cgroup: zeros, the 80 scale-1 buckets of 1 ns to 2^40 ns, and
+/// (folded into the top one) the overflow.
+pub const CGROUP_BUCKETS: usize = 82;
+
+/// The per-cgroup bucket of a wait whose host bucket is `slot`
+/// ([`crate::exp::slot`]): scale 3 to scale 1 is a shift of the index.
+#[inline(always)]
+pub const fn cgroup_bucket(slot: u32) -> u32 {
+    if slot == crate::exp::ZERO_SLOT {
+        0
+    } else {
+        ((slot - 1) >> 2) + 1
+    }
+}
+
+/// The OpenTelemetry bucket index (at [`CGROUP_SCALE`]) of per-cgroup bucket
+/// `b` (1..): the inverse of [`cgroup_bucket`].
+pub const fn cgroup_bucket_index(b: u32) -> i32 {
+    b as i32 - 1 + crate::exp::MIN_INDEX / 4
+}
+
+/// The [`MAP_CGROUP_FRONT`] slot of cgroup `id` (ids are sequential inode
+/// numbers: MurmurHash3's 64-bit finalizer spreads them).
+#[inline(always)]
+pub const fn cgroup_front_slot(id: u64) -> u32 {
+    let mut h = id;
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    (h as u32) & (CGROUP_FRONT_SLOTS - 1)
+}
+
+/// Value of [`MAP_CGROUP_FRONT`] (per CPU): cgroup `id`'s waits on this CPU.
+/// `id` 0: never used. The program that takes a slot over zeroes the counts
+/// before it writes `id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupFront {
+    pub id: u64,
+    /// Sum of the waits, ns.
+    pub sum_ns: u64,
+    /// Waits by [`cgroup_bucket`].
+    pub counts: [u64; CGROUP_BUCKETS],
+}
+const _: () = assert!(core::mem::size_of::<CgroupFront>() == 672);
 
 /// Key of [`MAP_CGROUP_RUNQ`].
 #[repr(C)]
@@ -61,7 +128,7 @@ pub struct CgroupSlot {
     /// The waiting task's cgroup v2 id (`bpf_get_current_cgroup_id`, the
     /// inode number of its directory in the cgroup2 mount).
     pub cgroup: u64,
-    /// [`crate::exp::slot`] of the wait.
+    /// [`cgroup_bucket`] of the wait.
     pub slot: u32,
     /// Explicit padding.
     pub _pad: u32,
@@ -98,7 +165,9 @@ pub const MAPS: &[MapSpec] = &[
     MapSpec::per_cpu_array::<Arrival>(MAP_ARRIVAL, 1),
     // One entry in the object; the loader sizes it (see the map's doc).
     MapSpec::per_cpu_hash::<CgroupSlot, CgroupWait>(MAP_CGROUP_RUNQ, 1),
-    MapSpec::per_cpu_array::<u64>(MAP_CGROUP_OVF, crate::exp::SLOTS),
+    MapSpec::per_cpu_array::<u64>(MAP_CGROUP_OVF, CGROUP_BUCKETS as u32),
+    MapSpec::per_cpu_array::<CgroupFront>(MAP_CGROUP_FRONT, CGROUP_FRONT_SLOTS),
+    MapSpec::hash::<u64, u8>(MAP_CGROUP_GONE, CGROUP_GONE_ENTRIES),
 ];
 
 /// Every global of the family's kernel side that userspace overrides.
@@ -190,4 +259,6 @@ mod pod {
     unsafe impl aya::Pod for super::CgroupSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CgroupWait {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CgroupFront {}
 }

@@ -15,8 +15,10 @@
 //!   access and the family falls back to `/proc/stat`.
 //! - Maps: `SCHED_COUNTERS`, `SCHED_RUNQ_HIST`, `SCHED_ARRIVAL`,
 //!   `SCHED_CGROUP_OVF` (per-CPU arrays), `SCHED_RUNQ_START` (bounded hash,
-//!   wake-up clock only), `SCHED_CGROUP_RUNQ` (bounded per-CPU hash, per
-//!   cgroup waits).
+//!   wake-up clock only); per cgroup, `SCHED_CGROUP_FRONT` (per-CPU array,
+//!   direct-mapped by cgroup id), `SCHED_CGROUP_RUNQ` (bounded per-CPU hash,
+//!   for cgroups that collide there), `SCHED_CGROUP_GONE` (hash, written by
+//!   userspace: removed cgroups).
 //! - Metrics: `perch.cpu.context_switches`, `perch.scheduler.runqueue.latency`,
 //!   `perch.container.runqueue.latency`.
 //! - Fallback: `/proc/stat` `ctxt` (no voluntary/involuntary split, no latency).
@@ -51,11 +53,13 @@
 //! With `SchedOffsets::per_cgroup` each wait also goes to the waiting
 //! task's cgroup (`bpf_get_current_cgroup_id`, so while that task is
 //! `current`: at its switch-out, held in `SCHED_ARRIVAL` by the wake-up
-//! clock until then), in `SCHED_CGROUP_RUNQ` keyed by (cgroup, bucket).
+//! clock until then): in its slot of `SCHED_CGROUP_FRONT`, or where another
+//! live cgroup holds that slot on this CPU, in `SCHED_CGROUP_RUNQ` keyed by
+//! (cgroup, bucket).
 
 use agent_common::{
     exp,
-    sched::{self as c, Arrival, CgroupSlot, CgroupWait, SchedOffsets, TpOffsets},
+    sched::{self as c, Arrival, CgroupFront, CgroupSlot, CgroupWait, SchedOffsets, TpOffsets},
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -117,7 +121,15 @@ static SCHED_CGROUP_RUNQ: PerCpuHashMap<CgroupSlot, CgroupWait> =
     PerCpuHashMap::with_max_entries(1, 0);
 
 #[map]
-static SCHED_CGROUP_OVF: PerCpuArray<u64> = PerCpuArray::with_max_entries(exp::SLOTS, 0);
+static SCHED_CGROUP_OVF: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(c::CGROUP_BUCKETS as u32, 0);
+
+#[map]
+static SCHED_CGROUP_FRONT: PerCpuArray<CgroupFront> =
+    PerCpuArray::with_max_entries(c::CGROUP_FRONT_SLOTS, 0);
+
+#[map]
+static SCHED_CGROUP_GONE: HashMap<u64, u8> = HashMap::with_max_entries(c::CGROUP_GONE_ENTRIES, 0);
 
 /// `TASK_RUNNING` in `include/linux/sched.h`.
 const TASK_RUNNING: u64 = 0;
@@ -205,15 +217,60 @@ fn account_switch_stamped<const BTF: bool>(
     0
 }
 
-/// Adds a wait of the current task to its cgroup's histogram; a bucket that
-/// does not fit `SCHED_CGROUP_RUNQ` goes to `SCHED_CGROUP_OVF`, counted.
-/// Per wait: one helper call and one per-CPU hash lookup (an insert for a
-/// cgroup's first wait in a bucket).
+/// Adds a wait (host bucket `slot`) of the current task to its cgroup's
+/// histogram. Per wait: one helper call and one per-CPU array slot (the
+/// cgroup's by hash); only a cgroup whose slot holds another live cgroup on
+/// this CPU pays a per-CPU hash lookup. What fits neither goes to
+/// `SCHED_CGROUP_OVF`, counted.
 #[inline(always)]
 fn record_cgroup_wait(wait: u64, slot: u32) {
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    let b = c::cgroup_bucket(slot);
+    if let Some(p) = SCHED_CGROUP_FRONT.get_ptr_mut(c::cgroup_front_slot(id)) {
+        // SAFETY: this CPU's value slot, valid for this program run.
+        let f = unsafe { &mut *p };
+        if f.id != id && (f.id == 0 || take_over(f.id)) {
+            claim(f, id);
+        }
+        if f.id == id {
+            if let Some(n) = f.counts.get_mut(b as usize) {
+                *n += 1;
+            }
+            f.sum_ns += wait;
+            return;
+        }
+    }
+    record_cgroup_collision(id, b, wait);
+}
+
+/// Whether the front slot's cgroup `other` is gone and read for the last
+/// time (userspace listed it): asked only when two cgroups meet in a slot.
+#[inline(always)]
+fn take_over(other: u64) -> bool {
+    // SAFETY: a lookup; the value is not read.
+    unsafe { SCHED_CGROUP_GONE.get(other) }.is_some()
+}
+
+/// Makes `f` cgroup `id`'s slot on this CPU: counts zeroed first, `id`
+/// last, so that a reader never sees `id` with the counts of another.
+#[inline(always)]
+fn claim(f: &mut CgroupFront, id: u64) {
+    let mut i = 0;
+    while i < c::CGROUP_BUCKETS {
+        f.counts[i] = 0;
+        i += 1;
+    }
+    f.sum_ns = 0;
+    unsafe { core::ptr::write_volatile(&mut f.id, id) };
+}
+
+/// A wait of a cgroup that lost its front slot to another: the sparse
+/// per-CPU hash, else the overflow histogram.
+#[inline(always)]
+fn record_cgroup_collision(id: u64, b: u32, wait: u64) {
     let key = CgroupSlot {
-        cgroup: unsafe { bpf_get_current_cgroup_id() },
-        slot,
+        cgroup: id,
+        slot: b,
         _pad: 0,
     };
     if let Some(p) = SCHED_CGROUP_RUNQ.get_ptr_mut(key) {
@@ -232,7 +289,7 @@ fn record_cgroup_wait(wait: u64, slot: u32) {
         .is_err()
     {
         bump(&SCHED_COUNTERS, c::SLOT_CGROUP_FULL);
-        bump(&SCHED_CGROUP_OVF, slot);
+        bump(&SCHED_CGROUP_OVF, b);
         if let Some(sum) = SCHED_COUNTERS.get_ptr_mut(c::SLOT_CGROUP_OVF_SUM_NS) {
             unsafe { *sum += wait };
         }

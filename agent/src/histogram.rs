@@ -140,9 +140,18 @@ impl Exponential {
 
     /// From `(index, count)` pairs at [`exp::SCALE`], e.g. a sparse per-peer map.
     pub fn from_sparse(zero_count: u64, buckets: impl IntoIterator<Item = (i32, u64)>) -> Self {
+        Self::from_sparse_at(exp::SCALE, zero_count, buckets)
+    }
+
+    /// From `(index, count)` pairs at `scale`.
+    pub fn from_sparse_at(
+        scale: i32,
+        zero_count: u64,
+        buckets: impl IntoIterator<Item = (i32, u64)>,
+    ) -> Self {
         let mut pairs: Vec<(i32, u64)> = buckets.into_iter().filter(|(_, c)| *c > 0).collect();
         pairs.sort_unstable();
-        let mut e = Self::empty(exp::SCALE);
+        let mut e = Self::empty(scale);
         e.zero_count = zero_count;
         if let (Some(&(lo, _)), Some(&(hi, _))) = (pairs.first(), pairs.last()) {
             let mut dense = vec![0u64; (hi - lo) as usize + 1];

@@ -96,13 +96,35 @@ pub fn leading_u64(v: &serde_json::Value) -> u64 {
     }
 }
 
-/// The keys of map `id` (`bpftool -j map dump id`).
-pub fn keys(id: u32) -> Vec<serde_json::Value> {
+/// The elements of map `id` (`bpftool -j map dump id`): each with `key`,
+/// and `value` or (per-CPU maps) `values`, `[{"cpu": N, "value": ...}]`.
+pub fn dump(id: u32) -> Vec<serde_json::Value> {
     let dump = try_bpftool(&["-j", "map", "dump", "id", &id.to_string()])
         .unwrap_or_else(|e| panic!("{e}"));
     dump.as_array()
         .expect("bpftool dump: an array")
         .iter()
-        .map(|e| e.get("formatted").unwrap_or(e)["key"].clone())
+        .map(|e| e.get("formatted").unwrap_or(e).clone())
+        .collect()
+}
+
+/// The keys of map `id`.
+pub fn keys(id: u32) -> Vec<serde_json::Value> {
+    dump(id).into_iter().map(|e| e["key"].clone()).collect()
+}
+
+/// The leading `u64` of every CPU's value of every element of per-CPU map
+/// `id` (e.g. the id field a per-CPU array's slots start with).
+pub fn per_cpu_leading_u64(id: u32) -> Vec<u64> {
+    dump(id)
+        .iter()
+        .flat_map(|e| {
+            e["values"]
+                .as_array()
+                .expect("a per-CPU map")
+                .iter()
+                .map(|v| leading_u64(&v["value"]))
+                .collect::<Vec<_>>()
+        })
         .collect()
 }

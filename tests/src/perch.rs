@@ -83,7 +83,13 @@ pub fn points<'a>(snapshot: &'a Value, name: &str) -> Vec<&'a Value> {
 /// the populated buckets (OTel bucket `i` is `(2^(i/8), 2^((i+1)/8)]` s).
 /// Returns the mean.
 pub fn check_exponential(point: &Value) -> f64 {
-    assert_eq!(point["scale"], 3, "the kernel's exponential scale: {point}");
+    check_exponential_at(point, 3)
+}
+
+/// [`check_exponential`] at `scale` (the per-cgroup histograms have 1).
+pub fn check_exponential_at(point: &Value, scale: i32) -> f64 {
+    assert_eq!(point["scale"], scale, "the histogram's scale: {point}");
+    let per_power = f64::from(1u32 << scale);
     let count = point["count"].as_u64().expect("count");
     let counts: Vec<u64> = point["bucket_counts"]
         .as_array()
@@ -109,9 +115,9 @@ pub fn check_exponential(point: &Value) -> f64 {
     let lowest = if zeros > 0 {
         0.0
     } else {
-        2f64.powf(offset / 8.0)
+        2f64.powf(offset / per_power)
     };
-    let highest = 2f64.powf((offset + counts.len() as f64) / 8.0);
+    let highest = 2f64.powf((offset + counts.len() as f64) / per_power);
     assert!(
         lowest <= mean && mean <= highest,
         "mean {mean} s outside the populated buckets [{lowest}, {highest}] s"

@@ -307,7 +307,7 @@ fn runqueue_per_container_shows_competing_waits_and_no_idle_ones() {
             let pts = of(&snap, "perch.container.runqueue.latency", id);
             assert!(pts.len() <= 1, "one series per container: {pts:?}");
             pts.first().map(|p| {
-                perch_tests::perch::check_exponential(p);
+                perch_tests::perch::check_exponential_at(p, 1);
                 assert_eq!(p["attributes"]["k8s.pod.uid"], UID);
                 assert_eq!(p["attributes"]["perch.k8s.qos_class"], "guaranteed");
                 (p["count"].as_u64().unwrap(), p["sum"].as_f64().unwrap())
@@ -342,16 +342,17 @@ fn rss(pid: u32) -> u64 {
     perch_tests::bench::process_cpu_rss(pid).1 * 1024
 }
 
-/// `perch.bpf.map.entries` of the per-cgroup run-queue map.
-fn cgroup_map_entries(agent: &perch_tests::perch::Agent) -> f64 {
+/// `perch.bpf.map.entries` of the per-cgroup run-queue maps: front slots
+/// and hash entries holding live cgroups.
+fn live_entries(agent: &perch_tests::perch::Agent) -> f64 {
     let s = agent.scrape();
-    let (_, v) = s
-        .iter()
-        .find(|(k, _)| {
-            k.starts_with("perch_bpf_map_entries{") && k.contains("\"SCHED_CGROUP_RUNQ\"")
-        })
-        .expect("perch_bpf_map_entries of SCHED_CGROUP_RUNQ");
-    *v
+    let of = |map: &str| {
+        s.iter()
+            .find(|(k, _)| k.starts_with("perch_bpf_map_entries{") && k.contains(map))
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("perch_bpf_map_entries of {map}"))
+    };
+    of("\"SCHED_CGROUP_RUNQ\"") + of("\"SCHED_CGROUP_FRONT\"")
 }
 
 /// Series of the per-container run-queue histogram naming `id`.
@@ -395,15 +396,28 @@ fn churn_reclaims_map_entries_and_ends_series() {
         1,
         "the long-lived container's series"
     );
-    let baseline = cgroup_map_entries(&agent);
+    let baseline = live_entries(&agent);
 
-    let map = perch_tests::bpftool::map_of(agent.pid(), "SCHED_CGROUP_RUNQ");
-    // Map entries keyed by one of `ids`.
+    let hash = perch_tests::bpftool::map_of(agent.pid(), "SCHED_CGROUP_RUNQ");
+    let front = perch_tests::bpftool::map_of(agent.pid(), "SCHED_CGROUP_FRONT");
+    let gone = perch_tests::bpftool::map_of(agent.pid(), "SCHED_CGROUP_GONE");
+    // Kernel entries holding one of `ids` that the agent has not released:
+    // hash entries, and front slots (per CPU) not listed as gone (a listed
+    // slot is free for the next cgroup that maps there).
     let entries_of = |ids: &std::collections::HashSet<u64>| {
-        perch_tests::bpftool::keys(map)
+        let listed: std::collections::HashSet<u64> = perch_tests::bpftool::keys(gone)
+            .iter()
+            .map(perch_tests::bpftool::leading_u64)
+            .collect();
+        let in_hash = perch_tests::bpftool::keys(hash)
             .iter()
             .filter(|k| ids.contains(&perch_tests::bpftool::leading_u64(k)))
-            .count()
+            .count();
+        let in_front = perch_tests::bpftool::per_cpu_leading_u64(front)
+            .into_iter()
+            .filter(|id| ids.contains(id) && !listed.contains(id))
+            .count();
+        in_hash + in_front
     };
     let churn = |round: u32| {
         let mut ids = std::collections::HashSet::new();
@@ -433,22 +447,16 @@ fn churn_reclaims_map_entries_and_ends_series() {
     };
     let (ids_one, during_one) = churn(1);
     std::thread::sleep(Duration::from_millis(3000));
-    let (left_one, entries_one, rss_one) = (
-        entries_of(&ids_one),
-        cgroup_map_entries(&agent),
-        rss(agent.pid()),
-    );
+    let (left_one, entries_one, rss_one) =
+        (entries_of(&ids_one), live_entries(&agent), rss(agent.pid()));
     let (ids_two, during_two) = churn(2);
     std::thread::sleep(Duration::from_millis(3000));
-    let (left_two, entries_two, rss_two) = (
-        entries_of(&ids_two),
-        cgroup_map_entries(&agent),
-        rss(agent.pid()),
-    );
+    let (left_two, entries_two, rss_two) =
+        (entries_of(&ids_two), live_entries(&agent), rss(agent.pid()));
     eprintln!(
         "SCHED_CGROUP_RUNQ: entries of churned cgroups mid-churn {during_one} / {during_two}, \
-         3 s after {left_one} / {left_two}; all entries: {baseline} before, {entries_one} after \
-         1 000 cgroups, {entries_two} after 2 000 (live cgroups fill more buckets); agent RSS \
+         3 s after {left_one} / {left_two}; live entries (front slots and hash): {baseline} \
+         before, {entries_one} after 1 000 cgroups, {entries_two} after 2 000; agent RSS \
          {:.1} MB after 1 000, {:.1} MB after 2 000",
         rss_one as f64 / 1e6,
         rss_two as f64 / 1e6
@@ -462,6 +470,12 @@ fn churn_reclaims_map_entries_and_ends_series() {
         (0, 0),
         "map entries of removed cgroups were not reclaimed"
     );
+    for after in [entries_one, entries_two] {
+        assert!(
+            after <= baseline + 2.0,
+            "live map entries {after} after churn, {baseline} before"
+        );
+    }
     assert!(
         rss_two <= rss_one + 2_000_000,
         "RSS grew from {rss_one} to {rss_two} bytes over 1 000 more cgroups"

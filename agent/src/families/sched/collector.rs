@@ -116,8 +116,12 @@ fn per_cgroup(ctx: &mut BuildCtx<'_>) -> Result<Option<super::cgroups::CgroupRun
         containers.max_cgroups,
     );
     Ok(Some(super::cgroups::CgroupRunq::new(
-        ctx.map(c::MAP_CGROUP_RUNQ)?,
-        ctx.map(c::MAP_CGROUP_OVF)?,
+        super::cgroups::Maps {
+            front: ctx.map(c::MAP_CGROUP_FRONT)?,
+            map: ctx.map(c::MAP_CGROUP_RUNQ)?,
+            gone_map: ctx.map(c::MAP_CGROUP_GONE)?,
+            overflow: ctx.map(c::MAP_CGROUP_OVF)?,
+        },
         ctx.config.sched.max_cgroup_buckets,
         ids,
         ctx.attached_at()?,
@@ -191,7 +195,7 @@ impl Collector for SchedCollector {
                     let (failed, entries) =
                         super::cgroups::map_points(&figures, maps.attached_at, now);
                     failures.push(failed);
-                    map_entries.push(entries);
+                    map_entries.extend(entries);
                 }
                 out.push(crate::collectors::map_insert_failures(failures));
                 out.push(crate::collectors::map_entries(map_entries));
