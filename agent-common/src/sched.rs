@@ -203,10 +203,18 @@ pub struct SchedOffsets {
     /// 0: `prev_state` is `sched_switch`'s fourth argument (5.18+). 4 or 8:
     /// read [`Self::task_state`] from the task, a field of that many bytes.
     pub task_state_size: u32,
-    /// Non-zero: also record each wait per cgroup ([`MAP_CGROUP_RUNQ`]).
+    /// Non-zero: also record each wait per cgroup ([`MAP_CGROUP_FRONT`]).
     pub per_cgroup: u32,
+    /// Where `tp_btf` finds a task's cgroup v2 id with four BTF-checked
+    /// loads instead of a helper call: `task_struct.cgroups`,
+    /// `css_set.dfl_cgrp`, `cgroup.kn`, `kernfs_node.id` (what
+    /// `bpf_get_current_cgroup_id` reads). `task_cgroups` 0: use the helper.
+    pub task_cgroups: u32,
+    pub css_dfl_cgrp: u32,
+    pub cgroup_kn: u32,
+    pub kn_id: u32,
 }
-const _: () = assert!(core::mem::size_of::<SchedOffsets>() == 24);
+const _: () = assert!(core::mem::size_of::<SchedOffsets>() == 40);
 
 /// Value of [`MAP_ARRIVAL`]: the task `sched_switch` last switched in on this
 /// CPU and its `last_queued` at that moment. At the next switch on the same

@@ -84,6 +84,10 @@ static SCHED_OFFSETS: SchedOffsets = SchedOffsets {
     task_state: 0,
     task_state_size: 0,
     per_cgroup: 0,
+    task_cgroups: 0,
+    css_dfl_cgrp: 0,
+    cgroup_kn: 0,
+    kn_id: 0,
 };
 
 /// Classic tracepoint record offsets, from tracefs (see `tracepoint.rs`).
@@ -207,7 +211,7 @@ fn account_switch_stamped<const BTF: bool>(
                 let slot = record_wait(wait);
                 if off!(per_cgroup) != 0 {
                     // `current` is still `prev`, the task that waited.
-                    record_cgroup_wait(wait, slot);
+                    record_cgroup_wait(cgroup_of::<BTF>(prev), wait, slot);
                 }
             }
         }
@@ -223,8 +227,7 @@ fn account_switch_stamped<const BTF: bool>(
 /// this CPU pays a per-CPU hash lookup. What fits neither goes to
 /// `SCHED_CGROUP_OVF`, counted.
 #[inline(always)]
-fn record_cgroup_wait(wait: u64, slot: u32) {
-    let id = unsafe { bpf_get_current_cgroup_id() };
+fn record_cgroup_wait(id: u64, wait: u64, slot: u32) {
     let b = c::cgroup_bucket(slot);
     if let Some(p) = SCHED_CGROUP_FRONT.get_ptr_mut(c::cgroup_front_slot(id)) {
         // SAFETY: this CPU's value slot, valid for this program run.
@@ -241,6 +244,22 @@ fn record_cgroup_wait(wait: u64, slot: u32) {
         }
     }
     record_cgroup_collision(id, b, wait);
+}
+
+/// The cgroup v2 id of `task`, the current task: with `tp_btf` four
+/// BTF-checked loads (`task->cgroups->dfl_cgrp->kn->id`, what the helper
+/// reads; a helper call costs as much as the rest of the program on a KVM
+/// guest), else `bpf_get_current_cgroup_id`.
+#[inline(always)]
+fn cgroup_of<const BTF: bool>(task: u64) -> u64 {
+    if !BTF || off!(task_cgroups) == 0 {
+        return unsafe { bpf_get_current_cgroup_id() };
+    }
+    let id = field::<u64, true>(task, off!(task_cgroups))
+        .and_then(|cset| field::<u64, true>(cset, off!(css_dfl_cgrp)))
+        .and_then(|cgrp| field::<u64, true>(cgrp, off!(cgroup_kn)))
+        .and_then(|kn| field::<u64, true>(kn, off!(kn_id)));
+    id.unwrap_or(0)
 }
 
 /// Whether the front slot's cgroup `other` is gone and read for the last
@@ -364,7 +383,8 @@ fn defer_cgroup_wait(prev: u64, next: u64, wait: u64) {
     // SAFETY: this CPU's value slot, valid for this program run.
     let cur = unsafe { &mut *cur };
     if cur.task == prev && cur.pending != 0 {
-        record_cgroup_wait(cur.pending, crate::histogram::slot(cur.pending));
+        let id = unsafe { bpf_get_current_cgroup_id() };
+        record_cgroup_wait(id, cur.pending, crate::histogram::slot(cur.pending));
     }
     cur.task = next;
     cur.pending = wait;

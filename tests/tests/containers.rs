@@ -264,6 +264,61 @@ fn run_delay(pid: u32) -> u64 {
         .expect("schedstat run_delay")
 }
 
+/// Containers `ids[0]` and `ids[1]` (cgroups `dirs`) run busy loops that
+/// share CPU 0 while `ids[2]` sleeps; the agent, on `clock`, must show each
+/// loop's waits summing to what the kernel counted in its task's
+/// `run_delay`, and no waits for the sleeper.
+fn compete(dirs: &[PathBuf; 3], ids: [&str; 3], clock: &str) -> serde_json::Value {
+    // The sleeper sleeps from before the agent attaches to after it detaches.
+    let idle = Procs(vec![spawn_in(&dirs[2], "sleep 30")]);
+    std::thread::sleep(Duration::from_millis(200));
+    let cfg = perch_tests::perch::ConfigFile::new(&format!(
+        "[probes.sched]\nrunqueue_clock = \"{clock}\"\nrunqueue_per_cgroup = true\n"
+    ));
+    let mut args = only(&["sched"]);
+    args.extend_from_slice(&["--config", cfg.path()]);
+    let (snap, delays) = collect(&args, Duration::from_millis(2500), || {
+        let busy = "taskset -c 0 sh -c 'while :; do :; done'";
+        let pair = Procs(vec![spawn_in(&dirs[0], busy), spawn_in(&dirs[1], busy)]);
+        std::thread::sleep(Duration::from_millis(1500));
+        let delays = [run_delay(pair.0[0].id()), run_delay(pair.0[1].id())];
+        drop(pair);
+        delays
+    });
+    drop(idle);
+    let hist = |id: &str| -> Option<(u64, f64)> {
+        let pts = of(&snap, "perch.container.runqueue.latency", id);
+        assert!(pts.len() <= 1, "one series per container: {pts:?}");
+        pts.first().map(|p| {
+            perch_tests::perch::check_exponential_at(p, 1);
+            assert_eq!(p["attributes"]["k8s.pod.uid"], UID);
+            (p["count"].as_u64().unwrap(), p["sum"].as_f64().unwrap())
+        })
+    };
+    for (id, delay) in ids.iter().zip(delays) {
+        let (count, sum) = hist(id).unwrap_or_else(|| panic!("no histogram for {id}"));
+        let delay = delay as f64 / 1e9;
+        eprintln!(
+            "clock {clock}: container …{}: {count} waits, {sum:.3} s; its task's run_delay {delay:.3} s",
+            &id[60..]
+        );
+        assert!(count >= 10, "{count} waits for a CPU shared 2 ways");
+        assert!(delay > 0.2, "the kernel counted only {delay} s of waiting");
+        // The same waits the kernel summed, give or take the wait in
+        // flight when run_delay was read and what accrued until the kill.
+        assert!(
+            (sum - delay).abs() <= 0.05 * delay + 0.02,
+            "{sum} s recorded vs run_delay {delay} s"
+        );
+    }
+    match hist(ids[2]) {
+        None => {}
+        Some((count, _)) => assert_eq!(count, 0, "the sleeping container waited"),
+    }
+    eprintln!("clock {clock}: the idle container has no waits");
+    snap
+}
+
 /// Two containers whose busy loops share CPU 0 wait for it, and their
 /// per-container run-queue histograms say so, summing to what the kernel
 /// counted in the tasks' `run_delay`; a container whose task sleeps
@@ -276,65 +331,60 @@ fn runqueue_per_container_shows_competing_waits_and_no_idle_ones() {
         eprintln!("skipped: this kernel has no cgroup2 hierarchy mounted (per-cgroup ids)");
         return;
     };
+    let u_ = UID.replace('-', "_");
+    let pod = format!("/kubepods.slice/kubepods-pod{u_}.slice");
     for clock in ["auto", "wakeup"] {
-        let u_ = UID.replace('-', "_");
-        let pod = format!("/kubepods.slice/kubepods-pod{u_}.slice");
         let ids = [ID_A, ID_B, ID_C];
-        let rels: Vec<String> = ids
-            .iter()
-            .map(|id| format!("{pod}/cri-containerd-{id}.scope"))
-            .collect();
         let mut made = Cgroups(Vec::new());
-        let dirs: Vec<PathBuf> = rels.iter().map(|r| made.create(&v2, r)).collect();
-        // C sleeps from before the agent attaches to after it detaches.
-        let idle = Procs(vec![spawn_in(&dirs[2], "sleep 30")]);
-        std::thread::sleep(Duration::from_millis(200));
-        let cfg = perch_tests::perch::ConfigFile::new(&format!(
-            "[probes.sched]\nrunqueue_clock = \"{clock}\"\nrunqueue_per_cgroup = true\n"
-        ));
-        let mut args = only(&["sched"]);
-        args.extend_from_slice(&["--config", cfg.path()]);
-        let (snap, delays) = collect(&args, Duration::from_millis(2500), || {
-            let busy = "taskset -c 0 sh -c 'while :; do :; done'";
-            let pair = Procs(vec![spawn_in(&dirs[0], busy), spawn_in(&dirs[1], busy)]);
-            std::thread::sleep(Duration::from_millis(1500));
-            let delays = (run_delay(pair.0[0].id()), run_delay(pair.0[1].id()));
-            drop(pair);
-            delays
-        });
-        drop(idle);
-        let hist = |id: &str| -> Option<(u64, f64)> {
-            let pts = of(&snap, "perch.container.runqueue.latency", id);
-            assert!(pts.len() <= 1, "one series per container: {pts:?}");
-            pts.first().map(|p| {
-                perch_tests::perch::check_exponential_at(p, 1);
-                assert_eq!(p["attributes"]["k8s.pod.uid"], UID);
-                assert_eq!(p["attributes"]["perch.k8s.qos_class"], "guaranteed");
-                (p["count"].as_u64().unwrap(), p["sum"].as_f64().unwrap())
-            })
-        };
-        for (id, delay) in [(ID_A, delays.0), (ID_B, delays.1)] {
-            let (count, sum) = hist(id).unwrap_or_else(|| panic!("no histogram for {id}"));
-            let delay = delay as f64 / 1e9;
-            eprintln!(
-                "clock {clock}: container {}: {count} waits, {sum:.3} s; its task's run_delay {delay:.3} s",
-                &id[..2]
-            );
-            assert!(count >= 10, "{count} waits for a CPU shared 2 ways");
-            assert!(delay > 0.2, "the kernel counted only {delay} s of waiting");
-            // The same waits the kernel summed, give or take the wait in
-            // flight when run_delay was read and what accrued until the kill.
-            assert!(
-                (sum - delay).abs() <= 0.05 * delay + 0.02,
-                "{sum} s recorded vs run_delay {delay} s"
-            );
-        }
-        match hist(ID_C) {
-            None => {}
-            Some((count, _)) => assert_eq!(count, 0, "the sleeping container waited"),
-        }
-        eprintln!("clock {clock}: the idle container has no waits");
+        let dirs = ids.map(|id| made.create(&v2, &format!("{pod}/cri-containerd-{id}.scope")));
+        let _ = compete(&dirs, ids, clock);
     }
+}
+
+/// Two containers whose cgroup ids map to the same slot of the kernel's
+/// per-CPU front array: one holds the slot, the other's waits go to the
+/// per-CPU hash. Both histograms must still match the kernel's `run_delay`.
+#[test]
+fn runqueue_per_container_is_exact_when_two_cgroups_share_a_slot() {
+    let _serial = perch_tests::kernel::privileged();
+    let Some(v2) = cgroup2() else {
+        eprintln!("skipped: this kernel has no cgroup2 hierarchy mounted (per-cgroup ids)");
+        return;
+    };
+    let u_ = UID.replace('-', "_");
+    let pod = format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u_}.slice");
+    let mut made = Cgroups(Vec::new());
+    // Cgroups until two ids collide (about 20 for 256 slots), named as
+    // containerd names them; the others are removed at the end.
+    let mut by_slot: std::collections::HashMap<u32, (String, PathBuf)> = Default::default();
+    let mut pair = None;
+    for k in 0..2000u32 {
+        let id = format!("{:04x}{:060x}", 0xd00d, k);
+        let dir = made.create(&v2, &format!("{pod}/cri-containerd-{id}.scope"));
+        let slot = agent_common::sched::cgroup_front_slot(std::fs::metadata(&dir).unwrap().ino());
+        if let Some(first) = by_slot.insert(slot, (id.clone(), dir.clone())) {
+            pair = Some((first, (id, dir)));
+            break;
+        }
+    }
+    let ((id_a, dir_a), (id_b, dir_b)) = pair.expect("no two of 2 000 cgroup ids share a slot");
+    eprintln!(
+        "containers …{} and …{} share front slot {}",
+        &id_a[60..],
+        &id_b[60..],
+        agent_common::sched::cgroup_front_slot(std::fs::metadata(&dir_a).unwrap().ino())
+    );
+    let dir_c = made.create(&v2, &format!("{pod}/cri-containerd-{ID_C}.scope"));
+    let snap = compete(&[dir_a, dir_b, dir_c], [&id_a, &id_b, ID_C], "auto");
+    let in_hash = perch_tests::perch::sum(
+        &snap,
+        "perch.bpf.map.entries",
+        &[("perch.bpf.map", "SCHED_CGROUP_RUNQ")],
+    );
+    assert!(
+        in_hash > 0.0,
+        "the colliding container's waits are not in the hash"
+    );
 }
 
 /// VmRSS of a process, bytes.

@@ -203,7 +203,11 @@ impl Unit for Sched {
         } else {
             Err("probes.sched.runqueue_per_cgroup = false".to_owned())
         };
-        let mut out = clock(stamps, state, per_cgroup.is_ok());
+        let id_path = match (&per_cgroup, ctx.btf.get()) {
+            (Ok(()), Ok(btf)) => offsets::cgroup_id_path(btf).ok(),
+            _ => None,
+        };
+        let mut out = clock(stamps, state, per_cgroup.is_ok(), id_path);
         let note = match per_cgroup {
             Ok(()) => {
                 out.map_sizes
@@ -249,10 +253,19 @@ fn clock(
     stamps: Result<c::SchedOffsets, String>,
     state: Result<(u32, u32), crate::sources::btf::BtfError>,
     per_cgroup: bool,
+    cgroup_id_path: Option<[u32; 4]>,
 ) -> Prepared {
     let mut out = Prepared::default();
     let mut offsets = stamps.clone().unwrap_or_default();
     offsets.per_cgroup = per_cgroup.into();
+    if let Some([a, b, c_, d]) = cgroup_id_path {
+        (
+            offsets.task_cgroups,
+            offsets.css_dfl_cgrp,
+            offsets.cgroup_kn,
+            offsets.kn_id,
+        ) = (a, b, c_, d);
+    }
     let mut note = match stamps {
         Ok(_) => {
             out.unused_programs.extend(WAKEUP_PROGRAMS);
@@ -322,7 +335,7 @@ mod tests {
     /// classic tracepoint always times wake-ups.
     #[test]
     fn sched_reads_follow_the_runqueue_clock() {
-        let stamped = clock(Ok(c::SchedOffsets::default()), Ok((0, 0)), false);
+        let stamped = clock(Ok(c::SchedOffsets::default()), Ok((0, 0)), false, None);
         let p = plan(&facts(Hook::TpBtf, &stamped), |_| Mode::Auto).unwrap();
         let sched = p.get(Family::Sched).unwrap();
         assert_eq!(sched.reads, "tp_btf sched_switch");
@@ -334,7 +347,7 @@ mod tests {
             sched.reason
         );
 
-        let wakeup = clock(Err("no stamps".into()), Ok((0, 0)), false);
+        let wakeup = clock(Err("no stamps".into()), Ok((0, 0)), false, None);
         let p = plan(&facts(Hook::RawTp, &wakeup), |_| Mode::Auto).unwrap();
         let sched = p.get(Family::Sched).unwrap();
         assert_eq!(

@@ -15,6 +15,20 @@ pub fn sched_offsets(btf: &KernelBtf) -> Result<agent_common::sched::SchedOffset
     })
 }
 
+/// Where `tp_btf` reads a task's cgroup v2 id ([`SchedOffsets::task_cgroups`]
+/// and the three after it), or an error naming what is missing (the program
+/// then calls `bpf_get_current_cgroup_id`).
+///
+/// [`SchedOffsets::task_cgroups`]: agent_common::sched::SchedOffsets::task_cgroups
+pub fn cgroup_id_path(btf: &KernelBtf) -> Result<[u32; 4], BtfError> {
+    Ok([
+        btf.member_sized("task_struct", "cgroups", 8)?,
+        btf.member_sized("css_set", "dfl_cgrp", 8)?,
+        btf.member_sized("cgroup", "kn", 8)?,
+        btf.member_sized("kernfs_node", "id", 8)?,
+    ])
+}
+
 /// Where `sched_switch` finds the previous task's state, as
 /// ([`SchedOffsets::task_state`], [`SchedOffsets::task_state_size`]):
 /// `(0, 0)` where the tracepoint passes `prev_state` (a fourth argument,
