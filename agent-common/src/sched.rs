@@ -62,7 +62,7 @@ pub const COUNTER_SLOTS: u32 = 7;
 /// Default bound of [`MAP_CGROUP_RUNQ`] (`probes.sched.max_cgroup_buckets`):
 /// one entry per (cgroup, occupied bucket), for cgroups that collided in
 /// [`MAP_CGROUP_FRONT`].
-pub const CGROUP_RUNQ_DEFAULT_ENTRIES: u32 = 16384;
+pub const CGROUP_RUNQ_DEFAULT_ENTRIES: u32 = 4096;
 /// Slots of [`MAP_CGROUP_FRONT`] per CPU (a power of two): 672 bytes each,
 /// 172 KiB per CPU.
 pub const CGROUP_FRONT_SLOTS: u32 = 256;

@@ -130,7 +130,7 @@ mod unit {
                     runqueue_per_cpu: true,
                     runqueue_clock: RunqueueClock::Wakeup,
                     prev_state: PrevState::TaskStruct,
-                    runqueue_per_cgroup: true,
+                    runqueue_per_cgroup: false,
                     max_cgroup_buckets: 4096,
                 },
                 softirq: ProbeConfig { mode: Mode::Off },

@@ -11,8 +11,8 @@
 //!   figures come from one more run with them on, and one with
 //!   `probes.sched.prev_state = "task_struct"` (the pre-5.18 path).
 //! - the cost of per-container attribution on the switch path:
-//!   `sched_switch` ns/event with `probes.sched.runqueue_per_cgroup` on and
-//!   off (the default), in alternating runs (`--attribution-pairs`, default
+//!   `sched_switch` ns/event with `probes.sched.runqueue_per_cgroup` on (the
+//!   default) and off, in alternating runs (`--attribution-pairs`, default
 //!   3), as means and their difference.
 //!
 //! Usage: bench-cpu [--pairs N] [--secs S] [--interval-secs I] [--attribution-pairs N]
@@ -136,7 +136,7 @@ fn main() {
     );
     // 3. Attribution on and off, alternating, sched_switch only.
     let attribution_pairs = arg("--attribution-pairs", 3);
-    let attributed = ConfigFile::new("[probes.sched]\nrunqueue_per_cgroup = true\n");
+    let unattributed = ConfigFile::new("[probes.sched]\nrunqueue_per_cgroup = false\n");
     let switch_ns = |runs: &BTreeMap<String, (f64, f64)>| {
         let (ns, n) = runs
             .iter()
@@ -156,8 +156,8 @@ fn main() {
             [false, true]
         } {
             let mut args = vec!["--interval", interval_arg.as_str()];
-            if on {
-                args.extend_from_slice(&["--config", attributed.path()]);
+            if !on {
+                args.extend_from_slice(&["--config", unattributed.path()]);
             }
             let runs = measure_ns_per_event(&args, secs, interval);
             if on { &mut on_ns } else { &mut off_ns }.push(switch_ns(&runs));

@@ -100,13 +100,13 @@ pub struct Config {
     /// `perch.container.runqueue.latency`, one histogram per container,
     /// pod cgroup and host cgroup (as `[probes.containers]` attributes
     /// them). Needs a cgroup2 mount (v2, or a hybrid host's `unified`).
-    /// Costs a per-CPU hash lookup per wait (about 80 ns per context switch
-    /// on the reference VM, docs/performance.md), so it is opt-in. Default
-    /// `false`.
+    /// Costs one per-CPU array access per wait (+4 ns per context switch
+    /// on the reference VM, docs/performance.md). Default `true`.
     pub runqueue_per_cgroup: bool,
-    /// Bound of the kernel map behind it, in (cgroup, bucket) entries;
-    /// waits past it go to the overflow series, counted. 1 024 to
-    /// 1 048 576, default 65 536.
+    /// Bound of the per-CPU hash that holds the waits of cgroups that
+    /// collide in the kernel's direct-mapped front array, in (cgroup,
+    /// bucket) entries; waits past it go to the overflow series, counted.
+    /// 1 024 to 1 048 576, default 4 096.
     pub max_cgroup_buckets: u32,
 }
 
@@ -117,7 +117,7 @@ impl Default for Config {
             runqueue_per_cpu: false,
             runqueue_clock: RunqueueClock::Auto,
             prev_state: PrevState::Auto,
-            runqueue_per_cgroup: false,
+            runqueue_per_cgroup: true,
             max_cgroup_buckets: c::CGROUP_RUNQ_DEFAULT_ENTRIES,
         }
     }
