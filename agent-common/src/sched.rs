@@ -230,8 +230,8 @@ pub struct Arrival {
     /// been waiting on a run queue).
     pub queued: u64,
     /// With the wake-up clock and per-cgroup waits: the wait `task` had
-    /// just ended when it was switched in, ns, recorded in its cgroup when
-    /// it leaves the CPU (`current` is then that task). 0: none.
+    /// just ended when it was switched in, ns, plus one, recorded in its
+    /// cgroup when it leaves the CPU (`current` is then that task). 0: none.
     pub pending: u64,
 }
 const _: () = assert!(core::mem::size_of::<Arrival>() == 24);

@@ -51,9 +51,11 @@
 //!   hash keyed by task, `sched_switch` looks `next` up.
 //!
 //! With `SchedOffsets::per_cgroup` each wait also goes to the waiting
-//! task's cgroup (`bpf_get_current_cgroup_id`, so while that task is
-//! `current`: at its switch-out, held in `SCHED_ARRIVAL` by the wake-up
-//! clock until then): in its slot of `SCHED_CGROUP_FRONT`, or where another
+//! task's cgroup, read while that task is `current` (at its switch-out;
+//! the wake-up clock holds the wait in `SCHED_ARRIVAL` until then): through
+//! BTF (`task->cgroups->dfl_cgrp->kn->id`) with `tp_btf`, else with
+//! `bpf_get_current_cgroup_id` (4.18+). It goes to its slot of
+//! `SCHED_CGROUP_FRONT`, or where another
 //! live cgroup holds that slot on this CPU, in `SCHED_CGROUP_RUNQ` keyed by
 //! (cgroup, bucket).
 
@@ -221,8 +223,8 @@ fn account_switch_stamped<const BTF: bool>(
     0
 }
 
-/// Adds a wait (host bucket `slot`) of the current task to its cgroup's
-/// histogram. Per wait: one helper call and one per-CPU array slot (the
+/// Adds a wait (host bucket `slot`) of the current task, of cgroup `id`,
+/// to that cgroup's histogram. Per wait: one per-CPU array slot (the
 /// cgroup's by hash); only a cgroup whose slot holds another live cgroup on
 /// this CPU pays a per-CPU hash lookup. What fits neither goes to
 /// `SCHED_CGROUP_OVF`, counted.
@@ -353,20 +355,20 @@ fn account_switch(involuntary: bool, idle_prev: bool, dead: bool, prev: u64, nex
     } else if dead {
         let _ = SCHED_RUNQ_START.remove(prev);
     }
-    let mut wait = 0;
+    let (mut waited, mut wait) = (false, 0);
     if let Some(p) = SCHED_RUNQ_START.get_ptr_mut(next) {
         // SAFETY: a value slot of this map, valid for this program run.
         let start = unsafe { *p };
         if start != 0 {
             unsafe { *p = 0 };
             if now >= start {
-                wait = now - start;
+                (waited, wait) = (true, now - start);
                 let _ = record_wait(wait);
             }
         }
     }
     if off!(per_cgroup) != 0 {
-        defer_cgroup_wait(prev, next, wait);
+        defer_cgroup_wait(prev, next, waited, wait);
     }
     0
 }
@@ -376,7 +378,7 @@ fn account_switch(involuntary: bool, idle_prev: bool, dead: bool, prev: u64, nex
 /// `SCHED_ARRIVAL` slot and goes to the task's cgroup when the task leaves
 /// the CPU (a running task cannot migrate), with `current` the task.
 #[inline(always)]
-fn defer_cgroup_wait(prev: u64, next: u64, wait: u64) {
+fn defer_cgroup_wait(prev: u64, next: u64, started: bool, wait: u64) {
     let Some(cur) = SCHED_ARRIVAL.get_ptr_mut(0) else {
         return;
     };
@@ -384,10 +386,12 @@ fn defer_cgroup_wait(prev: u64, next: u64, wait: u64) {
     let cur = unsafe { &mut *cur };
     if cur.task == prev && cur.pending != 0 {
         let id = unsafe { bpf_get_current_cgroup_id() };
-        record_cgroup_wait(id, cur.pending, crate::histogram::slot(cur.pending));
+        let wait = cur.pending - 1;
+        record_cgroup_wait(id, wait, crate::histogram::slot(wait));
     }
     cur.task = next;
-    cur.pending = wait;
+    // Plus one: a wait of 0 ns is a wait too (the host histogram's zeros).
+    cur.pending = if started { wait + 1 } else { 0 };
 }
 
 /// The previous task's state: the tracepoint's fourth argument (5.18+),

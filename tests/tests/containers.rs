@@ -299,7 +299,8 @@ fn compete(dirs: &[PathBuf; 3], ids: [&str; 3], clock: &str) -> serde_json::Valu
         let (count, sum) = hist(id).unwrap_or_else(|| panic!("no histogram for {id}"));
         let delay = delay as f64 / 1e9;
         eprintln!(
-            "clock {clock}: container …{}: {count} waits, {sum:.3} s; its task's run_delay {delay:.3} s",
+            "clock {clock}: container {}…{}: {count} waits, {sum:.3} s; its task's run_delay {delay:.3} s",
+            &id[..2],
             &id[60..]
         );
         assert!(count >= 10, "{count} waits for a CPU shared 2 ways");
