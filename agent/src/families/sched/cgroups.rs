@@ -5,9 +5,9 @@
 //! whose slot another live cgroup holds on that CPU, the sparse
 //! `SCHED_CGROUP_RUNQ` hash keyed by (cgroup v2 id, bucket).
 //!
-//! Each collection reads the maps, then walks the cgroup2 mount
-//! ([`CgroupIds`]), so an id the walk does not find is a cgroup that is gone
-//! (or past the walk's bounds). Such a cgroup's counts are read one last
+//! Each collection reads the maps, then resolves their ids ([`CgroupIds`]:
+//! a walk of the cgroup2 mount when one is new, else a `stat` of each), so
+//! an id not found is a cgroup that is gone (or past the walk's bounds). Such a cgroup's counts are read one last
 //! time and added to its series as that series' removed part; its hash
 //! entries are deleted, and its front slots listed in `SCHED_CGROUP_GONE`,
 //! where the program finds them and takes them over for the next cgroup
@@ -185,7 +185,11 @@ impl CgroupRunq {
             e.0.sum_ns += sum;
             e.1.push(key);
         }
-        let removed: HashMap<u64, Attribution> = self.ids.refresh().into_iter().collect();
+        let removed: HashMap<u64, Attribution> = self
+            .ids
+            .resolve(by_id.keys().copied())
+            .into_iter()
+            .collect();
 
         let mut live: BTreeMap<String, (Attribution, Waits)> = BTreeMap::new();
         let mut dead_keys = Vec::new();
