@@ -14,3 +14,15 @@ pub mod exp;
 pub mod sched;
 pub mod softirq;
 pub mod tcp;
+
+/// MurmurHash3's 64-bit finalizer: spreads keys whose bits say little
+/// (sequential ids, aligned pointers) over a table's slots.
+#[inline(always)]
+pub const fn fmix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    h
+}

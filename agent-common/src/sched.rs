@@ -98,13 +98,7 @@ pub const fn cgroup_bucket_index(b: u32) -> i32 {
 /// numbers: MurmurHash3's 64-bit finalizer spreads them).
 #[inline(always)]
 pub const fn cgroup_front_slot(id: u64) -> u32 {
-    let mut h = id;
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^= h >> 33;
-    (h as u32) & (CGROUP_FRONT_SLOTS - 1)
+    (crate::fmix64(id) as u32) & (CGROUP_FRONT_SLOTS - 1)
 }
 
 /// Value of [`MAP_CGROUP_FRONT`] (per CPU): cgroup `id`'s waits on this CPU.

@@ -259,13 +259,7 @@ pub const TRACKED_RUN: u32 = 16;
 /// per lookup, not per probe.
 #[inline(always)]
 pub const fn tracked_hash(sk: u64) -> u64 {
-    let mut h = sk >> 6;
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^= h >> 33;
-    h
+    crate::fmix64(sk >> 6)
 }
 
 /// The `i`-th slot (`i < TRACKED_PROBES`) a socket of [`tracked_hash`]

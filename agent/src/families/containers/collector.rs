@@ -414,6 +414,40 @@ mod tests {
         std::fs::write(d.join("cpu.stat"), stat).unwrap();
     }
 
+    /// A collector of the v2 tree at `root`, host depth 1.
+    fn v2_collector(root: &Path) -> ContainersCollector {
+        ContainersCollector::new(
+            Layout::discover(root, super::cgroupfs::Hierarchy::Auto).unwrap(),
+            1,
+            100,
+            SystemTime::UNIX_EPOCH,
+        )
+    }
+
+    /// One collection's `container.cpu.time` of container `ID`, and the
+    /// metrics.
+    fn container_cpu(c: &mut ContainersCollector) -> (f64, Vec<Metric>) {
+        let mut out = Vec::new();
+        c.collect(SystemTime::now(), &mut out).unwrap();
+        let cpu = out
+            .iter()
+            .find(|m| m.name == crate::catalogue::CONTAINER_CPU_TIME)
+            .unwrap();
+        let crate::model::Data::Sum { points, .. } = &cpu.data else {
+            panic!("not a counter")
+        };
+        let total = points
+            .iter()
+            .filter(|p| {
+                p.attributes
+                    .iter()
+                    .any(|(k, v)| *k == "container.id" && v.to_string() == ID)
+            })
+            .map(|p| p.value.as_f64())
+            .sum();
+        (total, out)
+    }
+
     /// A kubelet (systemd driver) + systemd host tree on cgroup v2.
     #[test]
     fn walks_containers_and_host_slices_once_each() {
@@ -487,30 +521,8 @@ mod tests {
             2_000_000,
             Some(3),
         );
-        let mut c = ContainersCollector::new(
-            Layout::discover(root, super::cgroupfs::Hierarchy::Auto).unwrap(),
-            1,
-            100,
-            SystemTime::UNIX_EPOCH,
-        );
-        let mut out = Vec::new();
-        c.collect(SystemTime::now(), &mut out).unwrap();
-        let cpu = out
-            .iter()
-            .find(|m| m.name == crate::catalogue::CONTAINER_CPU_TIME)
-            .unwrap();
-        let crate::model::Data::Sum { points, .. } = &cpu.data else {
-            panic!("not a counter")
-        };
-        let total: f64 = points
-            .iter()
-            .filter(|p| {
-                p.attributes
-                    .iter()
-                    .any(|(k, v)| *k == "container.id" && v.to_string() == ID)
-            })
-            .map(|p| p.value.as_f64())
-            .sum();
+        let mut c = v2_collector(root);
+        let (total, out) = container_cpu(&mut c);
         assert!((total - 2.0).abs() < 1e-9, "{total}");
         let q = out
             .iter()
@@ -531,32 +543,8 @@ mod tests {
         std::fs::write(root.join("cgroup.controllers"), "cpu\n").unwrap();
         let rel = format!("/system.slice/docker-{ID}.scope");
         mk(root, &rel, 1_000_000, None);
-        let mut c = ContainersCollector::new(
-            Layout::discover(root, super::cgroupfs::Hierarchy::Auto).unwrap(),
-            1,
-            100,
-            SystemTime::UNIX_EPOCH,
-        );
-        let cpu_of = |c: &mut ContainersCollector| -> f64 {
-            let mut out = Vec::new();
-            c.collect(SystemTime::now(), &mut out).unwrap();
-            let m = out
-                .iter()
-                .find(|m| m.name == crate::catalogue::CONTAINER_CPU_TIME)
-                .unwrap();
-            let crate::model::Data::Sum { points, .. } = &m.data else {
-                panic!("not a counter")
-            };
-            points
-                .iter()
-                .filter(|p| {
-                    p.attributes
-                        .iter()
-                        .any(|(k, v)| *k == "container.id" && v.to_string() == ID)
-                })
-                .map(|p| p.value.as_f64())
-                .sum()
-        };
+        let mut c = v2_collector(root);
+        let cpu_of = |c: &mut ContainersCollector| container_cpu(c).0;
         assert!((cpu_of(&mut c) - 1.0).abs() < 1e-9);
         std::fs::remove_dir_all(root.join(rel.trim_start_matches('/'))).unwrap();
         assert!((cpu_of(&mut c) - 1.0).abs() < 1e-9, "the final point");
@@ -573,12 +561,7 @@ mod tests {
         mk(root, "/system.slice", 100, None);
         mk(root, "/user.slice", 100, None);
         std::fs::write(root.join("user.slice/cpu.stat"), "usage_usec lots\n").unwrap();
-        let mut c = ContainersCollector::new(
-            Layout::discover(root, super::cgroupfs::Hierarchy::Auto).unwrap(),
-            1,
-            100,
-            SystemTime::UNIX_EPOCH,
-        );
+        let mut c = v2_collector(root);
         let (r, skipped) = c.walk().unwrap();
         let cgroups: Vec<&str> = r.iter().map(|r| r.attribution.cgroup.as_str()).collect();
         assert_eq!(cgroups, ["/system.slice"]);
