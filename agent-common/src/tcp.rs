@@ -46,6 +46,13 @@ pub const MAP_RTT_HIST: &str = "TCP_RTT_HIST";
 /// Per-CPU hash: [`RttKey`] -> sample count, the sparse per-peer RTT
 /// histogram (`probes.tcp.rtt_per_peer`). One entry when the option is off.
 pub const MAP_RTT_PEERS: &str = "TCP_RTT_PEERS";
+/// Per-CPU hash: [`ConnKey`] -> count, the connection counters
+/// (`SLOT_OPENED_*`, `SLOT_FAILED_*`) of each socket cgroup
+/// (`probes.tcp.per_cgroup`). One entry when the option is off; the
+/// loader sizes it to [`CGROUP_CONNS_PER_CGROUP`] per cgroup the
+/// containers family walks. An event whose insert fails is counted in the
+/// host-wide `TCP_COUNTERS` slot instead, and in [`SLOT_CGROUP_CONNS_FULL`].
+pub const MAP_CGROUP_CONNS: &str = "TCP_CGROUP_CONNS";
 
 /// Global (`.rodata`) holding [`TcpOffsets`].
 pub const GLOBAL_OFFSETS: &str = "TCP_OFFSETS";
@@ -62,6 +69,8 @@ pub const MAPS: &[MapSpec] = &[
     MapSpec::per_cpu_array::<u64>(MAP_RTT_HIST, crate::exp::SLOTS),
     // One entry in the object; the loader sizes it (see the map's doc).
     MapSpec::per_cpu_hash::<RttKey, u64>(MAP_RTT_PEERS, 1),
+    // One entry in the object; the loader sizes it (see the map's doc).
+    MapSpec::per_cpu_hash::<ConnKey, u64>(MAP_CGROUP_CONNS, 1),
 ];
 
 /// Every global of the family's kernel side that userspace overrides.
@@ -114,8 +123,15 @@ pub const SLOT_CLOSED_UNTRACKED: u32 = 16;
 /// Sockets older than the agent that the walk started tracking (their
 /// counters count from that moment; role inferred from ports).
 pub const SLOT_ADOPTED: u32 = 17;
+/// Inserts into `TCP_CGROUP_CONNS` that failed (map full): those
+/// connection events are in the host-wide slots, without a cgroup.
+pub const SLOT_CGROUP_CONNS_FULL: u32 = 18;
 /// Number of slots in `TCP_COUNTERS`.
-pub const COUNTER_SLOTS: u32 = 18;
+pub const COUNTER_SLOTS: u32 = 19;
+
+/// Connection-counter slots a cgroup may hold in [`MAP_CGROUP_CONNS`]:
+/// opened by role and failed by cause.
+pub const CGROUP_CONNS_PER_CGROUP: u32 = 5;
 
 /// [`PeerKey::role`]: this host opened the connection.
 pub const ROLE_CLIENT: u8 = 0;
@@ -146,8 +162,9 @@ pub const RTT_PEER_BUCKETS_PER_PEER: u32 = 8;
 /// packet and not only one at close.
 pub const RTT_SAMPLE_INTERVAL_NS: u64 = 100_000_000;
 
-/// Key of `TCP_PEERS`: the remote address, the listening side's port and
-/// the role. The client's ephemeral port is never part of it.
+/// Key of `TCP_PEERS`: the remote address, the listening side's port, the
+/// role and, with `probes.tcp.per_cgroup`, the socket's cgroup. The
+/// client's ephemeral port is never part of it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerKey {
@@ -161,8 +178,44 @@ pub struct PeerKey {
     pub family: u8,
     /// [`ROLE_CLIENT`] or [`ROLE_SERVER`].
     pub role: u8,
+    /// The cgroup v2 id of the socket's cgroup (`sk->sk_cgrp_data`: the
+    /// cgroup of the task that created it; an accepted socket inherits its
+    /// listener's), low word first ([`split_cgroup`]); 0 when
+    /// `per_cgroup` is off or the cgroup could not be read. Two words keep
+    /// the key 4-aligned, without padding.
+    pub cgroup: [u32; 2],
 }
-const _: () = assert!(core::mem::size_of::<PeerKey>() == 20);
+const _: () = assert!(core::mem::size_of::<PeerKey>() == 28);
+
+/// A cgroup id as two words, low first: [`PeerKey::cgroup`], [`ConnKey::cgroup`].
+#[inline(always)]
+pub const fn split_cgroup(id: u64) -> [u32; 2] {
+    [id as u32, (id >> 32) as u32]
+}
+
+/// The id [`split_cgroup`] split.
+#[inline(always)]
+pub const fn join_cgroup(w: [u32; 2]) -> u64 {
+    w[0] as u64 | (w[1] as u64) << 32
+}
+
+impl PeerKey {
+    /// The socket's cgroup v2 id, 0 if none.
+    pub const fn cgroup_id(&self) -> u64 {
+        join_cgroup(self.cgroup)
+    }
+}
+
+/// Key of [`MAP_CGROUP_CONNS`]: a cgroup and one `TCP_COUNTERS` slot
+/// (`SLOT_OPENED_*`, `SLOT_FAILED_*`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnKey {
+    /// [`split_cgroup`] of the socket's cgroup v2 id.
+    pub cgroup: [u32; 2],
+    pub slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 12);
 
 /// Value of `TCP_PEERS` (per CPU).
 #[repr(C)]
@@ -192,7 +245,7 @@ pub struct SockState {
     /// `bpf_jiffies64` at the last RTT sample, 0 before the first.
     pub last_rtt_jiffies: u64,
 }
-const _: () = assert!(core::mem::size_of::<SockState>() == 40);
+const _: () = assert!(core::mem::size_of::<SockState>() == 48);
 
 /// [`SockAcct::flags`]: the socket reached `TCP_CLOSE` and its counters were
 /// folded into [`MAP_PEERS`]; the live iterator skips it from then on.
@@ -228,7 +281,7 @@ pub struct SockAcct {
     /// sockets that moved data since). Written by the walk only.
     pub seen: PeerValue,
 }
-const _: () = assert!(core::mem::size_of::<SockAcct>() == 88);
+const _: () = assert!(core::mem::size_of::<SockAcct>() == 96);
 
 /// One slot of [`MAP_TRACKED`] (an array used as an open-addressed table):
 /// `sk` is 0 (never used), 1 (freed) or the tracked socket's pointer;
@@ -241,7 +294,7 @@ pub struct TrackedSlot {
     pub owner: u64,
     pub acct: SockAcct,
 }
-const _: () = assert!(core::mem::size_of::<TrackedSlot>() == 104);
+const _: () = assert!(core::mem::size_of::<TrackedSlot>() == 112);
 
 /// Default number of [`MAP_TRACKED`] slots (a power of two); the loader sets
 /// it from `probes.tcp.max_sockets` (twice that, rounded up).
@@ -290,7 +343,7 @@ pub struct LiveRecord {
     /// Counters minus [`SockAcct::base`].
     pub value: PeerValue,
 }
-const _: () = assert!(core::mem::size_of::<LiveRecord>() == 48);
+const _: () = assert!(core::mem::size_of::<LiveRecord>() == 56);
 
 /// [`RttKey::bucket`] of the entry holding the sum of a peer's RTT samples
 /// in ns (the histogram's exact sum) instead of a bucket count.
@@ -305,7 +358,7 @@ pub struct RttKey {
     /// [`crate::exp::slot`] of the RTT in ns.
     pub bucket: u32,
 }
-const _: () = assert!(core::mem::size_of::<RttKey>() == 24);
+const _: () = assert!(core::mem::size_of::<RttKey>() == 32);
 
 /// Byte offsets of the kernel fields the programs read, from the running
 /// kernel's BTF, plus switches computed from BTF.
@@ -379,8 +432,18 @@ pub struct TcpOffsets {
     pub inode_i_mode: u32,
     /// `file.private_data` (`void *`): the `struct socket` of a socket file.
     pub file_private_data: u32,
+    /// Non-zero: key peers and connection counters by the socket's cgroup
+    /// (`probes.tcp.per_cgroup`, on kernels whose `sock_cgroup_data` holds
+    /// a plain `struct cgroup *`, 5.15+).
+    pub per_cgroup: u32,
+    /// `sock.sk_cgrp_data.cgroup` (`struct cgroup *`).
+    pub sk_cgroup: u32,
+    /// `cgroup.kn` (`struct kernfs_node *`).
+    pub cgroup_kn: u32,
+    /// `kernfs_node.id` (`u64`, the cgroup v2 id).
+    pub kn_id: u32,
 }
-const _: () = assert!(core::mem::size_of::<TcpOffsets>() == 112);
+const _: () = assert!(core::mem::size_of::<TcpOffsets>() == 128);
 
 /// [`RTT_SAMPLE_INTERVAL_NS`] in ticks of `tick_ns` ns (the kernel's
 /// jiffy, `1e9 / CONFIG_HZ`), rounded up, at least 1.
@@ -432,6 +495,7 @@ mod pod {
     unsafe impl aya::Pod for super::SockAcct {}
     unsafe impl aya::Pod for super::TrackedSlot {}
     unsafe impl aya::Pod for super::LiveRecord {}
+    unsafe impl aya::Pod for super::ConnKey {}
 }
 
 #[cfg(test)]
@@ -485,6 +549,19 @@ mod tests {
             "{failed} of {} sockets found no slot",
             placed + failed
         );
+    }
+
+    #[test]
+    fn cgroup_ids_split_and_join() {
+        for id in [0u64, 1, 0x1_0000_0000, 0xdead_beef_cafe_f00d, u64::MAX] {
+            assert_eq!(join_cgroup(split_cgroup(id)), id, "{id:#x}");
+        }
+        assert_eq!(split_cgroup(0x1_0000_0002), [2, 1], "low word first");
+        let key = PeerKey {
+            cgroup: split_cgroup(77),
+            ..PeerKey::default()
+        };
+        assert_eq!(key.cgroup_id(), 77);
     }
 
     #[test]

@@ -549,3 +549,300 @@ fn churn_reclaims_map_entries_and_ends_series() {
     assert_eq!(runq_series(&agent, ID_A), 0, "a removed container's series");
     assert!(agent.stop(), "perch exited uncleanly");
 }
+
+/// A Python TCP peer on loopback, started in cgroup `dir`: the server
+/// (`port`, one connection) prints `got <n>` once it has read `n` bytes and
+/// keeps the connection open until the client closes; the client sends `n`
+/// bytes and holds the connection open for `hold` s, so that a sampler
+/// (procfs mode) sees it at the end of the window.
+fn tcp_peer(dir: &Path, server: bool, port: u16, n: usize, hold: u32) -> std::process::Child {
+    let script = if server {
+        format!(
+            "import socket,sys\n\
+             l=socket.socket(); l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+             l.bind(('127.0.0.1',{port})); l.listen(1); print('ready',flush=True)\n\
+             c,_=l.accept(); got=0; said=False\n\
+             while True:\n\
+             \x20   b=c.recv(65536)\n\
+             \x20   if not b: break\n\
+             \x20   got+=len(b)\n\
+             \x20   if got>={n} and not said: print('got',got,flush=True); said=True\n"
+        )
+    } else {
+        format!(
+            "import socket,time\n\
+             s=socket.create_connection(('127.0.0.1',{port})); s.sendall(b'x'*{n})\n\
+             time.sleep({hold}); s.close()\n"
+        )
+    };
+    Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "echo $$ > '{}/cgroup.procs' && exec python3 -c \"$0\"",
+                dir.display()
+            ),
+            &script,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3")
+}
+
+/// Reads lines of `child`'s stdout until one starts with `prefix`.
+fn wait_line(child: &mut std::process::Child, prefix: &str) -> String {
+    use std::io::BufRead;
+    let out = child.stdout.as_mut().expect("piped stdout");
+    let mut r = std::io::BufReader::new(out);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = r.read_line(&mut line).expect("reading the peer's stdout");
+        assert!(n > 0, "the peer exited before printing {prefix:?}");
+        if line.starts_with(prefix) {
+            return line.trim().to_owned();
+        }
+    }
+}
+
+/// `perch.tcp.io` and the connection counters carry the container of the
+/// socket (`probes.tcp.per_cgroup`): a client in container A sends N bytes
+/// over loopback to a server in container B of the same pod; the client's
+/// transmit series carries A, the server's receive series B, both exactly
+/// N bytes, with no share left without a container; in eBPF mode the
+/// connection counted opened once per side, in each side's container.
+/// Both eBPF designs and the sock_diag fallback.
+#[test]
+fn tcp_bytes_and_connections_carry_the_socket_container() {
+    let _serial = perch_tests::kernel::privileged();
+    let Some(v2) = cgroup2() else {
+        eprintln!("skipped: this kernel has no cgroup2 hierarchy mounted (socket cgroup ids)");
+        return;
+    };
+    const N: usize = 1_234_567;
+    let u_ = UID.replace('-', "_");
+    let pod = format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u_}.slice");
+    let cfg = perch_tests::perch::ConfigFile::new("[probes.tcp]\nper_cgroup = true\n");
+    let modes: [(&str, &[&str]); 3] = [
+        ("ebpf (tp_btf, socket counters)", &["--probe", "tcp=ebpf"]),
+        (
+            "ebpf (raw_tp, per I/O)",
+            &["--probe", "tcp=ebpf", "--skip-hook", "tp_btf"],
+        ),
+        ("procfs (sock_diag sampler)", &["--probe", "tcp=procfs"]),
+    ];
+    for (i, (mode, extra)) in modes.into_iter().enumerate() {
+        let mut made = Cgroups(Vec::new());
+        let client_dir = made.create(&v2, &format!("{pod}/cri-containerd-{ID_A}.scope"));
+        let server_dir = made.create(&v2, &format!("{pod}/cri-containerd-{ID_B}.scope"));
+        let port = 21000 + (std::process::id() % 5000) as u16 + i as u16;
+        let mut args = only(&["tcp"]);
+        args.extend_from_slice(&["--config", cfg.path()]);
+        args.extend_from_slice(extra);
+        let (snap, _peers) = collect(&args, Duration::from_millis(3000), || {
+            let mut server = tcp_peer(&server_dir, true, port, N, 0);
+            wait_line(&mut server, "ready");
+            let client = tcp_peer(&client_dir, false, port, N, 8);
+            let got = wait_line(&mut server, "got");
+            assert_eq!(got, format!("got {N}"), "the workload itself");
+            // Killed (and their cgroups emptied) once the window is over.
+            Procs(vec![server, client])
+        });
+        drop(_peers);
+        let port_s = port.to_string();
+        let io = |role: &str, dir: &str| -> Vec<&serde_json::Value> {
+            points(&snap, "perch.tcp.io")
+                .into_iter()
+                .filter(|p| {
+                    let a = &p["attributes"];
+                    a["server.port"].as_i64() == Some(port as i64)
+                        && a["perch.tcp.role"] == role
+                        && a["network.io.direction"] == dir
+                })
+                .collect()
+        };
+        for (side, role, dir, id) in [
+            ("client", "client", "transmit", ID_A),
+            ("server", "server", "receive", ID_B),
+        ] {
+            let pts = io(role, dir);
+            let mine: Vec<_> = pts
+                .iter()
+                .copied()
+                .filter(|p| p["attributes"]["container.id"] == id)
+                .collect();
+            assert_eq!(
+                total(&mine),
+                N as f64,
+                "{mode}: the {side}'s {dir} bytes in its container's series: {pts:?}"
+            );
+            assert_eq!(
+                total(&pts),
+                N as f64,
+                "{mode}: no {side} bytes outside its container: {pts:?}"
+            );
+            for p in &mine {
+                let a = &p["attributes"];
+                assert_eq!(a["k8s.pod.uid"], UID, "{mode}: {p}");
+                assert_eq!(a["perch.k8s.qos_class"], "burstable", "{mode}: {p}");
+            }
+        }
+        eprintln!("{mode}: {N} B sent from container A and received in container B, on port {port_s}, each in its container's series");
+        if mode.starts_with("ebpf") {
+            for (role, id) in [("client", ID_A), ("server", ID_B)] {
+                let opened: f64 = total(
+                    &of(&snap, "perch.tcp.connections.opened", id)
+                        .into_iter()
+                        .filter(|p| p["attributes"]["perch.tcp.role"] == role)
+                        .collect::<Vec<_>>(),
+                );
+                assert_eq!(
+                    opened, 1.0,
+                    "{mode}: {role} connections opened in its container"
+                );
+            }
+        }
+    }
+}
+
+/// The cgroup id in a `TCP_PEERS` or `TCP_CGROUP_CONNS` key as bpftool
+/// shows it: a `cgroup` member (BTF) or raw bytes at `byte_off`.
+fn key_cgroup(k: &serde_json::Value, byte_off: usize) -> u64 {
+    use perch_tests::bpftool::number;
+    if let Some(w) = k.get("cgroup").and_then(|c| c.as_array()) {
+        return number(&w[0]) | number(&w[1]) << 32;
+    }
+    let bytes = k.as_array().expect("a key as bytes");
+    (0..8).fold(0, |a, i| a | number(&bytes[byte_off + i]) << (8 * i))
+}
+
+/// Scraped series of any `perch_tcp_*` metric naming container `id`.
+fn tcp_series(agent: &perch_tests::perch::Agent, id: &str) -> usize {
+    agent
+        .scrape()
+        .keys()
+        .filter(|k| k.starts_with("perch_tcp_") && k.contains(&format!("container_id=\"{id}\"")))
+        .count()
+}
+
+/// Containers that talk TCP come and go (`probes.tcp.per_cgroup`, socket
+/// counters): 300 short-lived container cgroups, each with one connection
+/// to a server on the host. Once they are removed, their `TCP_PEERS` and
+/// `TCP_CGROUP_CONNS` entries are deleted, their series end, and a
+/// long-lived container's series goes on.
+#[test]
+fn tcp_churn_reclaims_cgroup_entries_and_ends_series() {
+    let _serial = perch_tests::kernel::privileged();
+    let Some(v2) = cgroup2() else {
+        eprintln!("skipped: this kernel has no cgroup2 hierarchy mounted (socket cgroup ids)");
+        return;
+    };
+    let u_ = UID.replace('-', "_");
+    let pod = format!("/kubepods.slice/kubepods-pod{u_}.slice");
+    let port = 26000 + (std::process::id() % 5000) as u16;
+    let cfg = perch_tests::perch::ConfigFile::new("[probes.tcp]\nper_cgroup = true\n");
+    let mut args = only(&["tcp"]);
+    args.extend_from_slice(&[
+        "--interval",
+        "1s",
+        "--probe",
+        "tcp=ebpf",
+        "--config",
+        cfg.path(),
+    ]);
+    let agent = perch_tests::perch::Agent::start(&args);
+    let peers = perch_tests::bpftool::map_of(agent.pid(), "TCP_PEERS");
+    let conns = perch_tests::bpftool::map_of(agent.pid(), "TCP_CGROUP_CONNS");
+    // A server on the host, in this test's own cgroup: reads each
+    // connection to its end.
+    let server_script = format!(
+        "import socket\n\
+         l=socket.socket(); l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+         l.bind(('127.0.0.1',{port})); l.listen(64); print('ready',flush=True)\n\
+         while True:\n\
+         \x20   c,_=l.accept()\n\
+         \x20   while c.recv(65536): pass\n\
+         \x20   c.close()\n"
+    );
+    let mut server = Command::new("python3")
+        .args(["-c", &server_script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    wait_line(&mut server, "ready");
+    let _server = Procs(vec![server]);
+    let send = format!(
+        "python3 -c \"import socket; s=socket.create_connection(('127.0.0.1',{port})); \
+         s.sendall(b'x'*1000); s.close()\""
+    );
+    let mut long = Cgroups(Vec::new());
+    let long_dir = long.create(&v2, &format!("{pod}/cri-containerd-{ID_C}.scope"));
+    assert!(spawn_in(&long_dir, &send).wait().unwrap().success());
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        tcp_series(&agent, ID_C) > 0,
+        "the long-lived container's series"
+    );
+
+    let held = |ids: &std::collections::HashSet<u64>| {
+        let p = perch_tests::bpftool::keys(peers)
+            .iter()
+            .filter(|k| ids.contains(&key_cgroup(k, 20)))
+            .count();
+        let c = perch_tests::bpftool::keys(conns)
+            .iter()
+            .filter(|k| ids.contains(&key_cgroup(k, 0)))
+            .count();
+        p + c
+    };
+    let mut ids = std::collections::HashSet::new();
+    let mut names = Vec::new();
+    let mut during = 0;
+    for batch in 0..15u32 {
+        let mut made = Cgroups(Vec::new());
+        let mut children = Vec::new();
+        for k in 0..20u32 {
+            let id = format!("{:064x}", 0xd00d_0000u64 + u64::from(batch * 20 + k));
+            let d = made.create(&v2, &format!("{pod}/cri-containerd-{id}.scope"));
+            ids.insert(std::fs::metadata(&d).unwrap().ino());
+            children.push(spawn_in(&d, &send));
+            names.push(id);
+        }
+        for mut c in children {
+            assert!(c.wait().unwrap().success());
+        }
+        if batch == 7 {
+            // Let a collection see the live ones.
+            std::thread::sleep(Duration::from_millis(1500));
+            during = held(&ids);
+        }
+        made.remove();
+    }
+    std::thread::sleep(Duration::from_millis(3500));
+    let left = held(&ids);
+    let series_left: usize = names.iter().map(|id| tcp_series(&agent, id)).sum();
+    eprintln!(
+        "TCP_PEERS + TCP_CGROUP_CONNS entries of 300 churned containers: {during} mid-churn, \
+         {left} 3.5 s after; their series left: {series_left}; the long-lived container's \
+         series: {}",
+        tcp_series(&agent, ID_C)
+    );
+    assert!(
+        during > 0,
+        "the churned containers' entries were never seen"
+    );
+    assert_eq!(left, 0, "kernel entries of removed cgroups");
+    assert_eq!(series_left, 0, "series of removed cgroups");
+    assert!(
+        tcp_series(&agent, ID_C) > 0,
+        "the long-lived container goes on"
+    );
+    // Remove the long-lived one too: its series end.
+    long.remove();
+    std::thread::sleep(Duration::from_millis(3000));
+    assert_eq!(
+        tcp_series(&agent, ID_C),
+        0,
+        "a removed container's series end"
+    );
+}

@@ -30,8 +30,9 @@
 //! host, which is why it is the second choice.
 
 use super::{
-    add_peer, count, count_failed_connect, inferred_key, off, record_connect, record_rtt, sock_key,
-    tcp_family, TCP_CLOSE, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT,
+    add_peer, count, count_conn, count_failed_connect, inferred_key, off, record_connect,
+    record_rtt, sock_key, tcp_family, TCP_CLOSE, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_SYN_RECV,
+    TCP_SYN_SENT,
 };
 use crate::kmem::field;
 use agent_common::tcp::{self as c, PeerKey, SockState};
@@ -81,7 +82,7 @@ fn on_set_state(sk: u64, old: i32, new: i32) -> u32 {
             }
         }
         (TCP_SYN_SENT, TCP_ESTABLISHED) => {
-            count(c::SLOT_OPENED_CLIENT);
+            count_conn::<RAW>(sk, c::SLOT_OPENED_CLIENT);
             if let Some(st) = TCP_SOCKS.get_ptr_mut(sk) {
                 let start = unsafe { (*st).syn_sent_ns };
                 record_connect(start, unsafe { bpf_ktime_get_ns() });
@@ -89,7 +90,7 @@ fn on_set_state(sk: u64, old: i32, new: i32) -> u32 {
             }
         }
         (TCP_SYN_RECV, TCP_ESTABLISHED) => {
-            count(c::SLOT_OPENED_SERVER);
+            count_conn::<RAW>(sk, c::SLOT_OPENED_SERVER);
             if let Some(key) = sock_key::<RAW>(sk, family, c::ROLE_SERVER) {
                 if TCP_SOCKS.insert(sk, new_state(key, 0, 0, 0), 0).is_err() {
                     count(c::SLOT_SOCKS_FULL);
@@ -101,7 +102,7 @@ fn on_set_state(sk: u64, old: i32, new: i32) -> u32 {
             let _ = TCP_SOCKS.remove(sk);
         }
         (TCP_ESTABLISHED | TCP_CLOSE_WAIT, TCP_CLOSE) => {
-            count(c::SLOT_FAILED_RESET);
+            count_conn::<RAW>(sk, c::SLOT_FAILED_RESET);
             let _ = TCP_SOCKS.remove(sk);
         }
         (_, TCP_CLOSE) => {

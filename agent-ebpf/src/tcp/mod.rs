@@ -33,7 +33,7 @@ mod tracked;
 use crate::kmem::field;
 use agent_common::{
     exp,
-    tcp::{self as c, PeerKey, PeerValue, RttKey, TcpOffsets},
+    tcp::{self as c, ConnKey, PeerKey, PeerValue, RttKey, TcpOffsets},
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -73,6 +73,10 @@ static TCP_OFFSETS: TcpOffsets = TcpOffsets {
     file_f_inode: 0,
     inode_i_mode: 0,
     file_private_data: 0,
+    per_cgroup: 0,
+    sk_cgroup: 0,
+    cgroup_kn: 0,
+    kn_id: 0,
 };
 
 #[map]
@@ -90,6 +94,9 @@ static TCP_RTT_HIST: PerCpuArray<u64> = PerCpuArray::with_max_entries(exp::SLOTS
 
 #[map]
 static TCP_RTT_PEERS: PerCpuHashMap<RttKey, u64> = PerCpuHashMap::with_max_entries(1, 0);
+
+#[map]
+static TCP_CGROUP_CONNS: PerCpuHashMap<ConnKey, u64> = PerCpuHashMap::with_max_entries(1, 0);
 
 // include/net/tcp_states.h
 const TCP_ESTABLISHED: i32 = 1;
@@ -126,6 +133,53 @@ fn add(map: &PerCpuArray<u64>, slot: u32, v: u64) {
 #[inline(always)]
 fn count(slot: u32) {
     add(&TCP_COUNTERS, slot, 1);
+}
+
+/// The cgroup v2 id of `sk`'s cgroup (`sk->sk_cgrp_data.cgroup->kn->id`,
+/// three loads; `bpf_get_current_cgroup_id` would name whoever runs, and
+/// most state changes run in softirq), or 0 when `per_cgroup` is off or a
+/// read failed.
+#[inline(always)]
+fn sock_cgroup<const BTF: bool>(sk: u64) -> u64 {
+    if off!(per_cgroup) == 0 {
+        return 0;
+    }
+    field::<u64, BTF>(sk, off!(sk_cgroup))
+        .filter(|cgrp| *cgrp != 0)
+        .and_then(|cgrp| field::<u64, BTF>(cgrp, off!(cgroup_kn)))
+        .filter(|kn| *kn != 0)
+        .and_then(|kn| field::<u64, BTF>(kn, off!(kn_id)))
+        .unwrap_or(0)
+}
+
+/// Counts one connection event (`SLOT_OPENED_*`, `SLOT_FAILED_*`) of
+/// `sk`: in its cgroup's entry of `TCP_CGROUP_CONNS` with `per_cgroup`,
+/// else (or when that map is full, counted) in the host-wide slot.
+#[inline(always)]
+fn count_conn<const BTF: bool>(sk: u64, slot: u32) {
+    let id = sock_cgroup::<BTF>(sk);
+    if id == 0 {
+        count(slot);
+        return;
+    }
+    let key = ConnKey {
+        cgroup: c::split_cgroup(id),
+        slot,
+    };
+    if let Some(p) = TCP_CGROUP_CONNS.get_ptr_mut(key) {
+        // SAFETY: a per-CPU value: only this CPU writes it.
+        unsafe { *p += 1 };
+        return;
+    }
+    if TCP_CGROUP_CONNS.insert(key, 1, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    if let Some(p) = TCP_CGROUP_CONNS.get_ptr_mut(key) {
+        unsafe { *p += 1 };
+        return;
+    }
+    count(c::SLOT_CGROUP_CONNS_FULL);
+    count(slot);
 }
 
 /// Whether a socket in `state` has been established (and so may have moved
@@ -168,6 +222,7 @@ fn sock_key<const BTF: bool>(sk: u64, family: u16, role: u8) -> Option<PeerKey> 
         server_port: 0,
         family: 4,
         role,
+        cgroup: c::split_cgroup(sock_cgroup::<BTF>(sk)),
     };
     if family == c::AF_INET6 {
         let base = off!(sk_v6_daddr);
@@ -303,8 +358,8 @@ fn record_connect(start: u64, now: u64) {
 #[inline(always)]
 fn count_failed_connect<const BTF: bool>(sk: u64) {
     match field::<i32, BTF>(sk, off!(sk_err)) {
-        Some(ECONNREFUSED) => count(c::SLOT_FAILED_REFUSED),
+        Some(ECONNREFUSED) => count_conn::<BTF>(sk, c::SLOT_FAILED_REFUSED),
         Some(0) | None => {}
-        Some(_) => count(c::SLOT_FAILED_TIMEOUT),
+        Some(_) => count_conn::<BTF>(sk, c::SLOT_FAILED_TIMEOUT),
     }
 }

@@ -47,9 +47,9 @@ use core::{ffi::c_void, mem::size_of, ptr};
 
 use super::tracked::{self, Put};
 use super::{
-    add_peer, count, count_failed_connect, inferred_key, off, record_connect, record_rtt, sock_key,
-    tcp_family, was_established, TCP_CLOSE, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_SYN_RECV,
-    TCP_SYN_SENT,
+    add_peer, count, count_conn, count_failed_connect, inferred_key, off, record_connect,
+    record_rtt, sock_key, tcp_family, was_established, TCP_CLOSE, TCP_CLOSE_WAIT, TCP_ESTABLISHED,
+    TCP_SYN_RECV, TCP_SYN_SENT,
 };
 use crate::kmem::field;
 use agent_common::tcp::{self as c, LiveRecord, PeerValue, SockAcct};
@@ -202,7 +202,7 @@ fn on_set_state(sk: u64, old: i32, new: i32) -> u32 {
         // without a handshake): tracked, not counted as opened.
         (TCP_CLOSE, TCP_ESTABLISHED) => track(sk, family, c::ROLE_CLIENT, 0),
         (TCP_SYN_SENT, TCP_ESTABLISHED) => {
-            count(c::SLOT_OPENED_CLIENT);
+            count_conn::<BTF>(sk, c::SLOT_OPENED_CLIENT);
             if let Some(st) = tracked::get(sk).map(|s| &mut s.acct) {
                 // `tcp_mstamp` (µs, CLOCK_MONOTONIC like bpf_ktime_get_ns)
                 // was refreshed for the SYN-ACK being processed: "now",
@@ -216,7 +216,7 @@ fn on_set_state(sk: u64, old: i32, new: i32) -> u32 {
             }
         }
         (TCP_SYN_RECV, TCP_ESTABLISHED) => {
-            count(c::SLOT_OPENED_SERVER);
+            count_conn::<BTF>(sk, c::SLOT_OPENED_SERVER);
             track(sk, family, c::ROLE_SERVER, 0);
         }
         (TCP_SYN_SENT, TCP_CLOSE) => {
@@ -224,7 +224,7 @@ fn on_set_state(sk: u64, old: i32, new: i32) -> u32 {
             close(sk, old);
         }
         (TCP_ESTABLISHED | TCP_CLOSE_WAIT, TCP_CLOSE) => {
-            count(c::SLOT_FAILED_RESET);
+            count_conn::<BTF>(sk, c::SLOT_FAILED_RESET);
             close(sk, old);
         }
         (_, TCP_CLOSE) => close(sk, old),

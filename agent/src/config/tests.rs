@@ -145,6 +145,7 @@ mod unit {
                     rtt_per_peer: true,
                     max_peers: 65536,
                     max_sockets: 32768,
+                    per_cgroup: true,
                 },
                 drops: DropsProbeConfig {
                     mode: Mode::Procfs,

@@ -237,6 +237,9 @@ fn walk(
 /// `INET_DIAG_INFO` (`enum inet_diag_attr`): the attribute carrying
 /// `struct tcp_info`.
 const INET_DIAG_INFO: u16 = 2;
+/// `INET_DIAG_CGROUP_ID` (5.7+): the cgroup v2 id of the socket's cgroup
+/// (`u64`), sent with every record.
+const INET_DIAG_CGROUP_ID: u16 = 21;
 /// `sizeof(struct rtattr)`.
 const RTA_HDRLEN: usize = 4;
 
@@ -277,6 +280,9 @@ pub struct TcpSock {
     /// `struct tcp_info`, absent for time-wait and request minisockets, and
     /// on kernels whose `tcp_info` predates `tcpi_bytes_received` (< 4.1).
     pub info: Option<TcpInfo>,
+    /// `INET_DIAG_CGROUP_ID`: the socket's cgroup v2 id; 0 where the
+    /// kernel does not send it (< 5.7).
+    pub cgroup: u64,
 }
 
 /// The request datagram for `table` with sequence number `seq`, asking for
@@ -333,6 +339,7 @@ fn tcp_sock(table: Table, off: usize, p: &[u8]) -> Result<TcpSock, DiagError> {
             | u64::from(u32::from_ne_bytes([p[48], p[49], p[50], p[51]])) << 32,
         inode: u32::from_ne_bytes([p[68], p[69], p[70], p[71]]),
         info: None,
+        cgroup: 0,
     };
     let mut at = DIAG_MSG_LEN;
     while at + RTA_HDRLEN <= p.len() {
@@ -345,8 +352,13 @@ fn tcp_sock(table: Table, off: usize, p: &[u8]) -> Result<TcpSock, DiagError> {
                 reason: format!("attribute length {len} outside the record"),
             });
         }
+        let value = &p[at + RTA_HDRLEN..at + len];
         if kind == INET_DIAG_INFO {
-            sock.info = parse_tcp_info(&p[at + RTA_HDRLEN..at + len]);
+            sock.info = parse_tcp_info(value);
+        } else if kind == INET_DIAG_CGROUP_ID {
+            if let Ok(b) = <[u8; 8]>::try_from(value) {
+                sock.cgroup = u64::from_ne_bytes(b);
+            }
         }
         // RTA_ALIGN: attributes start on 4-byte boundaries.
         at += (len + 3) & !3;
@@ -759,6 +771,11 @@ mod tests {
         // An unknown attribute before INET_DIAG_INFO is skipped.
         let mut other_then_info = vec![8, 0, 5, 0, 1, 2, 3, 4];
         other_then_info.extend_from_slice(&full);
+        // INET_DIAG_CGROUP_ID (21): 12 bytes, a u64; a short one is ignored.
+        let mut with_cgroup = vec![12, 0, 21, 0];
+        with_cgroup.extend_from_slice(&0x1_0000_2345u64.to_ne_bytes());
+        with_cgroup.extend_from_slice(&full);
+        let short_cgroup = [8, 0, 21, 0, 1, 2, 3, 4];
         type Want = Result<(TcpSock, bool), &'static str>;
         let sock = |info: Option<TcpInfo>| TcpSock {
             state: 1,
@@ -768,6 +785,7 @@ mod tests {
             remote: "10.0.0.2".parse().unwrap(),
             cookie: 0x1_0000_0002,
             inode: 777,
+            cgroup: 0,
             info,
         };
         let info = TcpInfo {
@@ -813,6 +831,24 @@ mod tests {
                 Ok((sock(Some(info)), false)),
             ),
             (
+                "socket cgroup id",
+                TCP,
+                v4(&with_cgroup),
+                Ok((
+                    TcpSock {
+                        cgroup: 0x1_0000_2345,
+                        ..sock(Some(info))
+                    },
+                    false,
+                )),
+            ),
+            (
+                "cgroup id of the wrong size",
+                TCP,
+                v4(&short_cgroup),
+                Ok((sock(None), false)),
+            ),
+            (
                 "ipv6",
                 TCP6,
                 msg(20, 5, &diag_full(10, 10, 443, 0, &v6, &[0; 16], 9, &[])),
@@ -826,6 +862,7 @@ mod tests {
                         cookie: 9,
                         inode: 777,
                         info: None,
+                        cgroup: 0,
                     },
                     false,
                 )),

@@ -32,7 +32,11 @@
 //! restored at the end, also on a panic.
 //!
 //! Usage: bench_net [--secs N] [--rounds N] [--sockets K] [--raw-tp]
-//!                  [--no-iperf] [--no-churn] [--no-walk] [--only TEXT]
+//!                  [--per-cgroup] [--no-iperf] [--no-churn] [--no-walk]
+//!                  [--only TEXT]
+//!
+//! `--per-cgroup` turns `probes.tcp.per_cgroup` on (peers and connection
+//! counters keyed by the socket's cgroup too).
 //!
 //! `--only TEXT` runs only the loads whose label contains TEXT (e.g.
 //! `--only "1 KiB"`).
@@ -198,6 +202,13 @@ fn main() {
     agent_args.extend(perch_tests::perch::only(&["tcp"]));
     if raw {
         agent_args.extend(["--skip-hook", "tp_btf"]);
+    }
+    // `--per-cgroup`: peers and connection counters also keyed by the
+    // socket's cgroup (`probes.tcp.per_cgroup`).
+    let per_cgroup = flag("--per-cgroup")
+        .then(|| perch_tests::perch::ConfigFile::new("[probes.tcp]\nper_cgroup = true\n"));
+    if let Some(cfg) = &per_cgroup {
+        agent_args.extend(["--config", cfg.path()]);
     }
     let loads = [
         Load {

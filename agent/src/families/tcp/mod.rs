@@ -53,6 +53,7 @@
 //! the client's ephemeral port is never an attribute. IPv4-mapped IPv6
 //! peers are reported as IPv4, merged with the IPv4 series.
 
+pub mod cgroups;
 mod collector;
 pub mod offsets;
 pub mod peers;
@@ -123,8 +124,8 @@ pub const MAX_PEERS_RANGE: RangeInclusive<u32> = 16..=1_000_000;
 
 /// Allowed values of `probes.tcp.max_sockets`: the TCP sockets the
 /// socket-counter design tracks at once. Its table has twice as many slots
-/// (rounded up to a power of two) of 104 bytes each, preallocated: 65536
-/// sockets take 13.6 MiB of kernel memory, charged to the agent's memory
+/// (rounded up to a power of two) of 112 bytes each, preallocated: 65536
+/// sockets take 14.7 MiB of kernel memory, charged to the agent's memory
 /// cgroup; 4 million would be over 800 MiB.
 pub const MAX_SOCKETS_RANGE: RangeInclusive<u32> = 1024..=4_194_304;
 
@@ -143,8 +144,17 @@ pub struct Config {
     /// TCP sockets the socket-counter design (`tp_btf` variant) tracks at
     /// once, host-wide; a socket beyond it is not counted, and the failed
     /// insert is (`perch.bpf.map.insert_failures{perch.bpf.map="TCP_TRACKED"}`).
-    /// Range 1024..=4194304, default 32768 (6.8 MiB of kernel memory).
+    /// Range 1024..=4194304, default 32768 (7.3 MiB of kernel memory).
     pub max_sockets: u32,
+    /// Also key `perch.tcp.io`, `perch.tcp.retransmits`, `perch.tcp.rtt`
+    /// and the connection counters by the socket's cgroup: `container.id`,
+    /// `k8s.pod.uid`, `perch.k8s.qos_class` and `perch.cgroup`, as
+    /// `[probes.containers]` attributes them. Multiplies the per-peer
+    /// series by the containers talking to each peer, so it is opt-in; the
+    /// pipeline's series cap bounds it. Needs a cgroup2 mount and, in eBPF
+    /// mode, a kernel whose socket holds a plain cgroup pointer (5.15+); in
+    /// procfs mode, `INET_DIAG_CGROUP_ID` (5.7+). Default `false`.
+    pub per_cgroup: bool,
 }
 
 impl Config {
@@ -162,6 +172,7 @@ impl Default for Config {
             rtt_per_peer: false,
             max_peers: 4096,
             max_sockets: 32768,
+            per_cgroup: false,
         }
     }
 }
@@ -183,6 +194,25 @@ impl Section for Config {
 
 pub struct Tcp;
 pub static UNIT: Tcp = Tcp;
+
+/// The socket-cgroup resolver, with `probes.tcp.per_cgroup` and a cgroup2
+/// mount (in eBPF mode `prepare` also needed the kernel's offsets; without
+/// them the kernel keys every socket by cgroup 0, the series without
+/// cgroup attributes).
+fn socket_cgroups(ctx: &BuildCtx<'_>) -> Option<cgroups::SocketCgroups> {
+    if !ctx.config.tcp.per_cgroup {
+        return None;
+    }
+    let root = crate::families::containers::ids::cgroup2_root(&ctx.sys.path("fs/cgroup")).ok()?;
+    let containers = &ctx.config.containers;
+    Some(cgroups::SocketCgroups::new(
+        crate::families::containers::ids::CgroupIds::new(
+            root,
+            containers.host_depth,
+            containers.max_cgroups,
+        ),
+    ))
+}
 
 impl Unit for Tcp {
     fn rule(&self) -> &'static Rule {
@@ -226,10 +256,56 @@ impl Unit for Tcp {
                     .to_owned(),
             );
         }
+        let per_cgroup = if cfg.per_cgroup {
+            let got =
+                crate::families::containers::ids::cgroup2_root(&ctx.sys_root.join("fs/cgroup"))
+                    .map_err(|e| format!("no per-cgroup TCP: {e}"))
+                    .and_then(|_| {
+                        let btf = ctx.btf.get().map_err(|e| e.to_string())?;
+                        offsets::cgroup_offsets(btf).map_err(|e| {
+                            format!(
+                                "no per-cgroup TCP: the socket's cgroup is not a plain \
+                             sock_cgroup_data.cgroup pointer in this kernel's BTF (5.15+): {e}"
+                            )
+                        })
+                    });
+            for v in RULE.variants {
+                let note = match &got {
+                    Ok(_) => "peers and connections also per socket cgroup".to_owned(),
+                    Err(e) => e.clone(),
+                };
+                out.notes
+                    .entry(v.hook)
+                    .and_modify(|n| {
+                        n.push_str("; ");
+                        n.push_str(&note);
+                    })
+                    .or_insert(note);
+            }
+            got.ok()
+        } else {
+            None
+        };
         match offsets {
-            Ok(o) => out.global(c::GLOBAL_OFFSETS, &o),
+            Ok(mut o) => {
+                if let Some([sk_cgroup, cgroup_kn, kn_id]) = per_cgroup {
+                    o.per_cgroup = 1;
+                    o.sk_cgroup = sk_cgroup;
+                    o.cgroup_kn = cgroup_kn;
+                    o.kn_id = kn_id;
+                }
+                out.global(c::GLOBAL_OFFSETS, &o)
+            }
             Err(e) => out.refuse_all(&RULE, &e, |_| true),
         }
+        out.map_sizes.push((
+            c::MAP_CGROUP_CONNS,
+            if per_cgroup.is_some() {
+                cfg.max_peers
+            } else {
+                1
+            },
+        ));
         out.map_sizes.push((c::MAP_PEERS, cfg.max_peers));
         out.map_sizes.push((c::MAP_TRACKED, tracked_slots));
         out.map_sizes.push((

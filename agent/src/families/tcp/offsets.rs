@@ -53,7 +53,23 @@ pub fn tcp_offsets(
         file_f_inode: btf.member_sized("file", "f_inode", 8)?,
         inode_i_mode: btf.member_sized("inode", "i_mode", 2)?,
         file_private_data: btf.member_sized("file", "private_data", 8)?,
+        // Set by `prepare` with `probes.tcp.per_cgroup` (`cgroup_offsets`).
+        per_cgroup: 0,
+        sk_cgroup: 0,
+        cgroup_kn: 0,
+        kn_id: 0,
     })
+}
+
+/// Where the programs find a socket's cgroup v2 id: `sock.sk_cgrp_data.cgroup`
+/// (`struct cgroup *`, a plain pointer since 5.15; before, a word shared
+/// with net_cls/net_prio data), `cgroup.kn`, `kernfs_node.id`.
+pub fn cgroup_offsets(btf: &KernelBtf) -> Result<[u32; 3], BtfError> {
+    Ok([
+        btf.member_sized("sock", "sk_cgrp_data.cgroup", 8)?,
+        btf.member_sized("cgroup", "kn", 8)?,
+        btf.member_sized("kernfs_node", "id", 8)?,
+    ])
 }
 
 /// `sock.sk_flags` (`unsigned long`): a member of `sock_common` named

@@ -219,6 +219,23 @@ impl<K: Copy + Eq + Hash, V: Counters> PeerTable<K, V> {
         })
     }
 
+    /// Drops every key `pred` selects, whatever its state: their series
+    /// end. Returns the dropped keys that still have a kernel entry (the
+    /// caller deletes those).
+    pub fn drop_where(&mut self, mut pred: impl FnMut(&K) -> bool) -> Vec<K> {
+        let mut in_kernel = Vec::new();
+        self.entries.retain(|k, t| {
+            if !pred(k) {
+                return true;
+            }
+            if t.kernel.is_some() {
+                in_kernel.push(*k);
+            }
+            false
+        });
+        in_kernel
+    }
+
     /// Keys with an entry in the kernel map.
     pub fn in_kernel(&self) -> usize {
         self.entries.values().filter(|t| t.kernel.is_some()).count()
@@ -235,8 +252,10 @@ impl<K: Copy + Eq + Hash, V: Counters> PeerTable<K, V> {
     }
 }
 
-/// A peer as exported: address text, server port, role name.
-pub type Peer = (String, u16, &'static str);
+/// A peer as exported: address text, server port, role name, and the
+/// `perch.cgroup` of its sockets with `probes.tcp.per_cgroup` ("" without;
+/// see [`super::cgroups`]).
+pub type Peer = (String, u16, &'static str, String);
 
 /// The remote address of `key` as text; v4-mapped IPv6 as IPv4.
 pub fn peer_address(key: &c::PeerKey) -> String {
@@ -276,6 +295,7 @@ mod tests {
             server_port: 443,
             family,
             role,
+            cgroup: [0; 2],
         }
     }
 
@@ -547,5 +567,20 @@ mod tests {
                 ),
             ],
         );
+    }
+
+    #[test]
+    fn drop_where_ends_keys_whatever_their_state() {
+        let t0 = SystemTime::UNIX_EPOCH;
+        let mut t: PeerTable<u32, u64> = PeerTable::new(2, Duration::from_secs(60));
+        t.observe([(1, 10), (2, 20), (3, 30)], t0);
+        // Key 3 leaves the kernel map; its total stays in the base table.
+        t.observe([(1, 11), (2, 20)], t0);
+        let mut in_kernel = t.drop_where(|k| *k != 2);
+        in_kernel.sort();
+        assert_eq!(in_kernel, vec![1], "1 was in the kernel, 3 no longer");
+        let left: Vec<(u32, u64)> = t.totals().map(|(k, v)| (*k, v)).collect();
+        assert_eq!(left, vec![(2, 20)]);
+        assert_eq!(t.forgotten(), 0, "dropping is not forgetting an idle peer");
     }
 }

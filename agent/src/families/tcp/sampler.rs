@@ -65,6 +65,8 @@ pub struct PeerId {
     pub addr: IpAddr,
     pub server_port: u16,
     pub role: u8,
+    /// The socket's cgroup v2 id with `probes.tcp.per_cgroup`, else 0.
+    pub cgroup: u64,
 }
 
 /// Cumulative per-peer totals, payload bytes.
@@ -118,6 +120,8 @@ struct PeerState {
 pub struct PeerSampler {
     max_peers: usize,
     rtt_per_peer: bool,
+    /// Key peers by the socket's cgroup too.
+    per_cgroup: bool,
     forget_after: std::time::Duration,
     primed: bool,
     socks: HashMap<u64, SockLast>,
@@ -154,6 +158,7 @@ impl PeerSampler {
         Self {
             max_peers: max_peers as usize,
             rtt_per_peer,
+            per_cgroup: false,
             forget_after,
             primed: false,
             socks: HashMap::new(),
@@ -164,6 +169,12 @@ impl PeerSampler {
             rtt_peers: HashMap::new(),
             forgotten: 0,
         }
+    }
+
+    /// Keys peers by the socket's cgroup too (`probes.tcp.per_cgroup`).
+    pub fn per_cgroup(mut self, on: bool) -> Self {
+        self.per_cgroup = on;
+        self
     }
 
     /// Feeds one complete dump (every TCP table) taken at `now`. The first
@@ -190,6 +201,7 @@ impl PeerSampler {
                         addr: unmap(s.remote),
                         server_port: if server { s.local_port } else { s.remote_port },
                         role: if server { SERVER } else { CLIENT },
+                        cgroup: if self.per_cgroup { s.cgroup } else { 0 },
                     };
                     (peer, None)
                 }
@@ -363,6 +375,7 @@ mod tests {
             remote: "10.0.0.2".parse().unwrap(),
             cookie,
             inode: 1,
+            cgroup: 0,
             info: Some(TcpInfo {
                 bytes_acked: acked,
                 bytes_received: rcvd,
@@ -388,6 +401,7 @@ mod tests {
             addr: "10.0.0.2".parse().unwrap(),
             server_port: port,
             role,
+            cgroup: 0,
         }
     }
 

@@ -136,6 +136,11 @@ impl<K: Clone + Eq + Hash + Ord> Floor<K> {
         }
         totals.extend(carried);
     }
+
+    /// Forgets the series `pred` selects: ended on purpose, not carried.
+    pub fn forget(&mut self, mut pred: impl FnMut(&K) -> bool) {
+        self.last.retain(|k, _| !pred(k));
+    }
 }
 
 #[cfg(test)]
@@ -157,6 +162,7 @@ mod tests {
                 server_port: port,
                 family: 4,
                 role: 0,
+                cgroup: [0; 2],
             },
             _pad: 0,
             value,
@@ -199,7 +205,7 @@ mod tests {
         let mut b = bytes(&[rec(443, v(1, 2, 3))]);
         b.pop();
         let e = parse(&b).expect_err("partial");
-        assert!(e.contains("47 bytes"), "{e}");
+        assert!(e.contains("55 bytes"), "{e}");
     }
 
     #[test]

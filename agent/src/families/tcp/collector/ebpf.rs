@@ -13,6 +13,8 @@ struct MapHealth {
     max_peers: u32,
     peer_entries: u64,
     rtt_peer_entries: u64,
+    /// `TCP_CGROUP_CONNS` entries, with `probes.tcp.per_cgroup`.
+    conn_entries: Option<u64>,
 }
 
 impl TcpCollector {
@@ -64,13 +66,76 @@ impl TcpCollector {
             );
         }
         let forgotten = self.table.forget(now);
+        // Per-cgroup connection counts, summed over CPUs.
+        let mut conns: Vec<(c::ConnKey, u64)> = Vec::new();
+        if let Some(map) = &maps.conns {
+            for item in map.iter() {
+                let (key, values) = item.map_err(|e| CollectError::map(c::MAP_CGROUP_CONNS, e))?;
+                conns.push((key, values.iter().sum()));
+            }
+        }
+        // Socket cgroups: removed ones with no open socket move to their
+        // series' removed part (module `cgroups`).
+        let mut ended = HashSet::new();
+        if let Some(cg) = self.cgroups.as_mut() {
+            let open: HashSet<u64> = live.keys().map(c::PeerKey::cgroup_id).collect();
+            let mut held: HashSet<u64> = self.table.totals().map(|(k, _)| k.cgroup_id()).collect();
+            held.extend(conns.iter().map(|(k, _)| c::join_cgroup(k.cgroup)));
+            held.extend(&open);
+            let r = cg.resolve(&held, &open);
+            if !r.drop.is_empty() {
+                let mut totals = HashMap::new();
+                for (k, v) in self.table.totals() {
+                    if r.drop.contains(&k.cgroup_id()) {
+                        totals.insert(*k, v);
+                    }
+                }
+                for k in self.table.drop_where(|k| r.drop.contains(&k.cgroup_id())) {
+                    // Already gone (evicted meanwhile) is fine.
+                    let _ = maps.peers.remove(&k);
+                }
+                for (k, v) in totals {
+                    let peer = (
+                        peer_address(&k),
+                        k.server_port,
+                        role_name(k.role),
+                        cg.label(k.cgroup_id()),
+                    );
+                    self.removed.entry(peer).or_default().add(&v);
+                }
+                if let Some(map) = maps.conns.as_mut() {
+                    conns.retain(|(k, n)| {
+                        let id = c::join_cgroup(k.cgroup);
+                        if !r.drop.contains(&id) {
+                            return true;
+                        }
+                        let _ = map.remove(k);
+                        *self.conn_removed.entry((cg.label(id), k.slot)).or_default() += n;
+                        false
+                    });
+                }
+            }
+            ended = r.ended;
+        }
         let peer_entries = self.table.in_kernel() as u64;
         let mut peers: BTreeMap<Peer, c::PeerValue> = BTreeMap::new();
         for (key, v) in self.table.totals().chain(live.iter().map(|(k, v)| (k, *v))) {
+            let cgroup = match self.cgroups.as_mut() {
+                Some(cg) => cg.label(key.cgroup_id()),
+                None => String::new(),
+            };
             peers
-                .entry((peer_address(key), key.server_port, role_name(key.role)))
+                .entry((
+                    peer_address(key),
+                    key.server_port,
+                    role_name(key.role),
+                    cgroup,
+                ))
                 .or_default()
                 .add(&v);
+        }
+        for (peer, v) in &self.removed {
+            peers.entry(peer.clone()).or_default().add(v);
         }
         if sockets {
             self.floor.apply(&mut peers);
@@ -82,11 +147,16 @@ impl TcpCollector {
                 let (key, values) = item.map_err(|e| CollectError::map(c::MAP_RTT_PEERS, e))?;
                 rtt_peer_entries += 1;
                 let total: u64 = values.iter().sum();
+                let cgroup = match self.cgroups.as_mut() {
+                    Some(cg) => cg.label(key.peer.cgroup_id()),
+                    None => String::new(),
+                };
                 let e = rtt_peers
                     .entry((
                         peer_address(&key.peer),
                         key.peer.server_port,
                         role_name(key.peer.role),
+                        cgroup,
                     ))
                     .or_insert_with(|| (vec![0; exp::SLOTS as usize], 0));
                 if key.bucket == c::RTT_SUM_BUCKET {
@@ -96,8 +166,19 @@ impl TcpCollector {
                 }
             }
         }
+        // Connection counts by (series, slot): kernel entries plus the
+        // removed parts.
+        let mut conn_series = self.conn_removed.clone();
+        for (k, n) in &conns {
+            let cgroup = match self.cgroups.as_mut() {
+                Some(cg) => cg.label(c::join_cgroup(k.cgroup)),
+                None => String::new(),
+            };
+            *conn_series.entry((cgroup, k.slot)).or_default() += n;
+        }
         let max_peers = maps.max_peers;
         let has_rtt_peers = maps.rtt_peers.is_some();
+        let conn_entries = maps.conns.as_ref().map(|_| conns.len() as u64);
 
         let io_peers: BTreeMap<Peer, (u64, u64)> = peers
             .iter()
@@ -115,14 +196,16 @@ impl TcpCollector {
                 ),
             ]
         });
-        let io = io_points(&mut self.starts, &io_peers, overflow, now);
+        let io = io_points(
+            &mut self.starts,
+            &io_peers,
+            overflow,
+            self.cgroups.as_ref(),
+            now,
+        );
         let mut retrans = Vec::with_capacity(peers.len() + 2);
-        for ((addr, port, role), v) in &peers {
-            let attrs: Attributes = vec![
-                ("network.peer.address", addr.clone().into()),
-                ("server.port", (*port).into()),
-                ("perch.tcp.role", (*role).into()),
-            ];
+        for (peer, v) in &peers {
+            let attrs = peer_attributes(peer, self.cgroups.as_ref());
             retrans.push(self.sum(RETRANS, attrs, v.retrans_segs, now));
         }
         // Overflow series, once anything overflowed.
@@ -146,28 +229,54 @@ impl TcpCollector {
         ));
         out.push(Metric::counter(RETRANS, RETRANS_DESC, "{segment}", retrans));
 
-        self.push_lifecycle(&slots, connect, rtt, rtt_peers, now, out);
+        self.push_lifecycle(&slots, &conn_series, connect, rtt, rtt_peers, now, out);
         let health = MapHealth {
             sockets,
             has_rtt_peers,
             max_peers,
             peer_entries,
             rtt_peer_entries,
+            conn_entries,
         };
         self.push_map_health(&slots, &health, now, out);
-        if !forgotten.is_empty() {
-            let present: HashSet<String> =
-                peers.keys().map(|(a, p, r)| series_id(a, *p, r)).collect();
+        // Series of removed cgroups had their final point: they end.
+        if !ended.is_empty() {
+            let is_ended = |p: &Peer| ended.contains(&p.3);
+            self.removed.retain(|p, _| !is_ended(p));
+            self.floor.forget(is_ended);
+            peers.retain(|p, _| !is_ended(p));
+            self.conn_removed.retain(|(l, _), _| !ended.contains(l));
+            let conn_ended = |_: &str, attrs: &Attributes| {
+                attrs
+                    .iter()
+                    .any(|(k, v)| *k == "perch.cgroup" && ended.contains(&v.to_string()))
+            };
+            self.starts.retain(|name, attrs| {
+                !((name == OPENED || name == FAILED) && conn_ended(name, attrs))
+            });
+        }
+        if !forgotten.is_empty() || !ended.is_empty() {
+            let present: HashSet<String> = peers.keys().map(series_id).collect();
             retain_peers(&mut self.starts, &present);
+        }
+        if let Some(cg) = self.cgroups.as_mut() {
+            let mut used: HashSet<&str> = peers.keys().map(|p| p.3.as_str()).collect();
+            used.extend(conn_series.keys().map(|(l, _)| l.as_str()));
+            cg.retain_labels(&used);
         }
         Ok(())
     }
 
     /// Connections opened and failed, the connect-duration and RTT
     /// histograms.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site, each argument a different read of this collection"
+    )]
     fn push_lifecycle(
         &mut self,
         slots: &[u64],
+        conn_series: &BTreeMap<(String, u32), u64>,
         connect: Vec<u64>,
         rtt: Vec<u64>,
         rtt_peers: BTreeMap<Peer, (Vec<u64>, u64)>,
@@ -185,6 +294,11 @@ impl TcpCollector {
                 slots[slot as usize],
                 now,
             ));
+            for ((cgroup, _), n) in conn_series.iter().filter(|((_, s), _)| *s == slot) {
+                let mut attrs: Attributes = vec![("perch.tcp.role", role.into())];
+                attrs.extend(self.cgroup_attributes(cgroup));
+                opened.push(self.sum(OPENED, attrs, *n, now));
+            }
         }
         out.push(Metric::counter(OPENED, OPENED_DESC, "{connection}", opened));
         let mut failed = Vec::new();
@@ -199,6 +313,11 @@ impl TcpCollector {
                 slots[slot as usize],
                 now,
             ));
+            for ((cgroup, _), n) in conn_series.iter().filter(|((_, s), _)| *s == slot) {
+                let mut attrs: Attributes = vec![("error.type", kind.into())];
+                attrs.extend(self.cgroup_attributes(cgroup));
+                failed.push(self.sum(FAILED, attrs, *n, now));
+            }
         }
         out.push(Metric::counter(FAILED, FAILED_DESC, "{connection}", failed));
 
@@ -222,15 +341,19 @@ impl TcpCollector {
             slots[c::SLOT_RTT_SUM_NS as usize],
             now,
         )];
-        for ((addr, port, role), (counts, sum)) in rtt_peers {
-            let attrs: Attributes = vec![
-                ("network.peer.address", addr.into()),
-                ("server.port", port.into()),
-                ("perch.tcp.role", role.into()),
-            ];
+        for (peer, (counts, sum)) in rtt_peers {
+            let attrs = peer_attributes(&peer, self.cgroups.as_ref());
             rtt_points.push(self.hist(RTT, attrs, counts, sum, now));
         }
         out.push(Metric::histogram(RTT, RTT_DESC, "s", rtt_points));
+    }
+
+    /// The attributes of a socket-cgroup series label.
+    fn cgroup_attributes(&self, cgroup: &str) -> Attributes {
+        match &self.cgroups {
+            Some(cg) => label_attributes(cg, cgroup),
+            None => Vec::new(),
+        }
     }
 
     /// The bounded maps' failed inserts and fill, peer churn, and the
@@ -248,6 +371,7 @@ impl TcpCollector {
             max_peers,
             peer_entries,
             rtt_peer_entries,
+            conn_entries,
         } = *h;
         let mut full = Vec::new();
         let socks_map = if sockets {
@@ -261,6 +385,9 @@ impl TcpCollector {
         ];
         if has_rtt_peers {
             maps_full.push((c::MAP_RTT_PEERS, c::SLOT_RTT_PEERS_FULL));
+        }
+        if conn_entries.is_some() {
+            maps_full.push((c::MAP_CGROUP_CONNS, c::SLOT_CGROUP_CONNS_FULL));
         }
         for (map, slot) in maps_full {
             full.push(self.sum(
@@ -285,6 +412,9 @@ impl TcpCollector {
                 capacity,
                 now,
             ));
+        }
+        if let Some(n) = conn_entries {
+            entries.push(map_entries_point(c::MAP_CGROUP_CONNS, n, max_peers, now));
         }
         out.push(crate::collectors::map_entries(entries));
         let (evicted, forgotten_n) = (self.table.evicted(), self.table.forgotten());

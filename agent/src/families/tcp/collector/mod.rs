@@ -22,6 +22,7 @@ use crate::model::{
 };
 use crate::sources::{snmp, ProcError, Root};
 
+use super::cgroups::{label_attributes, SocketCgroups};
 use super::peers::{peer_address, role_name, Counters, Peer, PeerTable, Take, OVERFLOW_PEER};
 use super::sampler::{self as sd, PeerSampler, Sampler};
 use super::walk::{self, Floor, Walk};
@@ -73,6 +74,8 @@ struct Maps {
     connect: PerCpuArray<MapData, u64>,
     rtt: PerCpuArray<MapData, u64>,
     rtt_peers: Option<PerCpuHashMap<MapData, c::RttKey, u64>>,
+    /// `TCP_CGROUP_CONNS`, with `probes.tcp.per_cgroup`.
+    conns: Option<PerCpuHashMap<MapData, c::ConnKey, u64>>,
     max_peers: u32,
     /// The socket-counter design's walk of live sockets; `None` for the
     /// per-I/O design, where `TCP_PEERS` holds everything.
@@ -94,6 +97,13 @@ pub struct TcpCollector {
     sampler_starts: StartTimes,
     /// Failed sock_diag samples not yet counted by the run loop.
     sampler_errors: u64,
+    /// Socket cgroups, with `probes.tcp.per_cgroup` where it runs.
+    cgroups: Option<SocketCgroups>,
+    /// Per-peer totals of removed cgroups whose series goes on (another
+    /// cgroup of the same container or slice lives).
+    removed: HashMap<Peer, c::PeerValue>,
+    /// The same for connection counts, by (`perch.cgroup`, slot).
+    conn_removed: BTreeMap<(String, u32), u64>,
 }
 
 impl TcpCollector {
@@ -101,6 +111,7 @@ impl TcpCollector {
         let source = ctx.source();
         let rtt_per_peer = ctx.config.tcp.rtt_per_peer;
         let max_peers = ctx.config.tcp.max_peers;
+        let per_cgroup = super::socket_cgroups(ctx);
         let maps = match source {
             Source::Ebpf => Some(Maps {
                 peers: ctx.map(c::MAP_PEERS)?,
@@ -109,6 +120,11 @@ impl TcpCollector {
                 rtt: ctx.map(c::MAP_RTT_HIST)?,
                 rtt_peers: if rtt_per_peer {
                     Some(ctx.map(c::MAP_RTT_PEERS)?)
+                } else {
+                    None
+                },
+                conns: if per_cgroup.is_some() {
+                    Some(ctx.map(c::MAP_CGROUP_CONNS)?)
                 } else {
                     None
                 },
@@ -125,7 +141,8 @@ impl TcpCollector {
         let proc = ctx.proc.clone();
         let sampler = match source {
             Source::Procfs => {
-                let state = PeerSampler::new(max_peers, rtt_per_peer, FORGET_AFTER);
+                let state = PeerSampler::new(max_peers, rtt_per_peer, FORGET_AFTER)
+                    .per_cgroup(per_cgroup.is_some());
                 match Sampler::start(state, SystemTime::now()) {
                     Ok(s) => Some(s),
                     Err(e) => {
@@ -145,6 +162,9 @@ impl TcpCollector {
             sampler_errors: 0,
             sampler,
             starts: StartTimes::new(start),
+            cgroups: per_cgroup,
+            removed: HashMap::new(),
+            conn_removed: BTreeMap::new(),
         })
     }
 
@@ -264,17 +284,14 @@ fn io_points(
     starts: &mut StartTimes,
     peers: &BTreeMap<Peer, (u64, u64)>,
     overflow: Option<[(u64, u64); 2]>,
+    cgroups: Option<&SocketCgroups>,
     now: SystemTime,
 ) -> Vec<NumberPoint> {
     let mut io = Vec::with_capacity(peers.len() * 2 + 4);
-    for ((addr, port, role), (tx, rx)) in peers {
+    for (peer, (tx, rx)) in peers {
         for (dir, n) in [("transmit", *tx), ("receive", *rx)] {
-            let attrs: Attributes = vec![
-                ("network.peer.address", addr.clone().into()),
-                ("server.port", (*port).into()),
-                ("perch.tcp.role", (*role).into()),
-                ("network.io.direction", dir.into()),
-            ];
+            let mut attrs = peer_attributes(peer, cgroups);
+            attrs.push(("network.io.direction", dir.into()));
             io.push(number_point(starts, IO, attrs, n, now));
         }
     }
@@ -293,9 +310,25 @@ fn io_points(
     io
 }
 
+/// The attributes of a peer's series: address, server port, role, and its
+/// socket cgroup's with `probes.tcp.per_cgroup`.
+fn peer_attributes(peer: &Peer, cgroups: Option<&SocketCgroups>) -> Attributes {
+    let (addr, port, role, cgroup) = peer;
+    let mut attrs: Attributes = vec![
+        ("network.peer.address", addr.clone().into()),
+        ("server.port", (*port).into()),
+        ("perch.tcp.role", (*role).into()),
+    ];
+    if let Some(cg) = cgroups {
+        attrs.extend(label_attributes(cg, cgroup));
+    }
+    attrs
+}
+
 /// Identity of a per-peer series, for [`retain_peers`].
-fn series_id(addr: &str, port: u16, role: &str) -> String {
-    format!("{addr}|{port}|{role}")
+fn series_id(peer: &Peer) -> String {
+    let (addr, port, role, cgroup) = peer;
+    format!("{addr}|{port}|{role}|{cgroup}")
 }
 
 /// Forgets the start times of per-peer series not in `present`, so that a
@@ -314,7 +347,8 @@ fn retain_peers(starts: &mut StartTimes, present: &HashSet<String>) {
             get("perch.tcp.role"),
         ) {
             (Some(a), Some(p), Some(r)) if a != OVERFLOW_PEER => {
-                present.contains(&format!("{a}|{p}|{r}"))
+                let cgroup = get("perch.cgroup").unwrap_or_default();
+                present.contains(&format!("{a}|{p}|{r}|{cgroup}"))
             }
             _ => true,
         }

@@ -21,8 +21,20 @@ impl TcpCollector {
             return;
         };
         let st = &sampler.state;
-        let id =
-            |p: &sd::PeerId| -> Peer { (p.addr.to_string(), p.server_port, role_name(p.role)) };
+        // Socket cgroups: labels only. The sampler holds the totals; a
+        // removed cgroup's series end when it forgets their peer.
+        if let Some(cg) = self.cgroups.as_mut() {
+            let held: HashSet<u64> = st.peers().map(|(p, _)| p.cgroup).collect();
+            cg.resolve(&held, &held);
+        }
+        let mut cgroups = self.cgroups.as_mut();
+        let mut id = |p: &sd::PeerId| -> Peer {
+            let cgroup = match cgroups.as_deref_mut() {
+                Some(cg) => cg.label(p.cgroup),
+                None => String::new(),
+            };
+            (p.addr.to_string(), p.server_port, role_name(p.role), cgroup)
+        };
         let peers: BTreeMap<Peer, (u64, u64)> = st
             .peers()
             .map(|(p, t)| (id(&p), (t.tx_bytes, t.rx_bytes)))
@@ -32,7 +44,13 @@ impl TcpCollector {
         let rtt_peers: BTreeMap<Peer, sd::Hist> =
             st.rtt_peers().map(|(p, h)| (id(&p), h.clone())).collect();
         let forgotten_n = st.forgotten();
-        let io = io_points(&mut self.sampler_starts, &peers, overflow, now);
+        let io = io_points(
+            &mut self.sampler_starts,
+            &peers,
+            overflow,
+            self.cgroups.as_ref(),
+            now,
+        );
         out.push(Metric::counter(IO, IO_SAMPLED_DESC, "By", io));
         let mut points = vec![hist_point(
             &mut self.sampler_starts,
@@ -42,12 +60,8 @@ impl TcpCollector {
             rtt.sum_ns,
             now,
         )];
-        for ((addr, port, role), h) in rtt_peers {
-            let attrs: Attributes = vec![
-                ("network.peer.address", addr.into()),
-                ("server.port", port.into()),
-                ("perch.tcp.role", role.into()),
-            ];
+        for (peer, h) in rtt_peers {
+            let attrs = peer_attributes(&peer, self.cgroups.as_ref());
             points.push(hist_point(
                 &mut self.sampler_starts,
                 RTT,
@@ -72,9 +86,12 @@ impl TcpCollector {
             vec![p],
         ));
         if !forgotten.is_empty() {
-            let present: HashSet<String> =
-                peers.keys().map(|(a, p, r)| series_id(a, *p, r)).collect();
+            let present: HashSet<String> = peers.keys().map(series_id).collect();
             retain_peers(&mut self.sampler_starts, &present);
+        }
+        if let Some(cg) = self.cgroups.as_mut() {
+            let used: HashSet<&str> = peers.keys().map(|p| p.3.as_str()).collect();
+            cg.retain_labels(&used);
         }
         self.sampler_starts.end_collection(now);
     }
@@ -141,6 +158,9 @@ mod tests {
             starts: StartTimes::new(SystemTime::UNIX_EPOCH),
             sampler_starts: StartTimes::new(SystemTime::UNIX_EPOCH),
             sampler_errors: 0,
+            cgroups: None,
+            removed: HashMap::new(),
+            conn_removed: BTreeMap::new(),
         }
     }
 
