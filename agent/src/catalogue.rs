@@ -64,6 +64,10 @@ catalogue! {
     CONTAINER_CPU_PERIOD = "perch.container.cpu.period",
     /// containers: cgroups past the walk's bounds.
     CONTAINER_CGROUPS_SKIPPED = "perch.containers.cgroups.skipped",
+    /// containers: failed kubelet pod-list refreshes (pod names).
+    K8S_METADATA_ERRORS = "perch.k8s.metadata.errors",
+    /// containers: pods named by the last kubelet refresh.
+    K8S_METADATA_PODS = "perch.k8s.metadata.pods",
 
     /// tcp: payload bytes per peer.
     TCP_IO = "perch.tcp.io",

@@ -100,7 +100,19 @@ impl Agent {
             );
         }
         let memory = MemoryGauge::default();
-        let pipeline = Pipeline::new(&cfg.pipeline, selfm.clone(), memory.clone());
+        let mut pipeline = Pipeline::new(&cfg.pipeline, selfm.clone(), memory.clone());
+        if let Some(source) = cfg
+            .probes
+            .containers
+            .kubelet()
+            .map_err(anyhow::Error::msg)?
+        {
+            let url = source.url.clone();
+            let names = crate::families::containers::kubelet::spawn(source, selfm.clone())
+                .context("spawning the kubelet metadata thread")?;
+            tracing::info!(%url, "pod and container names from the kubelet");
+            pipeline = pipeline.with_k8s_names(names);
+        }
         let mut shared = Shared::new(
             selfm,
             probes.plan.clone(),

@@ -846,3 +846,168 @@ fn tcp_churn_reclaims_cgroup_entries_and_ends_series() {
         "a removed container's series end"
     );
 }
+
+/// A kubelet stand-in on loopback: answers every `GET /pods` with `body`
+/// (or, `stall`, accepts and never answers); remembers the last
+/// `Authorization` header and counts requests.
+struct FakeKubelet {
+    port: u16,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    auth: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl FakeKubelet {
+    fn start(body: String, stall: bool) -> Self {
+        use std::io::{BufRead, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().unwrap().port();
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let auth = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let (r, a) = (requests.clone(), auth.clone());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in l.incoming() {
+                let Ok(mut c) = conn else { continue };
+                r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if stall {
+                    held.push(c);
+                    continue;
+                }
+                let mut reader = std::io::BufReader::new(c.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    if let Some(v) = line
+                        .strip_prefix("authorization: ")
+                        .or(line.strip_prefix("Authorization: "))
+                    {
+                        *a.lock().unwrap() = Some(v.trim().to_owned());
+                    }
+                    line.clear();
+                }
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        FakeKubelet {
+            port,
+            requests,
+            auth,
+        }
+    }
+}
+
+/// Pod names from the kubelet (`probes.containers.kubelet_url`): with a
+/// kubelet (a stand-in serving a real-shaped pod list) a container's
+/// `container.cpu.time` carries its pod, namespace and container names,
+/// and the service-account token went as a bearer header. With the kubelet
+/// refusing connections, the same series has ids only and the failures are
+/// counted; with one that accepts and never answers, collection does not
+/// wait for it.
+#[test]
+fn kubelet_names_pods_and_containers_and_its_failure_degrades_to_ids() {
+    let _serial = perch_tests::kernel::privileged();
+    let Some(v2) = cgroup2() else {
+        eprintln!("skipped: this kernel has no cgroup2 hierarchy mounted");
+        return;
+    };
+    let u_ = UID.replace('-', "_");
+    let mut made = Cgroups(Vec::new());
+    made.create(
+        &v2,
+        &format!("/kubepods.slice/kubepods-pod{u_}.slice/cri-containerd-{ID_A}.scope"),
+    );
+    let pods = format!(
+        r#"{{"kind":"PodList","apiVersion":"v1","metadata":{{}},"items":[
+          {{"metadata":{{"name":"web-0","namespace":"shop","uid":"{UID}"}},
+            "spec":{{"containers":[{{"name":"app","image":"app:1"}}]}},
+            "status":{{"phase":"Running","containerStatuses":[
+              {{"name":"app","ready":true,"containerID":"containerd://{ID_A}"}}]}}}}]}}"#
+    );
+    let token = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token.path(), "s3cret-token\n").unwrap();
+    let run = |port: u16| {
+        let cfg = perch_tests::perch::ConfigFile::new(&format!(
+            "[probes.containers]\nhierarchy = \"v2\"\nkubelet_url = \"http://127.0.0.1:{port}\"\n\
+             kubelet_token_file = \"{}\"\nkubelet_refresh_secs = 5\n",
+            token.path().display()
+        ));
+        let mut args = only(&["containers"]);
+        args.extend_from_slice(&["--config", cfg.path()]);
+        collect(&args, Duration::from_millis(1500), || ()).0
+    };
+    let attr = |p: &serde_json::Value, k: &str| p["attributes"][k].as_str().map(str::to_owned);
+
+    let kubelet = FakeKubelet::start(pods, false);
+    let snap = run(kubelet.port);
+    let pts = of(&snap, "container.cpu.time", ID_A);
+    assert!(!pts.is_empty(), "the container's series");
+    for p in &pts {
+        assert_eq!(attr(p, "k8s.pod.name").as_deref(), Some("web-0"), "{p}");
+        assert_eq!(
+            attr(p, "k8s.namespace.name").as_deref(),
+            Some("shop"),
+            "{p}"
+        );
+        assert_eq!(attr(p, "k8s.container.name").as_deref(), Some("app"), "{p}");
+    }
+    assert_eq!(
+        kubelet.auth.lock().unwrap().as_deref(),
+        Some("Bearer s3cret-token")
+    );
+    assert_eq!(
+        perch_tests::perch::sum(&snap, "perch.k8s.metadata.pods", &[]),
+        1.0
+    );
+    eprintln!(
+        "kubelet up: {} request(s), container.cpu.time of {}… named web-0 / shop / app",
+        kubelet.requests.load(std::sync::atomic::Ordering::SeqCst),
+        &ID_A[..8]
+    );
+
+    // Refused: ids only, and counted.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let snap = run(port);
+    let pts = of(&snap, "container.cpu.time", ID_A);
+    assert!(
+        !pts.is_empty(),
+        "the container's series, without the kubelet"
+    );
+    for p in &pts {
+        assert_eq!(attr(p, "k8s.pod.uid").as_deref(), Some(UID));
+        assert!(
+            attr(p, "k8s.pod.name").is_none(),
+            "no name without the kubelet: {p}"
+        );
+    }
+    let errors = perch_tests::perch::sum(
+        &snap,
+        "perch.k8s.metadata.errors",
+        &[("error.type", "request")],
+    );
+    assert!(errors >= 1.0, "refused refreshes counted: {errors}");
+
+    // Stalled (accepts, never answers; the request times out after 5 s):
+    // the collection does not wait.
+    let stalled = FakeKubelet::start(String::new(), true);
+    let snap = run(stalled.port);
+    assert!(!of(&snap, "container.cpu.time", ID_A).is_empty());
+    let took = points(&snap, "perch.collection.duration")
+        .first()
+        .and_then(|p| p["value"].as_f64())
+        .expect("perch.collection.duration");
+    assert!(
+        stalled.requests.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the stalled kubelet was asked"
+    );
+    // Well under the 5 s the stalled request takes to time out.
+    assert!(
+        took < 2.5,
+        "a collection took {took} s with the kubelet stalled"
+    );
+    eprintln!("kubelet refused: ids only, {errors} error(s) counted; stalled: collection took {took:.3} s");
+}

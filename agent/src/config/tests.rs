@@ -156,6 +156,10 @@ mod unit {
                     host_depth: 2,
                     max_cgroups: 500,
                     hierarchy: crate::families::containers::cgroupfs::Hierarchy::V2,
+                    kubelet_url: "https://127.0.0.1:10250".into(),
+                    kubelet_token_file: String::new(),
+                    kubelet_ca_file: "/etc/perch/kubelet-ca.pem".into(),
+                    kubelet_refresh_secs: 60,
                 },
                 ..ProbesConfig::default()
             },

@@ -4,6 +4,8 @@
 //!
 //! 1. **Clock guard** ([`clock`]): exported times never go back, even when
 //!    the wall clock does.
+//!    Then pod and container names from the kubelet cache, where
+//!    `probes.containers.kubelet_url` is set ([`crate::families::containers::kubelet`]).
 //! 2. **Deny list**: high-cardinality attribute keys (`pid`, `request_id`,
 //!    `client.port`...) are removed and ephemeral port values replaced by
 //!    `"ephemeral"`; the series they split are merged by adding values.
@@ -46,6 +48,8 @@ pub struct Pipeline {
     interval: u64,
     rss: Box<dyn Fn() -> Option<u64> + Send>,
     memory: MemoryGauge,
+    /// Pod and container names from the kubelet, when asked for.
+    k8s: Option<crate::families::containers::kubelet::Shared>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -76,7 +80,15 @@ impl Pipeline {
             interval: 0,
             rss: Box::new(memory::rss_bytes),
             memory,
+            k8s: None,
         }
+    }
+
+    /// Adds pod and container names from `names` (the kubelet cache) to
+    /// the series that carry `k8s.pod.uid` / `container.id`.
+    pub fn with_k8s_names(mut self, names: crate::families::containers::kubelet::Shared) -> Self {
+        self.k8s = Some(names);
+        self
     }
 
     /// Replaces the resident-memory source (tests simulate memory pressure).
@@ -110,6 +122,13 @@ impl Pipeline {
             );
         }
         snapshot.time = adj.time;
+
+        // Names of pods and containers (a read of the cached names: the
+        // kubelet is asked on its own thread).
+        if let Some(k8s) = &self.k8s {
+            let names = k8s.read().unwrap_or_else(|e| e.into_inner()).clone();
+            names.enrich(&mut snapshot);
+        }
 
         // 3. Error ratio and detail mode (on the raw counters).
         let ratio = self.ratio.observe(&snapshot);

@@ -125,7 +125,7 @@ pub const MAX_PEERS_RANGE: RangeInclusive<u32> = 16..=1_000_000;
 /// Allowed values of `probes.tcp.max_sockets`: the TCP sockets the
 /// socket-counter design tracks at once. Its table has twice as many slots
 /// (rounded up to a power of two) of 112 bytes each, preallocated: 65536
-/// sockets take 14.7 MiB of kernel memory, charged to the agent's memory
+/// sockets take 14.7 MB of kernel memory, charged to the agent's memory
 /// cgroup; 4 million would be over 800 MiB.
 pub const MAX_SOCKETS_RANGE: RangeInclusive<u32> = 1024..=4_194_304;
 
@@ -144,7 +144,7 @@ pub struct Config {
     /// TCP sockets the socket-counter design (`tp_btf` variant) tracks at
     /// once, host-wide; a socket beyond it is not counted, and the failed
     /// insert is (`perch.bpf.map.insert_failures{perch.bpf.map="TCP_TRACKED"}`).
-    /// Range 1024..=4194304, default 32768 (7.3 MiB of kernel memory).
+    /// Range 1024..=4194304, default 32768 (7.3 MB of kernel memory).
     pub max_sockets: u32,
     /// Also key `perch.tcp.io`, `perch.tcp.retransmits`, `perch.tcp.rtt`
     /// and the connection counters by the socket's cgroup: `container.id`,
