@@ -1022,6 +1022,7 @@ fn scrape_run() -> BTreeMap<String, f64> {
         ),
     )
     .expect("writing perch.toml");
+    let _container = V1Container::start();
     let agent = Agent::start(&["--config", cfg.to_str().expect("path"), "--interval", "1s"]);
     tcp_transfer(100_000);
     udp_to_a_closed_port();
@@ -1041,6 +1042,60 @@ fn scrape_run() -> BTreeMap<String, f64> {
          receiver, series cap 12, a loopback TCP transfer, UDP to a closed port)"
     );
     series
+}
+
+/// A kubelet-style container cgroup (cgroupfs driver) in the cgroup v1
+/// `cpuacct` and `cpu` hierarchies, with a CPU quota and a short busy
+/// process run in it, so the scrape has the containers family's series
+/// (this host has no containers of its own). Removed when dropped.
+struct V1Container(Vec<std::path::PathBuf>);
+
+impl V1Container {
+    fn start() -> Self {
+        let rel = "kubepods/besteffort/pod5d0e7a9c-3b1f-4c2d-9e8a-7b6c5d4e3f2a/\
+                   dd1b3c2d9e8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c";
+        let mut made = Vec::new();
+        let mut leaves = Vec::new();
+        for h in ["cpuacct", "cpu"] {
+            let mut p = std::path::PathBuf::from("/sys/fs/cgroup").join(h);
+            assert!(
+                p.join("cgroup.procs").exists(),
+                "{}: no cgroup v1 {h} hierarchy on this host (the deploy files' \
+                 container panels need container series)",
+                p.display()
+            );
+            for c in rel.split('/') {
+                p.push(c);
+                if !p.exists() {
+                    std::fs::create_dir(&p)
+                        .unwrap_or_else(|e| panic!("creating {}: {e}", p.display()));
+                    made.push(p.clone());
+                }
+            }
+            leaves.push(p);
+        }
+        std::fs::write(leaves[1].join("cpu.cfs_quota_us"), "50000").expect("cpu.cfs_quota_us");
+        let script = format!(
+            "echo $$ > '{}/cgroup.procs' && echo $$ > '{}/cgroup.procs' && \
+             i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done",
+            leaves[0].display(),
+            leaves[1].display()
+        );
+        let st = Command::new("sh")
+            .args(["-c", &script])
+            .status()
+            .expect("sh");
+        assert!(st.success(), "the container's workload");
+        V1Container(made)
+    }
+}
+
+impl Drop for V1Container {
+    fn drop(&mut self) {
+        while let Some(p) = self.0.pop() {
+            let _ = std::fs::remove_dir(&p);
+        }
+    }
 }
 
 fn has_name(series: &BTreeMap<String, f64>, name: &str) -> bool {

@@ -214,7 +214,11 @@ impl Unit for Sched {
                     .push((c::MAP_CGROUP_RUNQ, ctx.config.sched.max_cgroup_buckets));
                 "; run-queue waits also per cgroup".to_owned()
             }
-            Err(e) => format!("; no per-cgroup run-queue latency: {e}"),
+            Err(e) => {
+                // The programs never touch it then: 1 slot, not 172 KiB per CPU.
+                out.map_sizes.push((c::MAP_CGROUP_FRONT, 1));
+                format!("; no per-cgroup run-queue latency: {e}")
+            }
         };
         for n in out.notes.values_mut() {
             n.push_str(&note);
