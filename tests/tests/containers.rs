@@ -740,7 +740,9 @@ fn tcp_churn_reclaims_cgroup_entries_and_ends_series() {
     let u_ = UID.replace('-', "_");
     let pod = format!("/kubepods.slice/kubepods-pod{u_}.slice");
     let port = 26000 + (std::process::id() % 5000) as u16;
-    let cfg = perch_tests::perch::ConfigFile::new("[probes.tcp]\nper_cgroup = true\n");
+    let cfg = perch_tests::perch::ConfigFile::new(
+        "[probes.tcp]\nper_cgroup = true\nrtt_per_peer = true\n",
+    );
     let mut args = only(&["tcp"]);
     args.extend_from_slice(&[
         "--interval",
@@ -753,6 +755,7 @@ fn tcp_churn_reclaims_cgroup_entries_and_ends_series() {
     let agent = perch_tests::perch::Agent::start(&args);
     let peers = perch_tests::bpftool::map_of(agent.pid(), "TCP_PEERS");
     let conns = perch_tests::bpftool::map_of(agent.pid(), "TCP_CGROUP_CONNS");
+    let rtts = perch_tests::bpftool::map_of(agent.pid(), "TCP_RTT_PEERS");
     // A server on the host, in this test's own cgroup: reads each
     // connection to its end.
     let server_script = format!(
@@ -793,11 +796,15 @@ fn tcp_churn_reclaims_cgroup_entries_and_ends_series() {
             .iter()
             .filter(|k| ids.contains(&key_cgroup(k, 0)))
             .count();
-        p + c
+        let r = perch_tests::bpftool::keys(rtts)
+            .iter()
+            .filter(|k| ids.contains(&key_cgroup(k, 20)))
+            .count();
+        (p, c, r)
     };
     let mut ids = std::collections::HashSet::new();
     let mut names = Vec::new();
-    let mut during = 0;
+    let mut during = (0, 0, 0);
     for batch in 0..15u32 {
         let mut made = Cgroups(Vec::new());
         let mut children = Vec::new();
@@ -822,16 +829,16 @@ fn tcp_churn_reclaims_cgroup_entries_and_ends_series() {
     let left = held(&ids);
     let series_left: usize = names.iter().map(|id| tcp_series(&agent, id)).sum();
     eprintln!(
-        "TCP_PEERS + TCP_CGROUP_CONNS entries of 300 churned containers: {during} mid-churn, \
-         {left} 3.5 s after; their series left: {series_left}; the long-lived container's \
-         series: {}",
+        "entries of 300 churned containers (TCP_PEERS, TCP_CGROUP_CONNS, TCP_RTT_PEERS): \
+         {during:?} mid-churn, {left:?} 3.5 s after; their series left: {series_left}; the \
+         long-lived container's series: {}",
         tcp_series(&agent, ID_C)
     );
     assert!(
-        during > 0,
-        "the churned containers' entries were never seen"
+        during.0 > 0 && during.1 > 0 && during.2 > 0,
+        "the churned containers' entries were never seen: {during:?}"
     );
-    assert_eq!(left, 0, "kernel entries of removed cgroups");
+    assert_eq!(left, (0, 0, 0), "kernel entries of removed cgroups");
     assert_eq!(series_left, 0, "series of removed cgroups");
     assert!(
         tcp_series(&agent, ID_C) > 0,

@@ -77,6 +77,7 @@ impl TcpCollector {
         // Socket cgroups: removed ones with no open socket move to their
         // series' removed part (module `cgroups`).
         let mut ended = HashSet::new();
+        let mut dropped = HashSet::new();
         if let Some(cg) = self.cgroups.as_mut() {
             let open: HashSet<u64> = live.keys().map(c::PeerKey::cgroup_id).collect();
             let mut held: HashSet<u64> = self.table.totals().map(|(k, _)| k.cgroup_id()).collect();
@@ -116,6 +117,7 @@ impl TcpCollector {
                 }
             }
             ended = r.ended;
+            dropped = r.drop;
         }
         let peer_entries = self.table.in_kernel() as u64;
         let mut peers: BTreeMap<Peer, c::PeerValue> = BTreeMap::new();
@@ -142,10 +144,18 @@ impl TcpCollector {
         }
         let mut rtt_peers: BTreeMap<Peer, (Vec<u64>, u64)> = BTreeMap::new();
         let mut rtt_peer_entries = 0u64;
-        if let Some(map) = &maps.rtt_peers {
+        if let Some(map) = maps.rtt_peers.as_mut() {
+            // A dropped cgroup's samples are read one last time, then its
+            // entries deleted: a series several cgroups fold into then
+            // restarts (a new start time), one that ends is gone.
+            let mut dead = Vec::new();
             for item in map.iter() {
                 let (key, values) = item.map_err(|e| CollectError::map(c::MAP_RTT_PEERS, e))?;
-                rtt_peer_entries += 1;
+                if dropped.contains(&key.peer.cgroup_id()) {
+                    dead.push(key);
+                } else {
+                    rtt_peer_entries += 1;
+                }
                 let total: u64 = values.iter().sum();
                 let cgroup = match self.cgroups.as_mut() {
                     Some(cg) => cg.label(key.peer.cgroup_id()),
@@ -164,6 +174,9 @@ impl TcpCollector {
                 } else if let Some(b) = e.0.get_mut(key.bucket as usize) {
                     *b += total;
                 }
+            }
+            for key in dead {
+                let _ = map.remove(&key);
             }
         }
         // Connection counts by (series, slot): kernel entries plus the
