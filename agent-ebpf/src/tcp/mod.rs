@@ -166,20 +166,29 @@ fn count_conn<const BTF: bool>(sk: u64, slot: u32) {
         cgroup: c::split_cgroup(id),
         slot,
     };
-    if let Some(p) = TCP_CGROUP_CONNS.get_ptr_mut(key) {
+    if !add_to(&TCP_CGROUP_CONNS, &key, 1) {
+        count(c::SLOT_CGROUP_CONNS_FULL);
+        count(slot);
+    }
+}
+
+/// Adds `v` to the per-CPU `u64` entry `key` of `map`, inserting it if
+/// absent (or finding it inserted meanwhile by another CPU); `false` when
+/// the map is full.
+#[inline(always)]
+fn add_to<K>(map: &PerCpuHashMap<K, u64>, key: &K, v: u64) -> bool {
+    let bump = |p: *mut u64| {
         // SAFETY: a per-CPU value: only this CPU writes it.
-        unsafe { *p += 1 };
-        return;
+        unsafe { *p += v };
+        true
+    };
+    if let Some(p) = map.get_ptr_mut(key) {
+        return bump(p);
     }
-    if TCP_CGROUP_CONNS.insert(key, 1, BPF_NOEXIST as u64).is_ok() {
-        return;
+    if map.insert(key, v, BPF_NOEXIST as u64).is_ok() {
+        return true;
     }
-    if let Some(p) = TCP_CGROUP_CONNS.get_ptr_mut(key) {
-        unsafe { *p += 1 };
-        return;
-    }
-    count(c::SLOT_CGROUP_CONNS_FULL);
-    count(slot);
+    map.get_ptr_mut(key).is_some_and(bump)
 }
 
 /// Whether a socket in `state` has been established (and so may have moved
@@ -330,14 +339,8 @@ fn record_rtt(srtt8: u32, key: &PeerKey) {
 /// Adds `v` to a `TCP_RTT_PEERS` entry, counting a failed insert.
 #[inline(always)]
 fn add_rtt_peer(rk: &RttKey, v: u64) {
-    if let Some(p) = TCP_RTT_PEERS.get_ptr_mut(rk) {
-        unsafe { *p += v };
-    } else if TCP_RTT_PEERS.insert(rk, v, BPF_NOEXIST as u64).is_err() {
-        if let Some(p) = TCP_RTT_PEERS.get_ptr_mut(rk) {
-            unsafe { *p += v };
-        } else {
-            count(c::SLOT_RTT_PEERS_FULL);
-        }
+    if !add_to(&TCP_RTT_PEERS, rk, v) {
+        count(c::SLOT_RTT_PEERS_FULL);
     }
 }
 
