@@ -288,6 +288,19 @@ pub struct HttpTransport {
     headers: reqwest::header::HeaderMap,
 }
 
+/// TLS that verifies the server against `ca_pem` (else the system roots),
+/// with no client certificate: the kubelet metadata client's too.
+pub(crate) fn rustls_verifying(
+    ca_pem: Option<Vec<u8>>,
+    endpoint: &str,
+) -> Result<rustls::ClientConfig, ExportError> {
+    let tls = TlsFiles {
+        ca: ca_pem,
+        ..TlsFiles::default()
+    };
+    rustls_config(&tls, endpoint)
+}
+
 fn rustls_config(tls: &TlsFiles, endpoint: &str) -> Result<rustls::ClientConfig, ExportError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};

@@ -331,34 +331,22 @@ async fn fetch(source: &Source) -> Result<Names, FetchError> {
     parse_pods(&body).map_err(FetchError::Malformed)
 }
 
-/// TLS to the kubelet: its CA (`ca_file`), else the system roots. No
-/// option skips verification: the bearer token would go to whoever answers.
+/// TLS to the kubelet: its CA (`ca_file`), else the system roots (the
+/// exporter's setup). No option skips verification: the bearer token
+/// would go to whoever answers.
 fn tls(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, FetchError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let bad = |m: String| FetchError::Client(m);
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(f) => {
-            let pem = std::fs::read(f).map_err(|e| bad(format!("{}: {e}", f.display())))?;
-            for c in CertificateDer::pem_slice_iter(&pem) {
-                let c = c.map_err(|e| bad(format!("{}: {e}", f.display())))?;
-                roots
-                    .add(c)
-                    .map_err(|e| bad(format!("{}: {e}", f.display())))?;
+    let pem = ca_file
+        .map(|f| std::fs::read(f).map_err(|e| FetchError::Client(format!("{}: {e}", f.display()))))
+        .transpose()?;
+    let what = ca_file.map_or("system roots".into(), |f| f.display().to_string());
+    crate::exporters::otlp::transport::rustls_verifying(pem, &what).map_err(|e| {
+        FetchError::Client(match e {
+            crate::exporters::otlp::ExportError::Endpoint { reason, .. } => {
+                format!("{what}: {reason}")
             }
-        }
-        None => {
-            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        }
-    }
-    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| bad(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth())
+            other => other.to_string(),
+        })
+    })
 }
 
 #[cfg(test)]
