@@ -162,22 +162,38 @@ impl CgroupIds {
     }
 }
 
+/// A cgroup2 mount to test id resolution against: a directory with the
+/// mount's marker files, and a directory's id.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testutil {
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
 
-    const ID: &str = "4f1b3c2d9e8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c";
+    /// A container id, 64 hex.
+    pub const ID: &str = "4f1b3c2d9e8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c";
 
-    fn ino(p: &Path) -> u64 {
+    /// Makes `root` look like a cgroup2 mount (`cgroup2_root` accepts it).
+    pub fn fake_cgroup2(root: &Path) {
+        std::fs::write(root.join("cgroup.procs"), "").unwrap();
+        std::fs::write(root.join("cgroup.controllers"), "").unwrap();
+    }
+
+    /// The cgroup id of directory `p`: its inode number.
+    pub fn ino(p: &Path) -> u64 {
         std::fs::metadata(p).unwrap().ino()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::{fake_cgroup2, ino, ID};
+    use super::*;
 
     #[test]
     fn ids_resolve_to_attributions_and_removals_are_reported_once() {
         let d = tempfile::tempdir().unwrap();
         let root = d.path();
-        std::fs::write(root.join("cgroup.procs"), "").unwrap();
-        std::fs::write(root.join("cgroup.controllers"), "").unwrap();
+        fake_cgroup2(root);
         assert_eq!(cgroup2_root(root).unwrap(), root);
         let ctr = root.join(format!("system.slice/docker-{ID}.scope"));
         let nested = ctr.join("init");

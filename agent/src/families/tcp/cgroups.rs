@@ -125,6 +125,12 @@ impl SocketCgroups {
     }
 }
 
+/// The `perch.cgroup` series label of `id` where socket cgroups are on,
+/// else "".
+pub fn label_of(cgroups: Option<&mut SocketCgroups>, id: u64) -> String {
+    cgroups.map_or_else(String::new, |cg| cg.label(id))
+}
+
 /// The attributes a series label stands for, given the labels'
 /// attributions: none for "", `perch.cgroup` alone for
 /// [`UNATTRIBUTED`].
@@ -141,13 +147,7 @@ pub fn label_attributes(labels: &SocketCgroups, label: &str) -> Attributes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
-
-    const ID: &str = "4f1b3c2d9e8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c";
-
-    fn ino(p: &std::path::Path) -> u64 {
-        std::fs::metadata(p).unwrap().ino()
-    }
+    use crate::families::containers::ids::testutil::{fake_cgroup2, ino, ID};
 
     /// A container's nested cgroup goes while the container lives: its
     /// series (the container's) goes on. The container goes: its ids end
@@ -156,8 +156,7 @@ mod tests {
     fn removed_cgroups_end_when_their_series_has_no_live_cgroup() {
         let d = tempfile::tempdir().unwrap();
         let root = d.path();
-        std::fs::write(root.join("cgroup.procs"), "").unwrap();
-        std::fs::write(root.join("cgroup.controllers"), "").unwrap();
+        fake_cgroup2(root);
         let ctr = root.join(format!("system.slice/docker-{ID}.scope"));
         let nested = ctr.join("init");
         std::fs::create_dir_all(&nested).unwrap();

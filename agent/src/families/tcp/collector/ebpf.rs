@@ -122,10 +122,7 @@ impl TcpCollector {
         let peer_entries = self.table.in_kernel() as u64;
         let mut peers: BTreeMap<Peer, c::PeerValue> = BTreeMap::new();
         for (key, v) in self.table.totals().chain(live.iter().map(|(k, v)| (k, *v))) {
-            let cgroup = match self.cgroups.as_mut() {
-                Some(cg) => cg.label(key.cgroup_id()),
-                None => String::new(),
-            };
+            let cgroup = label_of(self.cgroups.as_mut(), key.cgroup_id());
             peers
                 .entry((
                     peer_address(key),
@@ -157,10 +154,7 @@ impl TcpCollector {
                     rtt_peer_entries += 1;
                 }
                 let total: u64 = values.iter().sum();
-                let cgroup = match self.cgroups.as_mut() {
-                    Some(cg) => cg.label(key.peer.cgroup_id()),
-                    None => String::new(),
-                };
+                let cgroup = label_of(self.cgroups.as_mut(), key.peer.cgroup_id());
                 let e = rtt_peers
                     .entry((
                         peer_address(&key.peer),
@@ -183,10 +177,7 @@ impl TcpCollector {
         // removed parts.
         let mut conn_series = self.conn_removed.clone();
         for (k, n) in &conns {
-            let cgroup = match self.cgroups.as_mut() {
-                Some(cg) => cg.label(c::join_cgroup(k.cgroup)),
-                None => String::new(),
-            };
+            let cgroup = label_of(self.cgroups.as_mut(), c::join_cgroup(k.cgroup));
             *conn_series.entry((cgroup, k.slot)).or_default() += n;
         }
         let max_peers = maps.max_peers;

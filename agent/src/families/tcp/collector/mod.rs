@@ -22,7 +22,7 @@ use crate::model::{
 };
 use crate::sources::{snmp, ProcError, Root};
 
-use super::cgroups::{label_attributes, SocketCgroups};
+use super::cgroups::{label_attributes, label_of, SocketCgroups};
 use super::peers::{peer_address, role_name, Counters, Peer, PeerTable, Take, OVERFLOW_PEER};
 use super::sampler::{self as sd, PeerSampler, Sampler};
 use super::walk::{self, Floor, Walk};

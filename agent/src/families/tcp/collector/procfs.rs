@@ -29,10 +29,7 @@ impl TcpCollector {
         }
         let mut cgroups = self.cgroups.as_mut();
         let mut id = |p: &sd::PeerId| -> Peer {
-            let cgroup = match cgroups.as_deref_mut() {
-                Some(cg) => cg.label(p.cgroup),
-                None => String::new(),
-            };
+            let cgroup = label_of(cgroups.as_deref_mut(), p.cgroup);
             (p.addr.to_string(), p.server_port, role_name(p.role), cgroup)
         };
         let peers: BTreeMap<Peer, (u64, u64)> = st
