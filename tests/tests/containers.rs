@@ -108,8 +108,7 @@ fn v1_cpu_time_and_throttling_match_the_cgroups_counters() {
         eprintln!("skipped: this kernel has no cgroup v1 cpuacct and cpu controllers mounted (a v2-only host)");
         return;
     }
-    let u_ = UID.replace('-', "_");
-    let pod = format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u_}.slice");
+    let pod = pod_slice("burstable");
     let a = format!("{pod}/cri-containerd-{ID_A}.scope");
     let b = format!("{pod}/cri-containerd-{ID_B}.scope");
     let mut made = Cgroups(Vec::new());
@@ -217,6 +216,18 @@ fn v2_cpu_time_matches_cpu_stat() {
     for p in &pts {
         assert_eq!(p["attributes"]["k8s.pod.uid"], UID);
         assert_eq!(p["attributes"]["perch.k8s.qos_class"], "besteffort");
+    }
+}
+
+/// Pod `UID`'s cgroup as the kubelet's systemd driver names it: the
+/// guaranteed form for `qos = ""`, else `kubepods-<qos>-pod<uid>.slice`
+/// under its QoS slice.
+fn pod_slice(qos: &str) -> String {
+    let u_ = UID.replace('-', "_");
+    if qos.is_empty() {
+        format!("/kubepods.slice/kubepods-pod{u_}.slice")
+    } else {
+        format!("/kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{u_}.slice")
     }
 }
 
@@ -332,8 +343,7 @@ fn runqueue_per_container_shows_competing_waits_and_no_idle_ones() {
         eprintln!("skipped: this kernel has no cgroup2 hierarchy mounted (per-cgroup ids)");
         return;
     };
-    let u_ = UID.replace('-', "_");
-    let pod = format!("/kubepods.slice/kubepods-pod{u_}.slice");
+    let pod = pod_slice("");
     for clock in ["auto", "wakeup"] {
         let ids = [ID_A, ID_B, ID_C];
         let mut made = Cgroups(Vec::new());
@@ -352,8 +362,7 @@ fn runqueue_per_container_is_exact_when_two_cgroups_share_a_slot() {
         eprintln!("skipped: this kernel has no cgroup2 hierarchy mounted (per-cgroup ids)");
         return;
     };
-    let u_ = UID.replace('-', "_");
-    let pod = format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u_}.slice");
+    let pod = pod_slice("burstable");
     let mut made = Cgroups(Vec::new());
     // Cgroups until two ids collide (about 20 for 256 slots), named as
     // containerd names them; the others are removed at the end.
@@ -406,16 +415,19 @@ fn live_entries(agent: &perch_tests::perch::Agent) -> f64 {
     of("\"SCHED_CGROUP_RUNQ\"") + of("\"SCHED_CGROUP_FRONT\"")
 }
 
-/// Series of the per-container run-queue histogram naming `id`.
-fn runq_series(agent: &perch_tests::perch::Agent, id: &str) -> usize {
+/// Scraped series whose name starts with `prefix` and that name container
+/// `id`.
+fn series_of(agent: &perch_tests::perch::Agent, prefix: &str, id: &str) -> usize {
     agent
         .scrape()
         .keys()
-        .filter(|k| {
-            k.starts_with("perch_container_runqueue_latency_seconds_count{")
-                && k.contains(&format!("container_id=\"{id}\""))
-        })
+        .filter(|k| k.starts_with(prefix) && k.contains(&format!("container_id=\"{id}\"")))
         .count()
+}
+
+/// Series of the per-container run-queue histogram naming `id`.
+fn runq_series(agent: &perch_tests::perch::Agent, id: &str) -> usize {
+    series_of(agent, "perch_container_runqueue_latency_seconds_count{", id)
 }
 
 /// Containers come and go: 1 000 short-lived container cgroups, each with a
@@ -430,8 +442,7 @@ fn churn_reclaims_map_entries_and_ends_series() {
         eprintln!("skipped: this kernel has no cgroup2 hierarchy mounted (per-cgroup ids)");
         return;
     };
-    let u_ = UID.replace('-', "_");
-    let pod = format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u_}.slice");
+    let pod = pod_slice("burstable");
     let mut long = Cgroups(Vec::new());
     let dir = long.create(&v2, &format!("{pod}/cri-containerd-{ID_A}.scope"));
     let cfg = perch_tests::perch::ConfigFile::new("[probes.sched]\nrunqueue_per_cgroup = true\n");
@@ -620,8 +631,7 @@ fn tcp_bytes_and_connections_carry_the_socket_container() {
         return;
     };
     const N: usize = 1_234_567;
-    let u_ = UID.replace('-', "_");
-    let pod = format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u_}.slice");
+    let pod = pod_slice("burstable");
     let cfg = perch_tests::perch::ConfigFile::new("[probes.tcp]\nper_cgroup = true\n");
     let modes: [(&str, &[&str]); 3] = [
         ("ebpf (tp_btf, socket counters)", &["--probe", "tcp=ebpf"]),
@@ -718,11 +728,7 @@ fn key_cgroup(k: &serde_json::Value, byte_off: usize) -> u64 {
 
 /// Scraped series of any `perch_tcp_*` metric naming container `id`.
 fn tcp_series(agent: &perch_tests::perch::Agent, id: &str) -> usize {
-    agent
-        .scrape()
-        .keys()
-        .filter(|k| k.starts_with("perch_tcp_") && k.contains(&format!("container_id=\"{id}\"")))
-        .count()
+    series_of(agent, "perch_tcp_", id)
 }
 
 /// Containers that talk TCP come and go (`probes.tcp.per_cgroup`, socket
@@ -737,8 +743,7 @@ fn tcp_churn_reclaims_cgroup_entries_and_ends_series() {
         eprintln!("skipped: this kernel has no cgroup2 hierarchy mounted (socket cgroup ids)");
         return;
     };
-    let u_ = UID.replace('-', "_");
-    let pod = format!("/kubepods.slice/kubepods-pod{u_}.slice");
+    let pod = pod_slice("");
     let port = 26000 + (std::process::id() % 5000) as u16;
     let cfg = perch_tests::perch::ConfigFile::new(
         "[probes.tcp]\nper_cgroup = true\nrtt_per_peer = true\n",
@@ -920,11 +925,10 @@ fn kubelet_names_pods_and_containers_and_its_failure_degrades_to_ids() {
         eprintln!("skipped: this kernel has no cgroup2 hierarchy mounted");
         return;
     };
-    let u_ = UID.replace('-', "_");
     let mut made = Cgroups(Vec::new());
     made.create(
         &v2,
-        &format!("/kubepods.slice/kubepods-pod{u_}.slice/cri-containerd-{ID_A}.scope"),
+        &format!("{}/cri-containerd-{ID_A}.scope", pod_slice("")),
     );
     let pods = format!(
         r#"{{"kind":"PodList","apiVersion":"v1","metadata":{{}},"items":[
